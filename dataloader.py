@@ -1,0 +1,180 @@
+"""Token shards to (x, y) batches: rank-aware, memory-mapped, shuffled per epoch, checkpointable.
+
+Reads two shard formats from a folder:
+- `*_train_*.npy` / `*_val_*.npy`: a 1-D uint16 numpy array (fineweb.py's output, and the
+  published pre-tokenized FineWeb-EDU shards);
+- `*_train_*.bin` / `*_val_*.bin`: llm.c / modded-nanogpt shards, a header of 256 int32
+  (magic 20240520, version 1, token count) followed by the uint16 tokens.
+Shards are memory-mapped, so host memory does not grow with shard size. This file imports
+nothing from the rest of the project and works alone.
+"""
+
+import glob
+import os
+
+import numpy as np
+import torch
+
+BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
+
+
+def shard_paths(data_dir, split):
+    """Sorted shard files of one split ('train' or 'val'); a clear error when there are none."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"data folder {data_dir!r} does not exist. Make shards with `python fineweb.py` "
+            f"(or `python fineweb.py --download`), or point --data_dir at a folder of shards.")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
+                   glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    if not paths:
+        raise FileNotFoundError(
+            f"no {split} shards (*_{split}_*.npy or *_{split}_*.bin) in {data_dir!r}. Make them with "
+            f"`python fineweb.py --out-dir={data_dir}`, or point --data_dir at a folder of shards.")
+    return paths
+
+
+def open_shard(path):
+    """Memory-map one shard as a 1-D uint16 array, checking its header and length."""
+    if path.endswith(".bin"):
+        header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
+        if header.size < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
+            raise ValueError(f"{path}: not an llm.c token shard (expected a 1024-byte header with "
+                             f"magic {BIN_MAGIC}, version {BIN_VERSION}). Re-download or re-make it.")
+        n_tokens = int(header[2])
+        expected = 4 * BIN_HEADER_INTS + 2 * n_tokens
+        if os.path.getsize(path) < expected:
+            raise ValueError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) "
+                             f"but the file has {os.path.getsize(path)} bytes. Re-download or re-make it.")
+        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(n_tokens,))
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable or truncated .npy shard ({e}). Delete it and re-make it "
+                         f"with `python fineweb.py` (finished shards are kept).") from e
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D uint16 token array, got {tokens.dtype} with shape "
+                         f"{tokens.shape}. Re-make it with `python fineweb.py`.")
+    return tokens
+
+
+class DataLoader:
+    """Training batches. A window is T+1 consecutive tokens of one shard (starting at multiples of
+    T), giving x = window[:-1] and y = window[1:]. Each epoch visits every window exactly once in
+    a shuffled order: the shards in a shuffled order, and within each shard its windows in a
+    shuffled order, both drawn from (seed, epoch). Two levels keep memory at one shard's
+    permutation rather than one for the whole dataset.
+
+    The epoch's window sequence is cut into global micro batches of B * world_size windows; rank
+    r takes rows r*B .. (r+1)*B-1 of each. Ranks are thus disjoint, and the position in that
+    sequence is all the state there is: a restored loader continues exactly, even at another
+    world size. The windows left over at the end of an epoch (fewer than one global micro batch)
+    are skipped and the number is logged."""
+
+    def __init__(self, data_dir, B, T, rank=0, world_size=1, seed=0, split="train", log=print):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.B, self.T, self.rank, self.world_size, self.seed, self.log = B, T, rank, world_size, seed, log
+        self.paths = shard_paths(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.windows_per_shard = np.array([(len(s) - 1) // T for s in self.shards], dtype=np.int64)
+        self.total_windows = int(self.windows_per_shard.sum())
+        if self.total_windows < B * world_size:
+            raise ValueError(
+                f"the {split} shards in {data_dir!r} hold {self.total_windows} windows of {T + 1} tokens, "
+                f"fewer than one global micro batch of {B} x {world_size} ranks. Use more data, or a "
+                f"smaller micro_batch_size or seq_len.")
+        self.epoch, self.position = 0, 0
+        self._order_cache = None  # (epoch, shard order, cumulative window counts)
+        self._perm_cache = None  # (epoch, shard index, window permutation)
+
+    def _rng(self, *keys):
+        return np.random.default_rng([self.seed, *keys])
+
+    def _epoch_order(self):
+        if self._order_cache is None or self._order_cache[0] != self.epoch:
+            order = self._rng(self.epoch).permutation(len(self.shards))
+            ends = np.cumsum(self.windows_per_shard[order])
+            self._order_cache = (self.epoch, order, ends)
+        return self._order_cache[1:]
+
+    def _shard_perm(self, shard):
+        if self._perm_cache is None or self._perm_cache[:2] != (self.epoch, shard):
+            perm = self._rng(self.epoch, 1 + shard).permutation(int(self.windows_per_shard[shard]))
+            self._perm_cache = (self.epoch, shard, perm)
+        return self._perm_cache[2]
+
+    def _window(self, i):
+        """(shard, token offset) of the epoch's i-th window."""
+        order, ends = self._epoch_order()
+        k = int(np.searchsorted(ends, i, side="right"))
+        shard = int(order[k])
+        local = i - (int(ends[k - 1]) if k else 0)
+        return shard, int(self._shard_perm(shard)[local]) * self.T
+
+    def next_batch(self):
+        """This rank's next (x, y), each (B, T) int64 on the CPU."""
+        global_batch = self.B * self.world_size
+        if self.position + global_batch > self.total_windows:
+            skipped = self.total_windows - self.position
+            self.epoch, self.position = self.epoch + 1, 0
+            self.log(f"data: epoch {self.epoch} starts ({skipped} leftover windows of the last epoch skipped)")
+        first = self.position + self.rank * self.B
+        windows = [self._window(i) for i in range(first, first + self.B)]
+        self.position += global_batch
+        buf = np.stack([self.shards[s][o:o + self.T + 1] for s, o in windows]).astype(np.int64)
+        buf = torch.from_numpy(buf)  # (B, T+1)
+        return buf[:, :-1], buf[:, 1:]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "T": self.T,
+                "total_windows": self.total_windows}
+
+    def load_state_dict(self, state):
+        if state["T"] != self.T or state["total_windows"] != self.total_windows or state["seed"] != self.seed:
+            raise ValueError(
+                f"data loader state does not match this data: saved seq_len={state['T']}, seed={state['seed']}, "
+                f"{state['total_windows']} windows; now seq_len={self.T}, seed={self.seed}, "
+                f"{self.total_windows} windows. Resume with the same data_dir, seq_len and seed.")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class ValidationData:
+    """A fixed validation set: the first max_tokens tokens of the split, as windows of T+1 tokens
+    (starting at multiples of T). The windows depend on neither world size nor micro batch:
+    rank r evaluates windows r, r + world_size, ... Every rank yields the same number of batches
+    (sharded models need every rank in every forward), padding with rows whose targets are -1:
+    score with F.cross_entropy(..., ignore_index=-1, reduction='sum') and all-reduce the sums."""
+
+    def __init__(self, data_dir, T, max_tokens, split="val"):
+        self.T = T
+        windows = []  # (shard, offset)
+        budget = max_tokens // T
+        for path in shard_paths(data_dir, split):
+            shard = open_shard(path)
+            n = min((len(shard) - 1) // T, budget - len(windows))
+            windows += [(shard, i * T) for i in range(n)]
+            if len(windows) >= budget:
+                break
+        if not windows:
+            raise ValueError(f"the {split} split in {data_dir!r} has fewer than {T + 1} tokens")
+        self.windows = windows
+
+    @property
+    def num_tokens(self):
+        return len(self.windows) * self.T
+
+    def batches(self, B, rank=0, world_size=1):
+        mine = self.windows[rank::world_size]
+        per_rank = -(-len(self.windows) // world_size)  # ceil: the same count on every rank
+        for start in range(0, per_rank, B):
+            rows = []
+            for j in range(start, min(start + B, per_rank)):
+                if j < len(mine):
+                    shard, offset = mine[j]
+                    rows.append(np.asarray(shard[offset:offset + self.T + 1], dtype=np.int64))
+                else:  # padding row: any tokens, no targets
+                    rows.append(np.concatenate([[0], np.full(self.T, -1)]).astype(np.int64))
+            buf = torch.from_numpy(np.stack(rows))  # (b, T+1)
+            x, y = buf[:, :-1].clone(), buf[:, 1:]
+            x[x < 0] = 0
+            yield x, y

@@ -1,0 +1,324 @@
+"""The GPT model: GPT-2 architecture, presets for GPT-2 and GPT-3 sizes, optimizer groups.
+
+Parameter names match OpenAI/HF GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so GPT-2
+weights map one to one (HF stores the four matmul weights transposed; see convert_hf.py).
+This file imports nothing from the rest of the project and works alone.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+
+
+def padded_vocab(vocab_size, multiple=64):
+    """Round the vocabulary up to a multiple of 64: 50257 -> 50304. The lm_head matmul is the
+    largest in a small GPT, and a dimension with many factors of 2 lets the kernels tile it
+    evenly (several percent faster on GPUs). The extra ids are never predicted (see GPT.forward)."""
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # the longest context the position embedding covers
+    vocab_size: int = GPT2_VOCAB_SIZE  # real token ids: 0 .. vocab_size-1
+    padded_vocab_size: int = 50304  # rows of the embedding / lm_head; ids past vocab_size are dead
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            near = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0 and abs(h - self.n_head) <= 8]
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head needs "
+                f"n_embd/n_head channels. Pick n_head from {near} or change n_embd.")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} is smaller than "
+                             f"vocab_size={self.vocab_size}; use padded_vocab({self.vocab_size}).")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model size with the training defaults its paper gives it."""
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    max_lr: float
+    batch_tokens: int  # tokens per optimizer step
+
+
+# GPT-2 sizes (Radford et al. 2019) use its 1024 context; their learning rates follow the GPT-3
+# model of similar size. GPT-3 sizes are Table 2.1 of Brown et al. 2020: context 2048, batch in
+# tokens (0.5M = 2**19 = 256 sequences of 2048) and learning rate. The table has two rows whose
+# width is not n_head * d_head: XL lists n_heads=24 with d_model=2048 and d_head=128, and 13B lists
+# d_model=5140 with 40 heads of 128. We keep d_head=128 and its products: 16 heads, and 5120 wide.
+PRESETS = {
+    "gpt2": Preset(12, 12, 768, 1024, 6e-4, 2**19),
+    "gpt2-medium": Preset(24, 16, 1024, 1024, 3e-4, 2**19),
+    "gpt2-large": Preset(36, 20, 1280, 1024, 2.5e-4, 2**19),
+    "gpt2-xl": Preset(48, 25, 1600, 1024, 2e-4, 2**19),
+    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19),
+    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19),
+    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19),
+    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20),
+    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20),
+    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21),
+    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21),
+    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048),
+    # A CPU-sized model for the offline demo and the tests: same architecture, tiny.
+    "tiny": Preset(4, 4, 256, 256, 1e-3, 2**14),
+}
+
+
+def preset_config(name, **overrides):
+    """GPTConfig for a named preset; keyword arguments override single fields."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    fields = dict(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, block_size=p.block_size)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return GPTConfig(**fields)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_scaled_init = True
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPUs
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_scaled_init = True
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 used the tanh GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying (as GPT-2): the output projection is the token embedding. One tensor, so
+        # one gradient, one optimizer state, and 38M fewer parameters at gpt2 size.
+        self.lm_head.weight = self.transformer.wte.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 init: N(0, 0.02) everywhere, zero biases, and the two projections that write into
+        the residual stream at 0.02/sqrt(2*n_layer), so the stream's variance does not grow with
+        depth (each block adds two of them). Draws from torch's global RNG: seed it first. Separate
+        from __init__ so a model built on the meta device can be sharded, then materialized."""
+        std_residual = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                std = std_residual if getattr(module, "residual_scaled_init", False) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.transformer.wte.weight[self.config.vocab_size:].zero_()  # dead rows: keep them inert
+
+    def hidden_states(self, idx):
+        """(B, T) token ids -> (B, T, C) final-LayerNorm activations."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
+
+    def logits(self, h):
+        """(..., C) hidden states -> (..., padded_vocab_size) logits, padded ids at -inf: a padded
+        id then has probability 0, so it is never sampled, scored or learned."""
+        logits = self.lm_head(h)
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            logits[..., self.config.vocab_size:] = float("-inf")
+        return logits
+
+    def forward(self, idx, targets=None, return_logits=True):
+        """Returns (logits, loss). loss is the mean cross-entropy over all targets, or None.
+        With return_logits=False (training) the loss is computed in row chunks and the full
+        (B, T, vocab) logits are never materialized: see lm_head_cross_entropy."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.logits(h), None
+        if return_logits:
+            logits = self.logits(h)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            return logits, loss
+        loss = lm_head_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                     self.config.vocab_size)
+        return None, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        """Top-k sampling with temperature. idx: (B, T) prompt ids -> (B, T + max_new_tokens).
+        Pass a seeded torch.Generator (on idx's device) for reproducible samples."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        top_k = min(top_k, self.config.vocab_size) if top_k else self.config.vocab_size
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits = self.logits(self.hidden_states(context)[:, -1, :]).float() / temperature
+            top_logits, top_ids = torch.topk(logits, top_k, dim=-1)  # padded ids are -inf: never in
+            probs = F.softmax(top_logits, dim=-1)
+            choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into top_k
+            idx = torch.cat([idx, torch.gather(top_ids, -1, choice)], dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loss without the full logits
+
+class _LMHeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (h @ weight.T) against targets, computed chunk by chunk of rows.
+
+    The full logits are N x V (at B=8, T=256 with V=50304 that is 400 MB in fp32, and again as
+    their gradient). Here each chunk's logits are made, turned into the loss and straight away
+    into the gradients of h and weight (d loss / d logits = softmax - onehot), then dropped. The
+    backward pass only scales the saved gradients, so nothing is computed twice."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype):
+        N = h.size(0)
+        x, w = h.to(compute_dtype), weight.to(compute_dtype)
+        need_grad = any(ctx.needs_input_grad[:2])
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for s in range(0, N, chunk_size):
+            xc, tc = x[s:s + chunk_size], targets[s:s + chunk_size]
+            logits = (xc @ w.t()).float()  # (n, V)
+            if logits.size(1) > vocab_size:
+                logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
+            lse = torch.logsumexp(logits, dim=1)  # (n,)
+            loss_sum += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_grad:
+                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                dlogits[torch.arange(tc.size(0), device=tc.device), tc] -= 1.0
+                dlogits = dlogits.to(compute_dtype)
+                grad_x[s:s + chunk_size] = dlogits @ w
+                grad_w += dlogits.t() @ xc
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w)
+            ctx.scale = 1.0 / N
+            ctx.dtypes = (h.dtype, weight.dtype)
+        return loss_sum / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        g = grad_loss * ctx.scale
+        return (grad_x * g).to(ctx.dtypes[0]), (grad_w * g).to(ctx.dtypes[1]), None, None, None, None
+
+
+def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024):
+    """Mean cross-entropy of the logits h @ weight.T, equal to F.cross_entropy on the full logits
+    (ids past vocab_size masked) to fp32 rounding. h: (N, C), weight: (V, C), targets: (N,).
+    Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as F.cross_entropy
+    would be run."""
+    device_type = h.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _LMHeadCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, compute_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting
+
+def num_params(model):
+    """Parameters, counting the tied embedding / lm_head once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add):
+    6 x the parameters that take part in matmuls (every block weight and bias, and the tied
+    lm_head; not the position table, which is only looked up), plus attention's QK^T and AV:
+    2 x 2 x T x C per layer forward, 12 x L x C x T for forward and backward (counting the full
+    T x T square, as the PaLM paper and nanoGPT do, though causal masking could skip half)."""
+    L, C, V = config.n_layer, config.n_embd, config.padded_vocab_size
+    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C
+    matmul_params = L * per_block + V * C + 2 * C  # blocks, lm_head (tied wte), ln_f
+    return 6 * matmul_params + 12 * L * C * seq_len
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+
+def optimizer_groups(model, weight_decay):
+    """Decay every tensor of 2 or more dimensions (matmul weights, embeddings); never biases or
+    LayerNorm gains, which only shift or scale and gain nothing from being pulled to zero."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weight appears once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def configure_optimizers(model, weight_decay, learning_rate, device_type, log=print):
+    """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8; the fused kernel on CUDA (one launch
+    for all parameters instead of several per tensor)."""
+    groups = optimizer_groups(model, weight_decay)
+    for name, group in zip(("decayed", "not decayed"), groups):
+        log(f"optimizer: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
+            f"parameters {name} (weight_decay={group['weight_decay']})")
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
