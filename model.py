@@ -240,12 +240,13 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         N = h.size(0)
         x, w = h.to(compute_dtype), weight.to(compute_dtype)
         need_grad = any(ctx.needs_input_grad[:2])
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+        loss_sum = torch.zeros((), dtype=acc, device=h.device)
         grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
         for s in range(0, N, chunk_size):
             xc, tc = x[s:s + chunk_size], targets[s:s + chunk_size]
-            logits = (xc @ w.t()).float()  # (n, V)
+            logits = (xc @ w.t()).to(acc)  # (n, V)
             if logits.size(1) > vocab_size:
                 logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
             lse = torch.logsumexp(logits, dim=1)  # (n,)

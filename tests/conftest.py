@@ -1,0 +1,53 @@
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_shards(folder, n_train=3, train_tokens=20_000, val_tokens=8_000, seed=0, vocab=50257):
+    """Token shards in the seed's .npy layout. The tokens follow a simple pattern (a noisy
+    counter) so that a model can learn something from them."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def tokens(n):
+        base = np.cumsum(rng.integers(1, 4, n)) % 512
+        return np.where(rng.random(n) < 0.1, rng.integers(0, vocab, n), base).astype(np.uint16)
+
+    np.save(os.path.join(folder, "test_val_000000.npy"), tokens(val_tokens))
+    for i in range(n_train):
+        np.save(os.path.join(folder, f"test_train_{i + 1:06d}.npy"), tokens(train_tokens))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    return write_shards(str(tmp_path_factory.mktemp("shards")))
+
+
+# A model and batch small enough that a training step takes a few milliseconds on the CPU.
+TINY = dict(model="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, micro_batch_size=4,
+            total_batch_size=4 * 32 * 2, max_lr=3e-3, warmup_steps=2, max_steps=10, val_every=5,
+            val_tokens=2048, hellaswag_every=0, sample_every=0, checkpoint_every=5, device="cpu",
+            dtype="float32")
+
+
+def tiny_args(data_dir, log_dir, **overrides):
+    values = dict(TINY, data_dir=data_dir, log_dir=log_dir)
+    values.update(overrides)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def read_metrics(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(log_dir):
+    """The last logged train loss of each step (a resumed run may log a step twice)."""
+    return {e["step"]: e["train_loss"] for e in read_metrics(log_dir) if "train_loss" in e and not e.get("skipped")}

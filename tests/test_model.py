@@ -1,0 +1,139 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (GPT, GPTConfig, PRESETS, configure_optimizers, flops_per_token, lm_head_cross_entropy,
+                   num_params, optimizer_groups, padded_vocab, preset_config)
+
+SMALL = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def test_gpt2_parameter_count_with_real_vocab():
+    model = GPT(preset_config("gpt2", padded_vocab_size=50257))
+    assert num_params(model) == 124_439_808
+
+
+def test_gpt2_names_match_openai():
+    names = set(GPT(preset_config("gpt2")).state_dict())
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+                 "transformer.h.11.ln_2.bias", "transformer.h.11.mlp.c_fc.weight",
+                 "transformer.h.11.mlp.c_proj.weight", "transformer.ln_f.weight", "lm_head.weight"]:
+        assert name in names
+
+
+def test_gpt2_optimizer_groups():
+    decay, no_decay = optimizer_groups(GPT(preset_config("gpt2")), 0.1)
+    assert (len(decay["params"]), sum(p.numel() for p in decay["params"])) == (50, 124_354_560)
+    assert (len(no_decay["params"]), sum(p.numel() for p in no_decay["params"])) == (98, 121_344)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    opt = configure_optimizers(GPT(SMALL), 0.1, 1e-3, "cpu", log=lambda m: None)
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_init_is_seeded_and_scaled():
+    torch.manual_seed(0)
+    a = GPT(preset_config("gpt2", n_layer=4))
+    torch.manual_seed(0)
+    b = GPT(preset_config("gpt2", n_layer=4))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.lm_head.weight is a.transformer.wte.weight
+    assert abs(a.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
+    assert abs(a.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 1e-3
+    assert a.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_presets_are_valid_and_gpt3_follows_the_paper():
+    for name in PRESETS:
+        preset_config(name)  # every preset builds a valid config
+    assert preset_config("gpt3-small").block_size == 2048
+    assert PRESETS["gpt3-175b"].n_embd == 12288 and PRESETS["gpt3-175b"].max_lr == 6e-5
+    assert PRESETS["gpt3-xl"].batch_tokens == 2**20
+
+
+def test_bad_config_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="not divisible by n_head=24"):
+        GPTConfig(n_embd=2048, n_head=24)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset_config("gpt5")
+    with pytest.raises(ValueError, match="padded_vocab_size"):
+        GPTConfig(vocab_size=100, padded_vocab_size=64)
+
+
+def test_loss_at_init_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(preset_config("gpt2", n_layer=2))
+    x, y = torch.randint(0, 50257, (2, 64)), torch.randint(0, 50257, (2, 64))
+    _, loss = model(x, y)
+    # ln(50257) = 10.825, plus about var(logits)/2 = (0.02 * sqrt(768))**2 / 2 = 0.15 from the
+    # N(0, 0.02) lm_head: anything within 0.3 is a uniform guess; a broken init is far off.
+    assert abs(loss.item() - math.log(50257)) < 0.3
+    assert padded_vocab(50257) == 50304
+
+
+def test_padded_ids_have_zero_probability():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    with torch.no_grad():
+        model.transformer.wte.weight[SMALL.vocab_size:] = 100.0  # would win every argmax if not masked
+    logits, _ = model(torch.randint(0, 50257, (2, 8)))
+    assert logits[..., SMALL.vocab_size:].max() == float("-inf")
+    out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, top_k=0, generator=torch.Generator().manual_seed(0))
+    assert out.max() < SMALL.vocab_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_loss_equals_cross_entropy_and_its_gradients(dtype):
+    torch.manual_seed(0)
+    h = torch.randn(300, 48, dtype=dtype, requires_grad=True)
+    w = (torch.randn(160, 48, dtype=dtype) * 0.5).requires_grad_()
+    t = torch.randint(0, 150, (300,))
+    logits = h @ w.t()
+    logits = torch.cat([logits[:, :150], torch.full_like(logits[:, 150:], float("-inf"))], dim=1)
+    ref = F.cross_entropy(logits, t)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+    loss = lm_head_cross_entropy(h, w, t, vocab_size=150, chunk_size=64)  # 300 rows: uneven chunks
+    gh, gw = torch.autograd.grad(loss * 3.0, (h, w))  # a non-unit upstream gradient too
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert abs(loss.item() - ref.item()) < tol
+    torch.testing.assert_close(gh, 3.0 * ref_gh, atol=tol, rtol=tol)
+    torch.testing.assert_close(gw, 3.0 * ref_gw, atol=tol, rtol=tol)
+
+
+def test_chunked_loss_through_the_model_matches_full_logits():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    _, ref = model(x, y)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    _, loss = model(x, y, return_logits=False)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_flops_per_token_matches_a_hand_count():
+    c = preset_config("gpt2")
+    # per block: qkv 768x2304, attention out 768x768, MLP 768x3072 and 3072x768 (+ biases, LNs);
+    # lm_head 50304x768; attention scores and values 2 x 2 x T x C per layer, forward.
+    block = 768 * 2304 + 2304 + 768 * 768 + 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 4 * 768
+    forward = 2 * (12 * block + 50304 * 768 + 2 * 768) + 12 * 4 * 1024 * 768
+    assert flops_per_token(c, 1024) == 3 * forward
+    assert flops_per_token(c, 1024) == 6 * (num_params(GPT(c)) - 1024 * 768) + 12 * 12 * 768 * 1024
+
+
+def test_one_batch_can_be_overfit():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x = torch.randint(0, 1000, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    opt = configure_optimizers(model, 0.0, 3e-3, "cpu", log=lambda m: None)
+    for _ in range(150):
+        _, loss = model(x, y, return_logits=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1

@@ -1,0 +1,643 @@
+"""Train a GPT-2 / GPT-3 style model on token shards: one CPU, one GPU, or many with torchrun.
+
+    python train_gpt.py --demo                                   # offline CPU demo, minutes
+    python train_gpt.py                                          # GPT-2 124M on FineWeb-EDU
+    torchrun --standalone --nproc_per_node=8 train_gpt.py        # the same on 8 GPUs
+
+Every setting below can be given as --name=value.
+"""
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import checkpoint
+import evaluate
+from dataloader import DataLoader, ValidationData
+from model import GPT, PRESETS, configure_optimizers, flops_per_token, num_params, preset_config
+
+
+class RunError(RuntimeError):
+    """A problem with the run's environment or its training that the user has to fix."""
+
+
+@dataclass
+class Settings:
+    # model: a preset (model.PRESETS: gpt2, gpt2-medium, ..., gpt3-small ... gpt3-175b, tiny);
+    # the four fields after it override single dimensions when set
+    model: str = "gpt2"
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None  # None: the preset's context (1024 for GPT-2, 2048 for GPT-3)
+    init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
+    # data
+    data_dir: str = "edu_fineweb10B"
+    seq_len: Optional[int] = None  # None: block_size
+    # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
+    total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
+    micro_batch_size: int = 64  # sequences per forward pass on each process
+    batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
+    # optimization (GPT-3 paper recipe: AdamW, warmup then cosine decay to 10%)
+    max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
+    min_lr: Optional[float] = None  # None: 10% of max_lr
+    warmup_steps: int = 715  # 375M tokens / 2**19, as GPT-3
+    max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-EDU sample-10BT
+    stop_step: int = 0  # end this session at this step (checkpointed), the schedule still aims at max_steps; 0 = off
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_bad_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient
+    # evaluation (steps counted as optimizer updates done)
+    val_every: int = 250
+    val_tokens: int = 10_485_760  # fixed validation budget; the whole split if smaller
+    hellaswag_every: int = 250  # 0 = never
+    sample_every: int = 250  # 0 = never
+    # checkpoints and logs
+    log_dir: str = "log"
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto: the newest good checkpoint in log_dir, if any; a path; or off
+    # system
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # float32 or bfloat16 (autocast); auto: bfloat16 on CUDA and on CPUs with bf16 matmul units
+    compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
+    chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
+    seed: int = 1337
+    demo: bool = False  # the offline CPU demo: tiny model on the embedded Wikipedia sample
+
+
+# The offline demo (--demo): a tiny GPT on the Wikipedia articles bundled with gensim, sized to
+# train in a few minutes on 2 CPU cores. Any setting given on the command line still wins.
+DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_size=2**14,
+            micro_batch_size=16, warmup_steps=20, max_steps=200, val_every=50, val_tokens=2**16,
+            hellaswag_every=0, sample_every=100, checkpoint_every=100, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings from the command line
+
+def _parse_value(name, text, field_type):
+    optional = field_type in (Optional[int], Optional[float], Optional[bool])
+    if optional and text.lower() in ("none", "auto", ""):
+        return None
+    base = {Optional[int]: int, Optional[float]: float, Optional[bool]: bool}.get(field_type, field_type)
+    if base is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--{name} takes True or False, got {text!r}")
+    try:
+        if base is int:
+            return int(float(text)) if "e" in text.lower() else int(text, 0)
+        return base(text)
+    except ValueError:
+        raise ValueError(f"--{name} takes a {base.__name__}, got {text!r}") from None
+
+
+def parse_settings(argv):
+    """--name=value arguments -> Settings. `--name` alone means True for a True/False setting."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    given = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: settings are given as --name=value")
+        name, eq, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"unknown setting --{name}. Valid settings: {', '.join(fields)}")
+        ftype = fields[name].type
+        if not eq:
+            if ftype not in (bool, Optional[bool]):
+                raise ValueError(f"--{name} needs a value: --{name}=...")
+            text = "True"
+        given[name] = _parse_value(name, text, ftype)
+    values = dict(DEMO) if given.get("demo") else {}
+    values.update(given)
+    return Settings(**values)
+
+
+def resolve_model_settings(s):
+    """Fill the settings that follow the model preset, and check the model dimensions."""
+    if s.model not in PRESETS:
+        raise ValueError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
+    preset = PRESETS[s.model]
+    config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
+                           block_size=s.block_size)
+    s.n_layer, s.n_head, s.n_embd, s.block_size = config.n_layer, config.n_head, config.n_embd, config.block_size
+    s.seq_len = s.seq_len or config.block_size
+    s.total_batch_size = s.total_batch_size or preset.batch_tokens
+    s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr
+    s.min_lr = s.min_lr if s.min_lr is not None else 0.1 * s.max_lr
+    if s.seq_len > config.block_size:
+        raise ValueError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
+    for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
+        if getattr(s, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(s, name)}")
+    if not 0 <= s.warmup_steps <= s.max_steps:
+        raise ValueError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
+    if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
+        raise ValueError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
+    return config
+
+
+def check_batch_divisibility(s, world_size):
+    tokens_per_micro = s.micro_batch_size * s.seq_len * world_size
+    if s.total_batch_size % tokens_per_micro == 0:
+        return s.total_batch_size // tokens_per_micro
+    micro_ok = [b for b in range(1, 2 * s.micro_batch_size + 1)
+                if s.total_batch_size % (b * s.seq_len * world_size) == 0]
+    lower = s.total_batch_size // tokens_per_micro * tokens_per_micro
+    raise ValueError(
+        f"total_batch_size={s.total_batch_size} is not divisible by micro_batch_size x seq_len x "
+        f"world_size = {s.micro_batch_size} x {s.seq_len} x {world_size} = {tokens_per_micro}. "
+        f"Values that work: --micro_batch_size in {micro_ok or 'none'}, or --total_batch_size="
+        f"{lower or tokens_per_micro} or {lower + tokens_per_micro}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+
+def lr_at(step, s):
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < s.warmup_steps:
+        return s.max_lr * (step + 1) / s.warmup_steps
+    if step >= s.max_steps:
+        return s.min_lr
+    progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.max_lr - s.min_lr)
+
+
+def accum_steps_at(tokens_seen, s, tokens_per_micro):
+    """Micro steps this optimizer step. With GPT-3's batch-size warmup the step grows linearly
+    from 32K tokens to total_batch_size over the first batch_warmup_tokens tokens."""
+    full = s.total_batch_size // tokens_per_micro
+    if s.batch_warmup_tokens <= 0 or tokens_seen >= s.batch_warmup_tokens:
+        return full
+    start = min(2**15, s.total_batch_size)
+    target = start + (s.total_batch_size - start) * tokens_seen / s.batch_warmup_tokens
+    return max(1, min(full, round(target / tokens_per_micro)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, processes and speed
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+                  "V100": 125e12}
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # autocast dtype, None for fp32
+    is_main: bool
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory instead of returning it to the kernel. Training allocates and
+    frees the same large buffers (activations, logits) every micro step; by default each one above
+    a few MB is a fresh mmap that the kernel must zero-fill page by page, which measured ~45% of
+    CPU time in a seed-style loop. With these settings those buffers are reused."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)  # serve every allocation from the heap, none by a fresh mmap...
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...and keep freed heap memory for reuse
+
+
+def cpu_has_bf16():
+    """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), where bf16 autocast
+    trains faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def setup_runtime(s):
+    """Read torchrun's environment, pick the device, start the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device_type = s.device
+    if device_type == "auto":
+        device_type = ("cuda" if torch.cuda.is_available() else
+                       "mps" if torch.backends.mps.is_available() else "cpu")
+    device_type = device_type.split(":")[0]
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError("--device=cuda but CUDA is not available here; use --device=cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local_world > torch.cuda.device_count():
+            raise RunError(f"{local_world} processes on this machine but only {torch.cuda.device_count()} "
+                               f"GPUs: set --nproc_per_node={torch.cuda.device_count()} or fewer")
+        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    backend = s.backend if s.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RunError("--backend=nccl needs CUDA GPUs; on the CPU use --backend=gloo (or auto)")
+    if world_size > 1:
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+    if s.dtype == "auto":
+        s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
+    if s.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype={s.dtype}: choose float32 or bfloat16")
+    if s.compile is None:
+        s.compile = device_type == "cuda"
+    if s.chunked_loss is None:
+        s.chunked_loss = device_type == "cpu"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left over
+        torch.backends.cudnn.allow_tf32 = True
+    if device_type == "cpu":
+        keep_freed_memory()
+    amp = torch.bfloat16 if s.dtype == "bfloat16" else None
+    return Runtime(rank, local_rank, world_size, device, amp, rank == 0)
+
+
+def peak_flops(s, device):
+    """The device's peak FLOP/s for MFU: the setting, a datasheet table (GPUs), or on the CPU the
+    fp32 matrix-product rate measured now (a yardstick: bf16 can exceed it)."""
+    if s.peak_flops > 0:
+        return s.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+    if device.type == "cpu":
+        return measure_matmul_flops()
+    return 0.0
+
+
+def measure_matmul_flops(n=1024, reps=8):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+class RunLog:
+    """Rank 0 prints, and appends to log_dir/log.txt and log_dir/metrics.jsonl (never truncated,
+    so a resumed run continues the same files). Other ranks stay silent."""
+
+    def __init__(self, log_dir, is_main):
+        self.is_main = is_main
+        self.log_dir = log_dir
+        if is_main:
+            os.makedirs(log_dir, exist_ok=True)
+
+    def __call__(self, msg):
+        if self.is_main:
+            print(msg, flush=True)
+            with open(os.path.join(self.log_dir, "log.txt"), "a") as f:
+                f.write(msg + "\n")
+
+    def metrics(self, **event):
+        if self.is_main:
+            with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, parallelism, checkpoints
+
+def initial_weights(path):
+    """(model_config dict, state_dict) from a checkpoint file or a Hugging Face GPT-2 folder."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        import convert_hf
+        config, state = convert_hf.import_hf(path)
+        return dataclasses.asdict(config), state
+    ckpt = checkpoint.load_file(path)
+    return ckpt["model_config"], ckpt["model"]
+
+
+def build_model(s, config, rt):
+    """The model on its device, wrapped for training. Returns (raw_model, train_model): raw_model
+    is the plain GPT (evaluation, sampling and checkpoints use it: clean names, no recompiles),
+    train_model is what the training step calls (compiled, DDP-wrapped)."""
+    if s.fsdp:
+        return build_fsdp_model(s, config, rt)
+    torch.manual_seed(s.seed)  # every rank draws the same initial weights
+    raw_model = GPT(config)
+    if s.init_from:
+        raw_model.load_state_dict(load_init_state(s, config))
+    raw_model.to(rt.device)
+    model = torch.compile(raw_model) if s.compile else raw_model
+    if rt.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return raw_model, model
+
+
+def load_init_state(s, config):
+    saved_config, state = initial_weights(s.init_from)
+    if saved_config != dataclasses.asdict(config):
+        raise ValueError(f"--init_from={s.init_from} holds a model {saved_config}, but the settings "
+                         f"give {dataclasses.asdict(config)}: pick the matching --model")
+    return state
+
+
+def build_fsdp_model(s, config, rt):
+    """FSDP2: each block, then the root, is sharded across ranks. The model is built on the meta
+    device (no memory), sharded, then materialized and initialized shard by shard, so a model far
+    larger than one device fits. With bf16, parameters are gathered in bf16 for compute and
+    gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype or torch.float32, reduce_dtype=torch.float32)
+    with torch.device("meta"):
+        raw_model = GPT(config)
+    for block in raw_model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(raw_model, mesh=mesh, mp_policy=mp)
+    raw_model.to_empty(device=rt.device)
+    torch.manual_seed(s.seed)
+    raw_model.init_weights()
+    if s.init_from:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(raw_model, load_init_state(s, config),
+                             options=StateDictOptions(full_state_dict=True))
+    model = torch.compile(raw_model) if s.compile else raw_model
+    return raw_model, model
+
+
+def model_and_optimizer_state(s, raw_model, optimizer):
+    if s.fsdp:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        return get_state_dict(raw_model, optimizer)
+    return raw_model.state_dict(), optimizer.state_dict()
+
+
+def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
+    model_state, optim_state = model_and_optimizer_state(s, raw_model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state, "step": step,
+             "model_config": dataclasses.asdict(raw_model.config), "settings": dataclasses.asdict(s),
+             "data": loader.state_dict(), "rng": checkpoint.rng_state(rt.device), **extra}
+    path = checkpoint.checkpoint_path(s.log_dir, step, sharded=s.fsdp)
+    if s.fsdp:
+        checkpoint.save_sharded(state, path, rt.rank)
+    elif rt.is_main:
+        checkpoint.save_file(state, path)
+    if rt.is_main:
+        checkpoint.prune(s.log_dir, s.keep_checkpoints)
+        log(f"saved checkpoint {path}")
+
+
+def resume_candidates(s):
+    if s.resume == "off":
+        return []
+    if s.resume == "auto":
+        return [path for _, path in checkpoint.list_checkpoints(s.log_dir)]
+    return [s.resume]
+
+
+def load_resume_state(s, rt, raw_model, optimizer, log):
+    """Restore the newest good checkpoint into model and optimizer; return its plain values (or
+    None to start fresh). Under --resume=auto a damaged checkpoint is reported and the one before
+    it tried."""
+    for path in resume_candidates(s):
+        try:
+            if os.path.isdir(path):
+                from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+                model_state, optim_state = get_state_dict(raw_model, optimizer)
+                state = checkpoint.load_sharded(path, model_state, optim_state)
+                check_compatible(state, raw_model.config, log)
+                set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+            else:
+                state = checkpoint.load_file(path)
+                check_compatible(state, raw_model.config, log)
+                raw_model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+        except checkpoint.CorruptCheckpoint as e:
+            if s.resume != "auto":
+                raise
+            log(f"warning: {e}; trying the checkpoint before it")
+            continue
+        log(f"resumed from {path} at step {state['step']}")
+        return state
+    return None
+
+
+def check_compatible(state, config, log):
+    """A checkpoint of another model or data must not be loaded into this run."""
+    saved = state["model_config"]
+    for name, value in dataclasses.asdict(config).items():
+        if saved.get(name) != value:
+            raise ValueError(f"the checkpoint's model has {name}={saved.get(name)}, these settings give "
+                             f"{value}: resume with the checkpoint's --{name} (or --model), or start a "
+                             f"new --log_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def all_reduce_mean(value, rt):
+    if rt.world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= rt.world_size
+    return value
+
+
+def train(s):
+    rt = setup_runtime(s)
+    config = resolve_model_settings(s)
+    log = RunLog(s.log_dir, rt.is_main)
+    if s.demo:
+        prepare_demo_data(s, rt, log)
+    tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
+    check_batch_divisibility(s, rt.world_size)
+
+    raw_model, model = build_model(s, config, rt)
+    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log)
+    loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log)
+    val_data = ValidationData(s.data_dir, s.seq_len, s.val_tokens) if s.val_every > 0 else None
+    autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype and not s.fsdp \
+        else contextlib.nullcontext
+
+    step, tokens_seen, bad_steps = 0, 0, 0
+    state = load_resume_state(s, rt, raw_model, optimizer, log)
+    if state is not None:
+        step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
+        loader.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"], rt.device)
+        if step >= s.max_steps:
+            log(f"{s.log_dir} already holds a finished run ({step} of {s.max_steps} steps). To train "
+                f"again use another --log_dir, or raise --max_steps to continue it.")
+    else:
+        log(f"settings: {json.dumps(dataclasses.asdict(s))}")
+    flops_token = flops_per_token(config, s.seq_len)
+    peak = peak_flops(s, rt.device)
+    log(f"model {s.model}: {num_params(raw_model):,} parameters, {flops_token / 1e6:.1f} MFLOPs/token; "
+        f"device {rt.device} x {rt.world_size}, dtype {s.dtype}, compile {s.compile}, "
+        f"{'FSDP' if s.fsdp else 'DDP' if rt.world_size > 1 else 'single process'}; "
+        f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
+    log(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "
+        f"{rt.world_size} ranks x {s.total_batch_size // tokens_per_micro} accumulation steps")
+    hellaswag_data = load_hellaswag(s, rt, log)
+
+    end = min(s.max_steps, s.stop_step) if s.stop_step > 0 else s.max_steps
+    while step < end:
+        accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
+        lr = lr_at(step, s)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        model.train()
+        loss_accum = torch.zeros((), device=rt.device)
+        for micro_step in range(accum):
+            x, y = loader.next_batch()
+            if rt.device.type == "cuda":  # pinned memory lets the copy overlap the running step
+                x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+            else:
+                x, y = x.to(rt.device), y.to(rt.device)
+            if rt.world_size > 1 and not s.fsdp:
+                # DDP all-reduces gradients during backward. Only the last micro step's reduce is
+                # needed: the others would send gradients that are still being accumulated.
+                model.require_backward_grad_sync = micro_step == accum - 1
+            with autocast():
+                _, loss = model(x, y, return_logits=not s.chunked_loss)
+            # The gradient of the step is the mean over all micro batches: scale each micro loss
+            # by 1/accum, since backward() sums into .grad.
+            loss = loss / accum
+            loss_accum += loss.detach()
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s.grad_clip)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+            norm = norm.full_tensor()
+        loss_accum = all_reduce_mean(loss_accum, rt)
+        finite = bool(torch.isfinite(loss_accum) & torch.isfinite(norm))  # the step's one host sync
+        if finite:
+            optimizer.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step_tokens = accum * tokens_per_micro
+        tokens_seen += step_tokens
+        tps = step_tokens / dt
+        mfu = tps * flops_token / (peak * rt.world_size) if peak else 0.0
+        if finite:
+            log(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+                f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | MFU {mfu * 100:.1f}%")
+            log.metrics(step=step, train_loss=loss_accum.item(), lr=lr, grad_norm=norm.item(),
+                        tokens_per_sec=tps, ms=dt * 1000, mfu=mfu, tokens=tokens_seen)
+        else:
+            log(f"step {step:5d} | skipped: loss {loss_accum.item()} grad norm {norm.item()} is not finite "
+                f"({bad_steps} in a row; stopping at {s.max_bad_steps})")
+            log.metrics(step=step, skipped=True, train_loss=str(loss_accum.item()), grad_norm=str(norm.item()))
+            if bad_steps >= s.max_bad_steps:
+                raise RunError(
+                    f"{bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. The newest checkpoint "
+                    f"in {s.log_dir} holds no NaN: lower --max_lr or raise --warmup_steps and resume from it.")
+        step += 1
+        last = step == end
+        val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
+        if step % s.checkpoint_every == 0 or last:
+            save_checkpoint(s, rt, step, raw_model, optimizer, loader,
+                            dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=val_loss), log)
+    return raw_model
+
+
+def due(step, every, last):
+    return every > 0 and (step % every == 0 or last)
+
+
+def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
+    """Validation, HellaSwag and samples, on the plain model (no DDP, no compile: the compiled
+    training graph is never retraced for other shapes). Their time is outside the step's."""
+    val = None
+    if val_data is not None and due(step, s.val_every, last):
+        val = evaluate.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype)
+        log(f"step {step:5d} | val loss {val:.4f} ({val_data.num_tokens:,} tokens)")
+        log.metrics(step=step, val_loss=val)
+    if hellaswag_data and due(step, s.hellaswag_every, last):
+        r = evaluate.hellaswag(raw_model, hellaswag_data, rt.rank, rt.world_size, rt.amp_dtype)
+        log(f"step {step:5d} | HellaSwag acc_norm {r['acc_norm']:.4f} acc {r['acc']:.4f} ({r['n']} examples)")
+        log.metrics(step=step, hellaswag_acc=r["acc"], hellaswag_acc_norm=r["acc_norm"], hellaswag_n=r["n"])
+    if due(step, s.sample_every, last):
+        from fineweb import gpt2_tokenizer
+        for i, text in enumerate(evaluate.sample_text(raw_model, gpt2_tokenizer(), seed=s.seed + rt.rank)):
+            log(f"sample {i}: {text!r}")
+    return val
+
+
+def load_hellaswag(s, rt, log):
+    if s.hellaswag_every <= 0:
+        return None
+    try:
+        return evaluate.hellaswag_examples_distributed(rt.rank)
+    except Exception as e:  # offline, most likely: training goes on without it
+        log(f"HellaSwag disabled: {e}")
+        return None
+
+
+def prepare_demo_data(s, rt, log):
+    """Tokenize the embedded Wikipedia sample once (rank 0; the others wait)."""
+    if rt.is_main:
+        log("OFFLINE DEMO: a tiny GPT on 106 Wikipedia articles bundled with gensim. For the real run, "
+            "prepare FineWeb-EDU with `python fineweb.py` and run `python train_gpt.py` (GPU) or "
+            "`torchrun --standalone --nproc_per_node=8 train_gpt.py`.")
+        import fineweb
+        fineweb.prepare_dataset("wiki", out_dir=s.data_dir, progress=False)
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+def finish_demo(s):
+    import plot
+    png = plot.plot_metrics([os.path.join(s.log_dir, "metrics.jsonl")], os.path.join(s.log_dir, "loss.png"))
+    print(f"\nDemo finished. Loss plot: {png}; metrics: {s.log_dir}/metrics.jsonl; checkpoints in "
+          f"{s.log_dir}/. This was the offline demo; the real run: `python fineweb.py`, then "
+          f"`torchrun --standalone --nproc_per_node=<GPUs> train_gpt.py` (README.md).")
+
+
+def main(argv=None):
+    """Run from the command line. Mistakes in settings or data end with one clear line, not a
+    traceback; anything else is a bug and keeps its traceback."""
+    try:
+        s = parse_settings(sys.argv[1:] if argv is None else argv)
+        train(s)
+    except (ValueError, FileNotFoundError, RunError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if s.demo and int(os.environ.get("RANK", 0)) == 0:
+        finish_demo(s)
+
+
+if __name__ == "__main__":
+    main()
