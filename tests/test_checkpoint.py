@@ -1,0 +1,151 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import model as model_module
+import train_gpt
+from conftest import ROOT, read_metrics, tiny_args, train_losses
+
+
+def final_weights(log_dir, step):
+    return torch.load(os.path.join(log_dir, f"ckpt_{step:07d}.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory):
+    """20 steps without interruption: the reference."""
+    log_dir = str(tmp_path_factory.mktemp("straight"))
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20))
+    return log_dir
+
+
+def test_resume_is_exact(shards, straight, tmp_path):
+    log_dir = str(tmp_path)
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20, stop_step=10))
+    assert max(train_losses(log_dir)) == 9
+    lines_before = len(read_metrics(log_dir))
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20))  # --resume=auto is the default
+    assert read_metrics(log_dir)[:lines_before] == read_metrics(log_dir)[:lines_before]  # appended
+    assert len(read_metrics(log_dir)) > lines_before
+    assert train_losses(log_dir) == train_losses(straight)  # every loss, bit for bit
+    assert_same_weights(final_weights(log_dir, 20), final_weights(straight, 20))
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        assert "resumed from" in f.read()
+
+
+def test_checkpoint_is_plain_data_with_everything_to_resume(straight):
+    ckpt = torch.load(os.path.join(straight, "ckpt_0000020.pt"), weights_only=True)
+    assert {"model", "optimizer", "step", "settings", "data", "rng", "model_config", "val_loss"} <= set(ckpt)
+    assert ckpt["step"] == 20 and ckpt["settings"]["max_steps"] == 20
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+
+
+def test_keep_last_k(shards, tmp_path):
+    train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=8, checkpoint_every=2, keep_checkpoints=2))
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [8, 6]
+
+
+def test_corrupt_checkpoint_falls_back_under_auto(shards, straight, tmp_path):
+    log_dir = str(tmp_path)
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20, stop_step=15))  # checkpoints at 10 and 15
+    newest = os.path.join(log_dir, "ckpt_0000015.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    with pytest.raises(SystemExit, match="corrupt or truncated"):
+        train_gpt.main(tiny_args(shards, log_dir, max_steps=20, resume=newest))
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20))
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        text = f.read()
+    assert "corrupt or truncated" in text and "resumed from" in text and "ckpt_0000010.pt" in text
+    assert train_losses(log_dir) == train_losses(straight)
+
+
+def test_mismatched_checkpoint_names_the_setting(shards, straight, tmp_path):
+    with pytest.raises(SystemExit, match="n_layer=2.*n_layer"):
+        train_gpt.main(tiny_args(shards, straight, max_steps=30, n_layer=3))
+    with pytest.raises(SystemExit, match="seq_len"):
+        train_gpt.main(tiny_args(shards, straight, max_steps=30, seq_len=16))
+
+
+SLOW_SAVE = """
+import sys, time, torch
+import train_gpt
+real_save = torch.save
+def slow_save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    if obj.get("step", 0) >= 10:  # the second checkpoint: written, not yet renamed
+        open(sys.argv[1], "w").close()
+        time.sleep(60)
+torch.save = slow_save
+train_gpt.main(sys.argv[2:])
+"""
+
+
+def test_sigkill_during_checkpoint_write_leaves_the_previous_one(shards, straight, tmp_path):
+    log_dir = str(tmp_path / "run")
+    flag = str(tmp_path / "writing")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, flag, *tiny_args(shards, log_dir, max_steps=20)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(flag) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert os.path.exists(flag), "the run never reached its second checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(".tmp" in n for n in os.listdir(log_dir))  # the half-written file is there...
+    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [5]  # ...but not as a checkpoint
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20))
+    assert train_losses(log_dir) == train_losses(straight)
+    assert not any(".tmp" in n for n in os.listdir(log_dir))
+
+
+def nan_at(calls, monkeypatch):
+    """Make the model's training loss NaN on the given training forward calls (counted from 0)."""
+    real_forward = model_module.GPT.forward
+    count = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        logits, loss = real_forward(self, *args, **kwargs)
+        if self.training:
+            if count["n"] in calls:
+                loss = loss * float("nan")
+            count["n"] += 1
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+
+
+def test_nan_step_is_skipped_and_logged(shards, tmp_path, monkeypatch):
+    nan_at({6}, monkeypatch)  # 2 micro steps a step: step 3's first micro batch
+    train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=10))
+    events = read_metrics(str(tmp_path))
+    skipped = [e for e in events if e.get("skipped")]
+    assert [e["step"] for e in skipped] == [3]
+    assert sorted(train_losses(str(tmp_path))) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    weights = final_weights(str(tmp_path), 10)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_repeated_nans_stop_the_run_and_keep_the_good_checkpoint(shards, tmp_path, monkeypatch):
+    nan_at(set(range(12, 1000)), monkeypatch)  # every step from step 6 on
+    with pytest.raises(SystemExit, match="3 steps in a row had a NaN"):
+        train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=20, max_bad_steps=3))
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [5]
+    assert all(torch.isfinite(w).all() for w in final_weights(str(tmp_path), 5).values())
