@@ -137,7 +137,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, seed=0):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
@@ -151,27 +151,34 @@ class GPT(nn.Module):
         # one gradient, one optimizer state, and 38M fewer parameters at gpt2 size.
         self.lm_head.weight = self.transformer.wte.weight
         if self.lm_head.weight.device.type != "meta":
-            self.init_weights()
+            self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self):
-        """GPT-2 init: N(0, 0.02) everywhere, zero biases, and the two projections that write into
-        the residual stream at 0.02/sqrt(2*n_layer), so the stream's variance does not grow with
-        depth (each block adds two of them). Draws from torch's global RNG: seed it first. Separate
-        from __init__ so a model built on the meta device can be sharded, then materialized."""
+    def init_weights(self, seed=0):
+        """GPT-2 init: N(0, 0.02) for weights and embeddings, zero biases, unit LayerNorm gains, and
+        the two projections that write into the residual stream at 0.02/sqrt(2*n_layer), so the
+        stream's variance does not grow with depth (each block adds two of them).
+
+        Every tensor is drawn whole, in a fixed order, from one generator seeded with `seed`, then
+        copied in. A sharded parameter (a DTensor, as FSDP makes) keeps only its own shard of the
+        whole, so a model gets the same initial weights however it is split across processes.
+        Separate from __init__ so that a model built on the meta device can be sharded first."""
+        device = self.lm_head.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed)
         std_residual = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                std = std_residual if getattr(module, "residual_scaled_init", False) else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, param in self.named_parameters():  # the tied lm_head appears once, as wte
+            module = self.get_submodule(name.rsplit(".", 1)[0])
+            full = torch.empty(param.shape, dtype=param.dtype, device=device)
+            if name.endswith(".bias"):
+                full.zero_()
             elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.transformer.wte.weight[self.config.vocab_size:].zero_()  # dead rows: keep them inert
+                full.fill_(1.0)
+            else:
+                std = std_residual if getattr(module, "residual_scaled_init", False) else 0.02
+                full.normal_(0.0, std, generator=generator)
+            if module is self.transformer.wte:
+                full[self.config.vocab_size:] = 0.0  # dead rows of the padded vocabulary: inert
+            _copy_whole_into(param, full)
 
     def hidden_states(self, idx):
         """(B, T) token ids -> (B, T, C) final-LayerNorm activations."""
@@ -222,6 +229,17 @@ class GPT(nn.Module):
             choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into top_k
             idx = torch.cat([idx, torch.gather(top_ids, -1, choice)], dim=1)
         return idx
+
+
+def _copy_whole_into(param, full):
+    """param.copy_(full), where param may be a sharded DTensor: then only its shard is copied."""
+    if hasattr(param, "device_mesh"):  # a DTensor
+        from torch.distributed.tensor import distribute_tensor
+        try:  # every rank holds the same `full`: cut the local shard, no communication
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        except TypeError:  # torch < 2.6: scatter from rank 0 (the same values anyway)
+            full = distribute_tensor(full, param.device_mesh, param.placements)
+    param.copy_(full)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -346,8 +346,7 @@ def build_model(s, config, rt):
     train_model is what the training step calls (compiled, DDP-wrapped)."""
     if s.fsdp:
         return build_fsdp_model(s, config, rt)
-    torch.manual_seed(s.seed)  # every rank draws the same initial weights
-    raw_model = GPT(config)
+    raw_model = GPT(config, seed=s.seed)  # every rank draws the same initial weights
     if s.init_from:
         raw_model.load_state_dict(load_init_state(s, config))
     raw_model.to(rt.device)
@@ -381,8 +380,7 @@ def build_fsdp_model(s, config, rt):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
     raw_model.to_empty(device=rt.device)
-    torch.manual_seed(s.seed)
-    raw_model.init_weights()
+    raw_model.init_weights(s.seed)  # the same weights as without FSDP
     if s.init_from:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(raw_model, load_init_state(s, config),

@@ -34,11 +34,11 @@ def test_gpt2_optimizer_groups():
 
 
 def test_init_is_seeded_and_scaled():
-    torch.manual_seed(0)
-    a = GPT(preset_config("gpt2", n_layer=4))
-    torch.manual_seed(0)
-    b = GPT(preset_config("gpt2", n_layer=4))
+    a = GPT(preset_config("gpt2", n_layer=4), seed=7)
+    b = GPT(preset_config("gpt2", n_layer=4), seed=7)
+    c = GPT(preset_config("gpt2", n_layer=4), seed=8)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
     assert a.lm_head.weight is a.transformer.wte.weight
     assert abs(a.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
     assert abs(a.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 1e-3

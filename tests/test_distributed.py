@@ -1,0 +1,161 @@
+"""torchrun on the CPU (gloo): DDP, two 'nodes' on loopback, FSDP, failures and restarts. Each run
+is a real torchrun job of 2 processes on a tiny model, compared with one process."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import ROOT, tiny_args, train_losses
+
+STEPS = dict(max_steps=10, checkpoint_every=5, val_every=5)
+CRASH = """
+import os, sys
+import model, train_gpt
+real_forward, calls = model.GPT.forward, [0]
+def forward(self, *args, **kwargs):
+    if self.training:
+        calls[0] += 1
+        if os.environ["RANK"] == "1" and calls[0] == 7 and not os.path.exists(sys.argv[1]):
+            open(sys.argv[1], "w").close()
+            os._exit(3)  # a hard crash of one rank in the middle of step 6
+    return real_forward(self, *args, **kwargs)
+model.GPT.forward = forward
+train_gpt.main(sys.argv[2:])
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd):
+    # A session of its own: on timeout or failure the whole process tree is killed, ports freed.
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+
+
+def finish(proc, timeout=180):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out
+
+
+def torchrun(args, nproc=2, extra=(), script=("train_gpt.py",), timeout=180):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *extra, *script, *args]
+    code, out = finish(start(cmd), timeout)
+    return code, out
+
+
+def run_ok(args, **kwargs):
+    code, out = torchrun(args, **kwargs)
+    assert code == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture
+def crash_script(tmp_path):
+    path = tmp_path / "crash_once.py"
+    path.write_text(CRASH)
+    return str(path)
+
+
+def weights(log_dir, step=10):
+    return torch.load(checkpoint.checkpoint_path(log_dir, step), weights_only=True)["model"]
+
+
+def assert_close_runs(a, b, atol=1e-5):
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(10))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], abs=atol), step
+
+
+@pytest.fixture(scope="module")
+def single(shards, tmp_path_factory):
+    """One process, 2 micro steps of 4 sequences: the reference."""
+    log_dir = str(tmp_path_factory.mktemp("single"))
+    code, out = finish(start([sys.executable, "train_gpt.py", *tiny_args(shards, log_dir, **STEPS)]))
+    assert code == 0, out
+    return log_dir
+
+
+@pytest.fixture(scope="module")
+def ddp(shards, tmp_path_factory):
+    """2 processes, 1 micro step of 4 sequences each: the same 8 sequences per step."""
+    log_dir = str(tmp_path_factory.mktemp("ddp"))
+    out = run_ok(tiny_args(shards, log_dir, **STEPS))
+    assert "DDP" in out and "x 2" in out
+    return log_dir
+
+
+def test_ddp_equals_one_process(single, ddp):
+    assert_close_runs(single, ddp)
+    wa, wb = weights(single), weights(ddp)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in wb)
+
+
+def test_two_nodes_on_loopback_equal_one_process(shards, single, tmp_path):
+    port = free_port()
+    log_dir = str(tmp_path)
+    procs = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=test", "train_gpt.py", *tiny_args(shards, log_dir, **STEPS)])
+             for node in (0, 1)]
+    results = [finish(p) for p in procs]
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    assert_close_runs(single, log_dir)
+
+
+def test_fsdp_equals_ddp(shards, ddp, tmp_path):
+    log_dir = str(tmp_path)
+    out = run_ok(tiny_args(shards, log_dir, fsdp=True, **STEPS))
+    assert "FSDP" in out
+    assert_close_runs(ddp, log_dir)
+    assert os.path.isdir(os.path.join(log_dir, "ckpt_0000010"))  # sharded checkpoint folder
+
+
+def test_fsdp_resumes_exactly(shards, ddp, tmp_path):
+    log_dir = str(tmp_path)
+    run_ok(tiny_args(shards, log_dir, fsdp=True, stop_step=5, **STEPS))
+    out = run_ok(tiny_args(shards, log_dir, fsdp=True, **STEPS))
+    assert "resumed from" in out
+    assert_close_runs(ddp, log_dir)
+
+
+def test_a_dead_rank_stops_the_job_quickly(shards, tmp_path, crash_script):
+    t0 = time.time()
+    code, out = torchrun([str(tmp_path / "crashed"), *tiny_args(shards, str(tmp_path / "log"), **STEPS)],
+                         script=(crash_script,), timeout=120)
+    assert code != 0
+    # torchrun names the rank that failed first and its exit code, and ends the other rank
+    assert re.search(r"Root Cause.*rank\s*:\s*1 .*exitcode\s*:\s*3", out, re.S), out[-2000:]
+    assert time.time() - t0 < 30
+
+
+def test_max_restarts_resumes_from_the_last_checkpoint(shards, ddp, tmp_path, crash_script):
+    log_dir = str(tmp_path / "log")
+    out = run_ok([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)],
+                 extra=("--max-restarts=1",), script=(crash_script,))
+    assert os.path.exists(tmp_path / "crashed")  # it did crash once...
+    assert "resumed from" in out and "ckpt_0000005.pt" in out  # ...and came back from step 5
+    assert train_losses(log_dir) == train_losses(ddp)  # exactly as if nothing had happened
+    for k, v in weights(ddp).items():
+        assert torch.equal(v, weights(log_dir)[k])
