@@ -107,3 +107,19 @@ def test_chunked_and_full_logits_train_alike(shards, tmp_path):
     la, lb = train_losses(a), train_losses(b)
     for step in la:
         assert la[step] == pytest.approx(lb[step], abs=1e-4)
+
+
+def test_init_from_a_checkpoint_or_a_hugging_face_folder(shards, tmp_path):
+    import convert_hf
+    from model import GPTConfig
+    a = str(tmp_path / "a")
+    run(tiny_args(shards, a, max_steps=5))
+    trained = torch.load(os.path.join(a, "ckpt_0000005.pt"), weights_only=True)
+    hf_dir = convert_hf.export_hf(trained["model"], GPTConfig(**trained["model_config"]), str(tmp_path / "hf"))
+    for source in (os.path.join(a, "ckpt_0000005.pt"), hf_dir):
+        b = str(tmp_path / f"b{len(source)}")
+        run(tiny_args(shards, b, max_steps=1, max_lr=0.0, min_lr=0.0, warmup_steps=0, init_from=source))
+        start = torch.load(os.path.join(b, "ckpt_0000001.pt"), weights_only=True)["model"]  # lr 0: unchanged
+        for k, v in trained["model"].items():
+            assert torch.equal(start[k], v), (source, k)
+    fail(tiny_args(shards, str(tmp_path / "c"), n_layer=3, init_from=hf_dir), "pick the matching --model")
