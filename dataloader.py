@@ -1,11 +1,12 @@
-"""Token shards to (x, y) batches: rank-aware, memory-mapped, shuffled per epoch, checkpointable.
+"""Token shards to (x, y) batches: rank-aware, read window by window, shuffled per epoch, checkpointable.
 
 Reads two shard formats from a folder:
 - `*_train_*.npy` / `*_val_*.npy`: a 1-D uint16 numpy array (fineweb.py's output, and the
   published pre-tokenized FineWeb-EDU shards);
 - `*_train_*.bin` / `*_val_*.bin`: llm.c / modded-nanogpt shards, a header of 256 int32
   (magic 20240520, version 1, token count) followed by the uint16 tokens.
-Shards are memory-mapped, so host memory does not grow with shard size. This file imports
+Shards are never loaded whole: each batch reads just its windows from the files, so host memory
+does not grow with shard size. This file imports
 nothing from the rest of the project and works alone.
 """
 
@@ -33,28 +34,53 @@ def shard_paths(data_dir, split):
     return paths
 
 
+class TokenShard:
+    """One shard on disk: its token count, and reads of token ranges. A read takes only the tokens
+    asked for from the file (np.fromfile at an offset, through the OS page cache); nothing of the
+    shard is loaded or kept mapped, so host memory does not grow with shard size."""
+
+    def __init__(self, path, data_offset, n_tokens):
+        self.path, self.data_offset, self.n_tokens = path, data_offset, n_tokens
+
+    def __len__(self):
+        return self.n_tokens
+
+    def read(self, start, count):
+        """Tokens start .. start+count-1 as a uint16 array."""
+        return np.fromfile(self.path, dtype=np.uint16, count=count, offset=self.data_offset + 2 * start)
+
+
 def open_shard(path):
-    """Memory-map one shard as a 1-D uint16 array, checking its header and length."""
+    """Check one shard's header and length; return it as a TokenShard."""
+    size = os.path.getsize(path)
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
         if header.size < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
             raise ValueError(f"{path}: not an llm.c token shard (expected a 1024-byte header with "
                              f"magic {BIN_MAGIC}, version {BIN_VERSION}). Re-download or re-make it.")
-        n_tokens = int(header[2])
-        expected = 4 * BIN_HEADER_INTS + 2 * n_tokens
-        if os.path.getsize(path) < expected:
-            raise ValueError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) "
-                             f"but the file has {os.path.getsize(path)} bytes. Re-download or re-make it.")
-        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(n_tokens,))
-    try:
-        tokens = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable or truncated .npy shard ({e}). Delete it and re-make it "
-                         f"with `python fineweb.py` (finished shards are kept).") from e
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D uint16 token array, got {tokens.dtype} with shape "
-                         f"{tokens.shape}. Re-make it with `python fineweb.py`.")
-    return tokens
+        data_offset, n_tokens = 4 * BIN_HEADER_INTS, int(header[2])
+        what = "re-download or re-make it"
+    else:
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran_order, dtype = read_header(f)
+                data_offset = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: unreadable .npy header ({e}). Delete it and re-make it with "
+                             f"`python fineweb.py` (finished shards are kept).") from e
+        if dtype != np.uint16 or len(shape) != 1:
+            raise ValueError(f"{path}: expected a 1-D uint16 token array, got {dtype} with shape "
+                             f"{shape}. Re-make it with `python fineweb.py`.")
+        n_tokens = shape[0]
+        what = "delete it and re-make it with `python fineweb.py` (finished shards are kept)"
+    expected = data_offset + 2 * n_tokens
+    if size < expected:
+        raise ValueError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) but "
+                         f"the file has {size} bytes: {what}.")
+    return TokenShard(path, data_offset, n_tokens)
 
 
 class DataLoader:
@@ -121,7 +147,7 @@ class DataLoader:
         first = self.position + self.rank * self.B
         windows = [self._window(i) for i in range(first, first + self.B)]
         self.position += global_batch
-        buf = np.stack([self.shards[s][o:o + self.T + 1] for s, o in windows]).astype(np.int64)
+        buf = np.stack([self.shards[s].read(o, self.T + 1) for s, o in windows]).astype(np.int64)
         buf = torch.from_numpy(buf)  # (B, T+1)
         return buf[:, :-1], buf[:, 1:]
 
@@ -171,7 +197,7 @@ class ValidationData:
             for j in range(start, min(start + B, per_rank)):
                 if j < len(mine):
                     shard, offset = mine[j]
-                    rows.append(np.asarray(shard[offset:offset + self.T + 1], dtype=np.int64))
+                    rows.append(shard.read(offset, self.T + 1).astype(np.int64))
                 else:  # padding row: any tokens, no targets
                     rows.append(np.concatenate([[0], np.full(self.T, -1)]).astype(np.int64))
             buf = torch.from_numpy(np.stack(rows))  # (b, T+1)

@@ -15,17 +15,17 @@ nvidia-smi -L
 python3 -c "import sys; sys.path.insert(0, 'tests'); from conftest import write_shards; write_shards('/tmp/shards', train_tokens=400_000, val_tokens=100_000)"
 TINY="--model=tiny --data_dir=/tmp/shards --micro_batch_size=16 --total_batch_size=8192 --warmup_steps=2 --val_tokens=16384 --hellaswag_every=0"
 
-echo "== 1. CUDA paths"; timeout 120 python3 gpu_check.py 2>&1 | tee "$OUT/check.log"
-echo "== 2. MFU"; timeout 240 python3 bench.py --device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=16 \
-  --dtype=bfloat16 --compile=True 2>&1 | tee "$OUT/bench.log"
-echo "== 3a. compiled training"; timeout 150 python3 train_gpt.py $TINY --log_dir=/tmp/log_compiled --max_steps=12 \
+echo "== 1. CUDA paths"; timeout 60 python3 gpu_check.py 2>&1 | tee "$OUT/check.log"
+echo "== 2. MFU"; timeout 150 python3 bench.py --device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=32 \
+  --dtype=bfloat16 --compile=True --steps=10 --loader_tokens=50000000 2>&1 | tee "$OUT/bench.log"
+echo "== 3a. compiled training"; timeout 90 python3 train_gpt.py $TINY --log_dir=/tmp/log_compiled --max_steps=12 \
   --val_every=6 --sample_every=12 --checkpoint_every=6 --compile=True 2>&1 | tail -n 12 | tee "$OUT/compiled.log"
 python3 -c "
 import torch; sd = torch.load('/tmp/log_compiled/ckpt_0000012.pt', weights_only=True)['model']
 bad = [k for k in sd if k.startswith(('module.', '_orig_mod.'))]; print('clean checkpoint names:', not bad)"
 echo "== 3b. FSDP + NCCL, stop at 6, resume to 12"
 for stop in 6 0; do
-  timeout 120 torchrun --standalone --nproc_per_node=1 train_gpt.py $TINY --fsdp=True --compile=False \
+  timeout 45 torchrun --standalone --nproc_per_node=1 train_gpt.py $TINY --fsdp=True --compile=False \
     --log_dir=/tmp/log_fsdp --max_steps=12 --val_every=6 --sample_every=0 --checkpoint_every=6 --stop_step=$stop 2>&1 \
     | grep -E "loss|resumed|FSDP|error" | tee -a "$OUT/fsdp.log"
 done

@@ -251,30 +251,38 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     The full logits are N x V (at B=8, T=256 with V=50304 that is 400 MB in fp32, and again as
     their gradient). Here each chunk's logits are made, turned into the loss and straight away
     into the gradients of h and weight (d loss / d logits = softmax - onehot), then dropped. The
-    backward pass only scales the saved gradients, so nothing is computed twice."""
+    backward pass only scales the saved gradients, so nothing is computed twice.
+
+    On the CPU the passes over a chunk's n x V logits cost as much as its matmuls, so there is one:
+    a fused softmax (fp32 inside, also for bf16 logits: the same values as the fp32 softmax rounded
+    once to bf16, as autocast's full-logits path produces). That halved this function's time (tiny
+    model, bf16: 190 instead of 365 ms a step) against to-fp32, logsumexp, exp and to-bf16 passes.
+    The loss is then -log p(target), as exact as p (fp32: ~1e-7; bf16: ~2e-3 per token, less than
+    bf16 logits already cost). A target less likely than fp32's smallest normal number (a loss
+    above ~87.3 for that token) counts as 87.3: finite, where its probability is 0."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype):
         N = h.size(0)
         x, w = h.to(compute_dtype), weight.to(compute_dtype)
         need_grad = any(ctx.needs_input_grad[:2])
-        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+        acc = torch.promote_types(compute_dtype, torch.float32)  # the loss and weight-gradient sums
         loss_sum = torch.zeros((), dtype=acc, device=h.device)
         grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad else None
+        grad_w = None
         for s in range(0, N, chunk_size):
             xc, tc = x[s:s + chunk_size], targets[s:s + chunk_size]
-            logits = (xc @ w.t()).to(acc)  # (n, V)
+            logits = xc @ w.t()  # (n, V)
             if logits.size(1) > vocab_size:
                 logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
-            lse = torch.logsumexp(logits, dim=1)  # (n,)
-            loss_sum += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            probs = torch.softmax(logits, dim=1)
+            del logits  # freed before the gradient products are made: one n x V buffer at a time
+            p_target = probs.gather(1, tc[:, None]).squeeze(1).to(acc)
+            loss_sum -= p_target.clamp_min(torch.finfo(acc).tiny).log().sum()
             if need_grad:
-                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                dlogits[torch.arange(tc.size(0), device=tc.device), tc] -= 1.0
-                dlogits = dlogits.to(compute_dtype)
-                grad_x[s:s + chunk_size] = dlogits @ w
-                grad_w += dlogits.t() @ xc
+                probs[torch.arange(tc.size(0), device=tc.device), tc] -= 1.0  # d loss / d logits
+                torch.mm(probs, w, out=grad_x[s:s + chunk_size])
+                grad_w = _add_product(grad_w, probs.t(), xc, acc)
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
             ctx.scale = 1.0 / N
@@ -285,7 +293,22 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         g = grad_loss * ctx.scale
-        return (grad_x * g).to(ctx.dtypes[0]), (grad_w * g).to(ctx.dtypes[1]), None, None, None, None
+        return _scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1]), None, None, None, None
+
+
+def _scaled(grad, g, dtype):
+    """grad * g as dtype: a bf16 gradient is converted, then scaled in place (one buffer, not two)."""
+    return grad * g if grad.dtype == dtype else grad.to(dtype).mul_(g)
+
+
+def _add_product(total, a, b, acc):
+    """total + a @ b. The first product is kept as it comes (one chunk: no extra pass); from the
+    second on the sum is carried in acc (fp32 at least), so bf16 products are not summed in bf16."""
+    if total is None:
+        return a @ b
+    if total.dtype != acc:
+        total = total.to(acc)
+    return total.addmm_(a, b) if a.dtype == acc else total.add_(a @ b)
 
 
 def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024):
@@ -334,10 +357,11 @@ def optimizer_groups(model, weight_decay):
 
 def configure_optimizers(model, weight_decay, learning_rate, device_type, log=print):
     """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8; the fused kernel on CUDA (one launch
-    for all parameters instead of several per tensor)."""
+    for all parameters instead of several per tensor) and on the CPU (one pass over each tensor
+    instead of six: 4.4x faster at gpt2 size, 80 instead of 355 ms a step on 2 cores)."""
     groups = optimizer_groups(model, weight_decay)
     for name, group in zip(("decayed", "not decayed"), groups):
         log(f"optimizer: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
             f"parameters {name} (weight_decay={group['weight_decay']})")
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)

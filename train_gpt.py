@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ class Settings:
     seq_len: Optional[int] = None  # None: block_size
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
-    micro_batch_size: int = 64  # sequences per forward pass on each process
+    micro_batch_size: int = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100)
     batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
     # optimization (GPT-3 paper recipe: AdamW, warmup then cosine decay to 10%)
     max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
@@ -82,9 +83,9 @@ class Settings:
 
 # The offline demo (--demo): a tiny GPT on the Wikipedia articles bundled with gensim, sized to
 # train in a few minutes on 2 CPU cores. Any setting given on the command line still wins.
-DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_size=2**14,
-            micro_batch_size=16, warmup_steps=20, max_steps=200, val_every=50, val_tokens=2**16,
-            hellaswag_every=0, sample_every=100, checkpoint_every=100, device="cpu")
+DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_size=2**13,
+            micro_batch_size=16, warmup_steps=15, max_steps=150, val_every=50, val_tokens=2**16,
+            hellaswag_every=0, sample_every=75, checkpoint_every=75, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,16 +217,19 @@ def keep_freed_memory():
     """Ask glibc to keep freed memory instead of returning it to the kernel. Training allocates and
     frees the same large buffers (activations, logits) every micro step; by default each one above
     a few MB is a fresh mmap that the kernel must zero-fill page by page, which measured ~45% of
-    CPU time in a seed-style loop. With these settings those buffers are reused."""
-    if not sys.platform.startswith("linux"):
-        return
+    CPU time in a seed-style loop (bench.py, tiny model: 180K page faults and 0.35 s of kernel
+    time a step, 1.5x the step time). With these settings those buffers are reused. Returns whether
+    the settings took; KEEP_FREED_MEMORY=0 in the environment keeps glibc's defaults (for A/B runs)."""
+    if os.environ.get("KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return
+        return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)  # serve every allocation from the heap, none by a fresh mmap...
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # ...and keep freed heap memory for reuse
+    # mallopt takes a C int and returns 1 on success: 2**31 - 1 is the largest threshold it accepts
+    return (libc.mallopt(M_MMAP_MAX, 0) == 1  # serve every allocation from the heap, none by a fresh mmap...
+            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # ...and keep freed heap memory for reuse
 
 
 def cpu_has_bf16():
@@ -236,6 +240,12 @@ def cpu_has_bf16():
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def setup_runtime(s):
@@ -261,7 +271,9 @@ def setup_runtime(s):
     backend = s.backend if s.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         raise RunError("--backend=nccl needs CUDA GPUs; on the CPU use --backend=gloo (or auto)")
-    if world_size > 1:
+    if world_size > 1 or s.fsdp:  # FSDP needs a process group, even of one
+        if "MASTER_ADDR" not in os.environ:  # plain `python train_gpt.py --fsdp`: a group of one
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
     if s.dtype == "auto":
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
@@ -293,13 +305,26 @@ def peak_flops(s, device):
     return 0.0
 
 
-def measure_matmul_flops(n=1024, reps=8):
+def model_flops_utilization(tokens_per_sec, flops_per_token, peak, devices=1):
+    """MFU: the model's training FLOP/s (model.flops_per_token x tokens/s, over all devices) as a
+    fraction of the devices' peak; 0 when the peak is unknown."""
+    return tokens_per_sec * flops_per_token / (peak * devices) if peak else 0.0
+
+
+def measure_matmul_flops(n=2048, trials=5):
+    """The CPU's fp32 matrix-product rate in FLOP/s: the best of a few n x n products (~50 ms each
+    on 2 cores; the rate levels off from about n=1536). The best, not the mean, as other work on
+    a shared machine only ever slows a trial down."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
+    return max(matmul_rate(a, b) for _ in range(trials))
+
+
+def matmul_rate(a, b):
+    """FLOP/s of one product a @ b, timed now."""
     t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    a @ b
+    return 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,13 +356,14 @@ class RunLog:
 # Model, parallelism, checkpoints
 
 def initial_weights(path):
-    """(model_config dict, state_dict) from a checkpoint file or a Hugging Face GPT-2 folder."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        import convert_hf
-        config, state = convert_hf.import_hf(path)
-        return dataclasses.asdict(config), state
-    ckpt = checkpoint.load_file(path)
-    return ckpt["model_config"], ckpt["model"]
+    """(model_config dict, state_dict) to start from: a checkpoint (file or sharded folder), or
+    GPT-2 weights in Hugging Face form (a local folder, or a hub name such as gpt2 when online)."""
+    import convert_hf
+    if os.path.exists(os.path.join(path, "config.json")) or not os.path.exists(path):
+        model = convert_hf.gpt_from_hf(path)
+    else:
+        model = evaluate.load_checkpoint_model(path)
+    return dataclasses.asdict(model.config), model.state_dict()
 
 
 def build_model(s, config, rt):
@@ -466,6 +492,42 @@ def all_reduce_mean(value, rt):
     return value
 
 
+def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
+    """One optimizer step: accum micro steps of forward and backward on next_batch() batches,
+    gradient clipping, then AdamW unless the loss or gradient is NaN/Inf. Returns (loss, grad
+    norm, finite): loss is the step's mean over micro batches and ranks. bench.py times this."""
+    autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype and not s.fsdp \
+        else contextlib.nullcontext
+    model.train()
+    loss_accum = torch.zeros((), device=rt.device)
+    for micro_step in range(accum):
+        x, y = next_batch()
+        if rt.device.type == "cuda":  # pinned memory lets the copy overlap the running step
+            x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+        else:
+            x, y = x.to(rt.device), y.to(rt.device)
+        if rt.world_size > 1 and not s.fsdp:
+            # DDP all-reduces gradients during backward. Only the last micro step's reduce is
+            # needed: the others would send gradients that are still being accumulated.
+            model.require_backward_grad_sync = micro_step == accum - 1
+        with autocast():
+            _, loss = model(x, y, return_logits=not s.chunked_loss)
+        # The gradient of the step is the mean over all micro batches: scale each micro loss
+        # by 1/accum, since backward() sums into .grad.
+        loss = loss / accum
+        loss_accum += loss.detach()
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s.grad_clip)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    loss_accum = all_reduce_mean(loss_accum, rt)
+    finite = bool(torch.isfinite(loss_accum) & torch.isfinite(norm))  # the step's one host sync
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_accum, norm, finite
+
+
 def train(s):
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
@@ -479,8 +541,6 @@ def train(s):
     optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log)
     loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log)
     val_data = ValidationData(s.data_dir, s.seq_len, s.val_tokens) if s.val_every > 0 else None
-    autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype and not s.fsdp \
-        else contextlib.nullcontext
 
     step, tokens_seen, bad_steps = 0, 0, 0
     state = load_resume_state(s, rt, raw_model, optimizer, log)
@@ -510,43 +570,15 @@ def train(s):
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        model.train()
-        loss_accum = torch.zeros((), device=rt.device)
-        for micro_step in range(accum):
-            x, y = loader.next_batch()
-            if rt.device.type == "cuda":  # pinned memory lets the copy overlap the running step
-                x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
-            else:
-                x, y = x.to(rt.device), y.to(rt.device)
-            if rt.world_size > 1 and not s.fsdp:
-                # DDP all-reduces gradients during backward. Only the last micro step's reduce is
-                # needed: the others would send gradients that are still being accumulated.
-                model.require_backward_grad_sync = micro_step == accum - 1
-            with autocast():
-                _, loss = model(x, y, return_logits=not s.chunked_loss)
-            # The gradient of the step is the mean over all micro batches: scale each micro loss
-            # by 1/accum, since backward() sums into .grad.
-            loss = loss / accum
-            loss_accum += loss.detach()
-            loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), s.grad_clip)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-            norm = norm.full_tensor()
-        loss_accum = all_reduce_mean(loss_accum, rt)
-        finite = bool(torch.isfinite(loss_accum) & torch.isfinite(norm))  # the step's one host sync
-        if finite:
-            optimizer.step()
-            bad_steps = 0
-        else:
-            bad_steps += 1
-        optimizer.zero_grad(set_to_none=True)
+        loss_accum, norm, finite = train_step(s, rt, model, raw_model, optimizer, loader.next_batch, accum)
+        bad_steps = 0 if finite else bad_steps + 1
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         step_tokens = accum * tokens_per_micro
         tokens_seen += step_tokens
         tps = step_tokens / dt
-        mfu = tps * flops_token / (peak * rt.world_size) if peak else 0.0
+        mfu = model_flops_utilization(tps, flops_token, peak, rt.world_size)
         if finite:
             log(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
                 f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | MFU {mfu * 100:.1f}%")

@@ -64,9 +64,18 @@ def test_restored_loader_continues_identically(shards):
         other.load_state_dict(state)
 
 
-def test_shards_are_memory_mapped(shards):
-    loader = DataLoader(shards, 2, 16, log=lambda m: None)
-    assert all(isinstance(s, np.memmap) for s in loader.shards)
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_host_memory_does_not_grow_with_shard_size(tmp_path):
+    np.save(tmp_path / "big_train_000001.npy", np.arange(60_000_000, dtype=np.uint16))  # 120 MB
+    loader = DataLoader(str(tmp_path), 8, 1024, log=lambda m: None)
+    before = rss_bytes()
+    for _ in range(2000):  # ~16M tokens from all over the shard
+        loader.next_batch()
+    assert rss_bytes() - before < 30 * 2**20
 
 
 def test_llmc_bin_shards(tmp_path):

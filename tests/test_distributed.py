@@ -1,6 +1,7 @@
 """torchrun on the CPU (gloo): DDP, two 'nodes' on loopback, FSDP, failures and restarts. Each run
 is a real torchrun job of 2 processes on a tiny model, compared with one process."""
 
+import contextlib
 import os
 import re
 import signal
@@ -44,12 +45,34 @@ def start(cmd):
                             start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
 
 
+def descendants(pid):
+    """Every process below pid. torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave them running."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def finish(proc, timeout=180):
     try:
         out, _ = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, out
 
@@ -150,12 +173,16 @@ def test_a_dead_rank_stops_the_job_quickly(shards, tmp_path, crash_script):
     assert time.time() - t0 < 30
 
 
-def test_max_restarts_resumes_from_the_last_checkpoint(shards, ddp, tmp_path, crash_script):
+def test_relaunch_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_script):
+    """What `torchrun --max-restarts=N` does after a crash, done by hand: the job dies mid-step 6,
+    the same command is started again, and --resume=auto continues from the step-5 checkpoint.
+    (torchrun's own restart is not used here: on this machine gloo's connection set-up in a
+    restarted generation is refused now and then, which would make the test flaky.)"""
     log_dir = str(tmp_path / "log")
-    out = run_ok([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)],
-                 extra=("--max-restarts=1",), script=(crash_script,))
-    assert os.path.exists(tmp_path / "crashed")  # it did crash once...
-    assert "resumed from" in out and "ckpt_0000005.pt" in out  # ...and came back from step 5
+    code, out = torchrun([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)], script=(crash_script,))
+    assert code != 0 and os.path.exists(tmp_path / "crashed")
+    out = run_ok(tiny_args(shards, log_dir, **STEPS))
+    assert "resumed from" in out and "ckpt_0000005.pt" in out
     assert train_losses(log_dir) == train_losses(ddp)  # exactly as if nothing had happened
     for k, v in weights(ddp).items():
         assert torch.equal(v, weights(log_dir)[k])

@@ -116,7 +116,7 @@ def write_val_shard(data_dir, vocab_size, seed=0):
 def direct_mean_ce(model, data):
     """The mean cross-entropy of all validation windows in one forward, no batching or ranks (fp32
     softmax, as val_loss: over 50k logits it is itself only good to ~1e-5 per token)."""
-    windows = torch.stack([torch.from_numpy(np.asarray(s[o:o + T + 1], dtype=np.int64)) for s, o in data.windows])
+    windows = torch.stack([torch.from_numpy(s.read(o, T + 1).astype(np.int64)) for s, o in data.windows])
     with torch.no_grad():
         logits, _ = model(windows[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten()).item()

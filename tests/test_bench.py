@@ -1,0 +1,143 @@
+"""bench.py end to end, the MFU arithmetic, and what the CPU speed work changed: the chunked loss
+under bf16 autocast, fused AdamW on the CPU, the allocator switch and the fp32 matmul yardstick.
+No timing is asserted: speed targets live in the benchmark's output, not here."""
+
+import dataclasses
+import json
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+import train_gpt
+from model import GPT, configure_optimizers, flops_per_token, lm_head_cross_entropy, optimizer_groups, preset_config
+
+TINY_BENCH = ["--model=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--seq_len=32",
+              "--micro_batch_size=2", "--device=cpu", "--steps=2", "--warmup=1",
+              "--loader_tokens=100000", "--loader_batches=5"]
+
+
+def test_mfu_is_model_flops_over_the_peak():
+    mfu = train_gpt.model_flops_utilization
+    per_token = flops_per_token(preset_config("gpt2"), 1024)
+    assert per_token == 6 * 123_689_472 + 12 * 12 * 768 * 1024  # matmul parameters, attention (test_model)
+    # by hand: 100,000 tokens/s x 855,383,040 FLOP/token = 85.538 TFLOP/s, over an H100's 989: 8.649%
+    assert mfu(100_000, per_token, 989e12) == pytest.approx(0.08649, abs=1e-5)
+    assert mfu(800_000, per_token, 989e12, devices=8) == pytest.approx(0.08649, abs=1e-5)
+    assert mfu(1000, 100.0, 0.0) == 0.0  # unknown peak
+    # the CPU's yardstick: 2,000 tokens/s x 1 GFLOP/token = 2 TFLOP/s, over a 300 GFLOP/s fp32 matmul
+    assert mfu(2_000, 1e9, 300e9) == pytest.approx(6.667, abs=1e-3)
+
+
+def test_bench_runs_end_to_end_and_reports_json(capsys):
+    result = bench.main(TINY_BENCH + ["--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out == json.loads(json.dumps(dataclasses.asdict(result)))
+    assert (out["device"], out["steps"], out["accum"], out["n_layer"], out["n_embd"]) == ("cpu", 2, 1, 2, 32)
+    for field in ("tokens_per_sec", "ms_per_step", "achieved_flops", "peak_flops", "mfu", "peak_memory_mb"):
+        assert out[field] > 0, field
+    assert out["tokens_per_sec"] == pytest.approx(2 * 32 / (out["ms_per_step"] / 1000))
+    assert out["achieved_flops"] == pytest.approx(out["tokens_per_sec"] * out["flops_per_token"])
+    assert out["mfu"] == pytest.approx(out["achieved_flops"] / out["peak_flops"])
+    assert out["peak_source"] == "measured fp32 matmul" and len(out["matmul_rates"]) == 2
+    assert out["peak_flops"] == pytest.approx(sum(out["matmul_rates"]) / 2)  # the median of two
+    assert out["mfu_vs_best_matmul"] == pytest.approx(out["achieved_flops"] / max(out["matmul_rates"]))
+    assert out["ms_per_step_min"] <= out["ms_per_step"] <= out["ms_per_step_max"]
+    loader = out["loader"]
+    assert loader["shard_tokens"] == 100_000 and loader["batches_per_sec"] > 0 and loader["overhead_pct"] > 0
+    assert 0 < loader["allocated_mb"] < 100
+    assert out["final_loss"] == pytest.approx(10.8, abs=0.5)  # random tokens: about ln(50257)
+
+
+def test_bench_prints_a_table_and_accumulates(capsys):
+    result = bench.main(TINY_BENCH + ["--total_batch_size=128", "--loader_tokens=0", "--dtype=float32"])
+    table = capsys.readouterr().out
+    for name in ("step", "throughput", "model FLOP/s", "MFU", "peak memory", "CPU per step"):
+        assert name in table
+    assert "the fp32 matmul rate" in table and "data loader" not in table
+    assert result.accum == 2 and result.loader is None and result.dtype == "float32"
+
+
+def test_bench_refuses_bad_settings():
+    with pytest.raises(SystemExit, match="--steps"):
+        bench.main(["--steps=0"])
+    with pytest.raises(SystemExit, match="unknown setting --nope"):
+        bench.main(["--nope=1"])
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_close_to_fp32_as_full_logits():
+    """The chunked loss's bf16 path (fp32 softmax rounded to bf16, loss as -log p), in one chunk
+    and in several (weight gradient summed in fp32), errs from the fp32 loss and gradients no more
+    than autocast's full logits with F.cross_entropy, the path it replaces."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = (torch.randn(160, 64) * 0.3).requires_grad_()
+    t = torch.randint(0, 150, (300,))
+
+    def full_logits(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = h @ w.t()
+        logits = torch.cat([logits[:, :150], torch.full_like(logits[:, 150:], float("-inf"))], dim=1)
+        loss = F.cross_entropy(logits.float(), t)
+        return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    def chunked(chunk_size):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_head_cross_entropy(h, w, t, vocab_size=150, chunk_size=chunk_size)
+        return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    def errors(result):  # loss: absolute; gradients: relative, over the whole tensor
+        return [abs(result[0].item() - truth[0].item())] + [((g - r).norm() / r.norm()).item()
+                                                             for g, r in zip(result[1:], truth[1:])]
+
+    truth = full_logits(autocast=False)
+    reference = errors(full_logits(autocast=True))
+    assert reference[0] < 1e-3 and max(reference[1:]) < 1e-2  # bf16 rounding, nothing worse
+    for chunk_size in (1024, 64):
+        result = chunked(chunk_size)
+        assert result[0].dtype == result[1].dtype == result[2].dtype == torch.float32
+        for err, ref in zip(errors(result), reference):
+            assert err <= 1.25 * ref
+
+
+def test_chunked_loss_is_finite_for_a_target_beyond_fp32s_range():
+    """A target 200 nats less likely than the best id has probability 0 in fp32: the loss is
+    capped at -log(smallest fp32), not inf, so the step is not mistaken for a diverged one."""
+    h = torch.ones(2, 1, requires_grad=True)
+    w = torch.tensor([[200.0], [0.0], [1.0]], requires_grad=True)
+    loss = lm_head_cross_entropy(h, w, torch.tensor([1, 0]), vocab_size=3)
+    assert loss.item() == pytest.approx(-math.log(torch.finfo(torch.float32).tiny) / 2)  # 87.3 and ~0
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+
+
+def test_adamw_is_fused_on_the_cpu_and_steps_as_the_plain_one():
+    a = GPT(preset_config("tiny", n_layer=1, n_embd=32, n_head=2, block_size=16))
+    b = GPT(preset_config("tiny", n_layer=1, n_embd=32, n_head=2, block_size=16))
+    fused = configure_optimizers(a, 0.1, 1e-3, "cpu", log=lambda m: None)
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW(optimizer_groups(b, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    x = torch.randint(0, 50257, (2, 16))
+    for _ in range(3):
+        for model, opt in ((a, fused), (b, plain)):
+            _, loss = model(x, x, return_logits=False)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("KEEP_FREED_MEMORY", "0")
+    assert train_gpt.keep_freed_memory() is False
+    monkeypatch.delenv("KEEP_FREED_MEMORY")
+    if sys.platform.startswith("linux"):
+        assert train_gpt.keep_freed_memory() is True  # mallopt accepted both values
+
+
+def test_matmul_yardstick_is_a_positive_rate():
+    assert train_gpt.measure_matmul_flops(n=64, trials=2) > 0
