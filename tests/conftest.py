@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -51,3 +52,13 @@ def read_metrics(log_dir):
 def train_losses(log_dir):
     """The last logged train loss of each step (a resumed run may log a step twice)."""
     return {e["step"]: e["train_loss"] for e in read_metrics(log_dir) if "train_loss" in e and not e.get("skipped")}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: a second thread gains nothing, and on a busy 2-core machine
+    OpenMP threads wait on each other (seen: one test 3 s with 1 thread, 22 s with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

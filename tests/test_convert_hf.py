@@ -22,14 +22,7 @@ from model import GPT, GPTConfig  # noqa: E402
 TINY = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)  # vocab 50257, padded to 50304
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread gains nothing, and on a busy 2-core machine
-    OpenMP threads wait on each other (seen: one test 3 s with 1 thread, 22 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed_model(seed=0):

@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+from train_gpt import free_port
+
 import checkpoint
 from conftest import ROOT, tiny_args, train_losses
 
@@ -32,11 +34,6 @@ model.GPT.forward = forward
 train_gpt.main(sys.argv[2:])
 """
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd):

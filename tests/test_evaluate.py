@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from train_gpt import free_port
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -138,20 +140,8 @@ def reference_predictions(model, examples):
     return preds
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread gains nothing, and on a busy 2-core machine
-    OpenMP threads wait on each other (seen: one test 3 s with 1 thread, 22 s with 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
