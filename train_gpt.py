@@ -550,10 +550,10 @@ def train(s):
     loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log)
     val_data = ValidationData(s.data_dir, s.seq_len, s.val_tokens) if s.val_every > 0 else None
 
-    step, tokens_seen, bad_steps = 0, 0, 0
+    step, tokens_seen, bad_steps, last_val = 0, 0, 0, None
     state = load_resume_state(s, rt, raw_model, optimizer, log)
     if state is not None:
-        step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
+        step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], state["bad_steps"], state["val_loss"]
         loader.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"], rt.device)
         if step >= s.max_steps:
@@ -603,9 +603,10 @@ def train(s):
         step += 1
         last = step == end
         val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
+        last_val = last_val if val_loss is None else val_loss
         if step % s.checkpoint_every == 0 or last:
             save_checkpoint(s, rt, step, raw_model, optimizer, loader,
-                            dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=val_loss), log)
+                            dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
     return raw_model
 
 
