@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import checkpoint
 import evaluate
@@ -463,11 +462,11 @@ def load_resume_state(s, rt, raw_model, optimizer, log):
                 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
                 model_state, optim_state = get_state_dict(raw_model, optimizer)
                 state = checkpoint.load_sharded(path, model_state, optim_state)
-                check_compatible(state, raw_model.config, log)
+                check_compatible(state, raw_model.config)
                 set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
             else:
                 state = checkpoint.load_file(path)
-                check_compatible(state, raw_model.config, log)
+                check_compatible(state, raw_model.config)
                 raw_model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
         except checkpoint.CorruptCheckpoint as e:
@@ -480,7 +479,7 @@ def load_resume_state(s, rt, raw_model, optimizer, log):
     return None
 
 
-def check_compatible(state, config, log):
+def check_compatible(state, config):
     """A checkpoint of another model or data must not be loaded into this run."""
     saved = state["model_config"]
     for name, value in dataclasses.asdict(config).items():
@@ -587,15 +586,16 @@ def train(s):
         tokens_seen += step_tokens
         tps = step_tokens / dt
         mfu = model_flops_utilization(tps, flops_token, peak, rt.world_size)
+        loss_value, norm_value = loss_accum.item(), norm.item()  # one copy to the host each
         if finite:
-            log(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+            log(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
                 f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)}")
-            log.metrics(step=step, train_loss=loss_accum.item(), lr=lr, grad_norm=norm.item(),
+            log.metrics(step=step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
                         tokens_per_sec=tps, ms=dt * 1000, mfu=mfu, tokens=tokens_seen)
         else:
-            log(f"step {step:5d} | skipped: loss {loss_accum.item()} grad norm {norm.item()} is not finite "
+            log(f"step {step:5d} | skipped: loss {loss_value} grad norm {norm_value} is not finite "
                 f"({bad_steps} in a row; stopping at {s.max_bad_steps})")
-            log.metrics(step=step, skipped=True, train_loss=str(loss_accum.item()), grad_norm=str(norm.item()))
+            log.metrics(step=step, skipped=True, train_loss=str(loss_value), grad_norm=str(norm_value))
             if bad_steps >= s.max_bad_steps:
                 raise RunError(
                     f"{bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. The newest checkpoint "

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_shards
 from dataloader import BIN_MAGIC, DataLoader, ValidationData
 
 

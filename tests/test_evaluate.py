@@ -6,7 +6,6 @@ import functools
 import http.server
 import json
 import os
-import socket
 import sys
 import threading
 import time
