@@ -21,6 +21,7 @@ their median, as for the steps), so the CPU's MFU is a ratio to the fp32 matmul 
 can take above 1. The ratio to the fastest of those products is reported too.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,7 @@ class BenchOptions:
     loader_tokens: int = 200_000_000  # tokens in the synthetic shard the loader reads; 0: skip the loader
     loader_batches: int = 500  # batches the loader is timed over
     json: bool = False  # print one JSON object instead of the table
+    attention: str = "default"  # SDPA kernel for the whole run: default (torch's choice), flash, cudnn, efficient, math
 
 
 @dataclass
@@ -75,6 +77,7 @@ class BenchResult:
     dtype: str
     compile: bool
     chunked_loss: bool
+    attention: str  # the SDPA kernel asked for; "default": torch's choice
     threads: int
     keep_freed_memory: bool  # CPU: glibc keeps freed memory (train_gpt.keep_freed_memory)
     steps: int
@@ -117,7 +120,23 @@ def parse_args(argv):
     opts = BenchOptions(**own)
     if opts.steps <= 0 or opts.warmup < 0 or opts.loader_tokens < 0 or opts.loader_batches <= 0:
         raise ValueError("--steps and --loader_batches must be positive, --warmup and --loader_tokens >= 0")
+    if opts.attention not in ATTENTION_KERNELS:
+        raise ValueError(f"--attention={opts.attention!r}; choose one of: {', '.join(ATTENTION_KERNELS)}")
     return train_gpt.parse_settings(rest), opts
+
+
+ATTENTION_KERNELS = {"default": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                     "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def attention_kernel(name):
+    """A context that makes scaled_dot_product_attention use only the named kernel (it raises if
+    that kernel cannot run), or a no-op for torch's own choice. Compilation happens inside it, so
+    a compiled model is traced with that kernel too."""
+    if ATTENTION_KERNELS[name] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, ATTENTION_KERNELS[name]))
 
 
 def resolve(s):
@@ -227,10 +246,13 @@ def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
 
 def bench(s, opts):
     rt = train_gpt.setup_runtime(s)
+    if opts.attention in ("cudnn", "efficient") and rt.device.type != "cuda":
+        raise ValueError(f"--attention={opts.attention} is a CUDA kernel; on {rt.device.type} use default, flash or math")
     config, accum = resolve(s)
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
-    raw_model, warmup_s, timers, loss, samples = bench_steps(
-        s, opts, rt, config, accum, sample_yardstick=matmul_sampler() if measured else None)
+    with attention_kernel(opts.attention):
+        raw_model, warmup_s, timers, loss, samples = bench_steps(
+            s, opts, rt, config, accum, sample_yardstick=matmul_sampler() if measured else None)
     peak = statistics.median(samples) if measured else train_gpt.peak_flops(s, rt.device)
     source = ("setting" if s.peak_flops else "measured fp32 matmul" if measured else
               "datasheet" if peak else "unknown")
@@ -245,7 +267,7 @@ def bench(s, opts):
         device=str(torch.cuda.get_device_name(rt.device) if cuda else rt.device), model=s.model,
         params=num_params(raw_model), n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
         micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, accum=accum, dtype=s.dtype,
-        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), threads=torch.get_num_threads(),
+        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), attention=opts.attention, threads=torch.get_num_threads(),
         keep_freed_memory=rt.device.type == "cpu" and train_gpt.keep_freed_memory(),  # idempotent: did it take?
         steps=opts.steps, warmup_s=warmup_s, ms_per_step=step_s * 1000,
         ms_per_step_min=min(seconds) * 1000, ms_per_step_max=max(seconds) * 1000,
@@ -323,6 +345,7 @@ def table(r):
         ("config", f"{r.model}: {r.n_layer} layers, {r.n_head} heads, {r.n_embd} wide, {r.params:,} parameters; "
                    f"batch {r.micro_batch_size} x {r.seq_len}" + (f" x {r.accum} accumulation" if r.accum > 1 else "")),
         ("runtime", f"{r.device}, {r.dtype}, chunked loss {r.chunked_loss}, compile {r.compile}, "
+                    f"attention {r.attention}, "
                     f"{r.threads} threads" + (f", keep freed memory {r.keep_freed_memory}" if cpu else "")),
         ("step", f"{r.ms_per_step:,.1f} ms median of {r.steps} (min {r.ms_per_step_min:,.1f}, "
                  f"max {r.ms_per_step_max:,.1f}); warm-up {r.warmup_s:.1f} s"),

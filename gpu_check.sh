@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should confirm, in one call of about five minutes:
+# Everything a lent GPU should confirm, in one call of about seven minutes:
 #   1. gpu_check.py: bf16 autocast, chunked loss, flash attention, fused AdamW, NCCL with one rank
-#   2. bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory
+#   2. bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory; per micro batch, per
+#      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
 #   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names), and FSDP over NCCL with
 #      bf16 parameters, a sharded checkpoint and an exact resume.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
@@ -16,8 +17,13 @@ python3 -c "import sys; sys.path.insert(0, 'tests'); from conftest import write_
 TINY="--model=tiny --data_dir=/tmp/shards --micro_batch_size=16 --total_batch_size=8192 --warmup_steps=2 --val_tokens=16384 --hellaswag_every=0"
 
 echo "== 1. CUDA paths"; timeout 60 python3 gpu_check.py 2>&1 | tee "$OUT/check.log"
-echo "== 2. MFU"; timeout 150 python3 bench.py --device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=32 \
-  --dtype=bfloat16 --compile=True --steps=10 --loader_tokens=50000000 2>&1 | tee "$OUT/bench.log"
+GPT2="--device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=32 --dtype=bfloat16 --compile=True --warmup=2"
+echo "== 2a. MFU, one micro batch a step"; timeout 150 python3 bench.py $GPT2 --steps=10 \
+  --loader_tokens=50000000 2>&1 | tee "$OUT/bench.log"
+echo "== 2b. MFU, the recipe's 2**19-token step (16 micro batches, one optimizer step)"
+timeout 120 python3 bench.py $GPT2 --total_batch_size=524288 --steps=4 --loader_tokens=0 2>&1 | tee -a "$OUT/bench.log"
+echo "== 2c. MFU, cuDNN attention"; timeout 150 python3 bench.py $GPT2 --steps=10 --attention=cudnn \
+  --loader_tokens=0 2>&1 | tee -a "$OUT/bench.log"
 echo "== 3a. compiled training"; timeout 90 python3 train_gpt.py $TINY --log_dir=/tmp/log_compiled --max_steps=12 \
   --val_every=6 --sample_every=12 --checkpoint_every=6 --compile=True 2>&1 | tail -n 12 | tee "$OUT/compiled.log"
 python3 -c "

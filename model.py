@@ -180,13 +180,15 @@ class GPT(nn.Module):
                 full[self.config.vocab_size:] = 0.0  # dead rows of the padded vocabulary: inert
             _copy_whole_into(param, full)
 
-    def hidden_states(self, idx):
-        """(B, T) token ids -> (B, T, C) final-LayerNorm activations."""
+    def hidden_states(self, idx, sparse_embedding_grad=False):
+        """(B, T) token ids -> (B, T, C) final-LayerNorm activations. sparse_embedding_grad: see
+        forward; only for a graph whose loss also goes through the lm_head."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_embedding_grad)
+        x = tok_emb + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
@@ -203,7 +205,15 @@ class GPT(nn.Module):
         """Returns (logits, loss). loss is the mean cross-entropy over all targets, or None.
         With return_logits=False (training) the loss is computed in row chunks and the full
         (B, T, vocab) logits are never materialized: see lm_head_cross_entropy."""
-        h = self.hidden_states(idx)
+        # The token embedding is the lm_head's weight, so its gradient is the sum of the two
+        # uses'. On the CPU the embedding's dense backward zeroes a whole (V, C) fp32 table (155 MB
+        # at gpt2 size) to scatter B*T rows into, and autograd then adds that table to the
+        # lm_head's gradient. A sparse gradient holds just the B*T rows; autograd adds it to the
+        # lm_head's dense one (a copy of the table plus those rows), and the sum is dense, as AdamW
+        # needs: 40-75 -> 33 ms a step at gpt2 size, 2 cores. Not compiled (no sparse tensors there)
+        # nor on GPUs, where the dense table costs microseconds.
+        sparse = targets is not None and idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        h = self.hidden_states(idx, sparse_embedding_grad=sparse)
         if targets is None:
             return self.logits(h), None
         if return_logits:

@@ -141,3 +141,15 @@ def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
 
 def test_matmul_yardstick_is_a_positive_rate():
     assert train_gpt.measure_matmul_flops(n=64, trials=2) > 0
+
+
+def test_bench_attention_kernel_is_applied_and_checked(capsys):
+    fp32 = TINY_BENCH + ["--loader_tokens=0", "--dtype=float32", "--json"]
+    default = bench.main(fp32)
+    math_kernel = bench.main(fp32 + ["--attention=math"])
+    assert math_kernel.attention == "math"
+    assert math_kernel.final_loss == pytest.approx(default.final_loss, abs=1e-4)
+    with pytest.raises(SystemExit, match="CUDA kernel"):
+        bench.main(fp32 + ["--attention=cudnn"])
+    with pytest.raises(SystemExit, match="choose one of"):
+        bench.main(fp32 + ["--attention=fast"])

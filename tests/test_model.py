@@ -115,6 +115,27 @@ def test_chunked_loss_through_the_model_matches_full_logits():
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
+def test_sparse_embedding_gradient_equals_the_dense_one():
+    # On the CPU forward() gives the token embedding a sparse gradient, which autograd adds to the
+    # lm_head's dense one (the same tied tensor): the sum must equal the all-dense gradient.
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    h = model.hidden_states(x, sparse_embedding_grad=False)
+    ref = F.cross_entropy(model.logits(h).flatten(0, 1), y.flatten())
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    for return_logits in (True, False):
+        _, loss = model(x, y, return_logits=return_logits)
+        loss.backward()
+        wte_grad = model.transformer.wte.weight.grad
+        assert wte_grad.layout == torch.strided  # dense, as fused AdamW needs
+        for p, r in zip(model.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, r, atol=1e-6, rtol=1e-4)
+        model.zero_grad(set_to_none=True)
+
+
 def test_flops_per_token_matches_a_hand_count():
     c = preset_config("gpt2")
     # per block: qkv 768x2304, attention out 768x768, MLP 768x3072 and 3072x768 (+ biases, LNs);

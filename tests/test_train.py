@@ -6,7 +6,8 @@ import torch
 
 import train_gpt
 from conftest import read_metrics, tiny_args, train_losses
-from train_gpt import Settings, accum_steps_at, lr_at, parse_settings
+from model import GPT, GPTConfig
+from train_gpt import Settings, accum_steps_at, clip_gradients, lr_at, parse_settings
 
 
 def run(args):
@@ -19,6 +20,42 @@ def fail(args, match):
     assert e.value.code != 0
     assert any(m in str(e.value.code) for m in match.split("|")), e.value.code
     return str(e.value.code)
+
+
+def _model_with_grads(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 50257, (2, 16))
+    model(x, x)[1].mul(50.0).backward()  # a gradient with norm far above 1
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clip_gradients_matches_torch_clip_then_adamw(fused):
+    ref = _model_with_grads()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=fused)
+    ref_opt.step()
+
+    model = _model_with_grads()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    norm = clip_gradients(list(model.parameters()), opt, 1.0)
+    opt.step()
+    assert ref_norm.item() > 10
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
+        # AdamW's update hardly changes when the whole gradient is scaled; its moments do
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], rtol=1e-5, atol=1e-9)
+
+
+def test_clip_gradients_zero_means_never():
+    model = _model_with_grads()
+    before = [p.grad.clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    norm = clip_gradients(list(model.parameters()), opt, 0.0)
+    assert norm.item() > 10 and getattr(opt, "grad_scale", None) is None
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
 
 
 def test_lr_schedule():
