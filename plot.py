@@ -3,7 +3,8 @@
     python plot.py log/metrics.jsonl                                  # -> loss.png
     python plot.py runA/metrics.jsonl runB/metrics.jsonl --labels A B -o compare.png
 
-Left: train loss (thin) and validation loss (markers) vs step; right: HellaSwag acc_norm vs step.
+Left: train loss (thin) and validation loss (markers) vs step; right: HellaSwag acc_norm vs step
+(only when some run has HellaSwag results).
 Dashed lines are the references for a 124M model: GPT-2's validation loss on FineWeb-EDU's val
 shard (3.2924) and HellaSwag acc_norm (0.2945), and GPT-3 124M's HellaSwag (0.337).
 """
@@ -86,24 +87,29 @@ def plot_metrics(paths, out_png, labels=None):
         if not (run.train or run.val or run.hellaswag):
             warnings.warn(f"{path}: no train_loss, val_loss or hellaswag_acc_norm events to plot")
 
-    fig = Figure(figsize=(14, 5))
+    with_hellaswag = any(run.hellaswag for run in runs)  # else one panel: no empty HellaSwag axes
+    fig = Figure(figsize=(14 if with_hellaswag else 7, 5))
     FigureCanvasAgg(fig)
-    loss_ax, hs_ax = fig.subplots(1, 2)
+    axes = fig.subplots(1, 2) if with_hellaswag else [fig.subplots(1, 1)]
+    loss_ax = axes[0]
     for i, run in enumerate(runs):
         color = f"C{i}"
         loss_ax.plot(*run.points("train"), color=color, alpha=0.5, linewidth=0.8, label=f"{run.label} train")
         loss_ax.plot(*run.points("val"), color=color, marker="o", markersize=3, label=f"{run.label} val")
-        hs_ax.plot(*run.points("hellaswag"), color=color, marker="o", markersize=3, label=run.label)
     loss_ax.axhline(GPT2_124M_VAL_LOSS, color="red", linestyle="--", label=f"GPT-2 124M val ({GPT2_124M_VAL_LOSS})")
-    hs_ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
-    hs_ax.axhline(GPT3_124M_HELLASWAG, color="green", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
+    if with_hellaswag:
+        hs_ax = axes[1]
+        for i, run in enumerate(runs):
+            hs_ax.plot(*run.points("hellaswag"), color=f"C{i}", marker="o", markersize=3, label=run.label)
+        hs_ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
+        hs_ax.axhline(GPT3_124M_HELLASWAG, color="green", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
+        hs_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
     losses = [v for run in runs for v in list(run.train.values()) + list(run.val.values())]
     if losses:  # once below 5.5, cut the first steps' loss (~11) that would squash the rest
         top = 6.0 if min(losses) < 5.5 else max(losses)
         loss_ax.set_ylim(min(min(losses), GPT2_124M_VAL_LOSS) - 0.1, top + 0.1)
     loss_ax.set(xlabel="step", ylabel="loss", title="Loss")
-    hs_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-    for ax in (loss_ax, hs_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -51,6 +51,23 @@ def test_plot_two_runs_writes_a_png(tmp_path):
     assert_png(out)
 
 
+def png_width(path):
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(24)[16:20], "big")  # the IHDR chunk's width
+
+
+def test_hellaswag_panel_only_when_there_are_results(tmp_path):
+    with_hs = write_run(tmp_path / "a" / "metrics.jsonl", bad_line=False)
+    lines = [l for l in open(with_hs) if "hellaswag" not in l]
+    without = tmp_path / "b" / "metrics.jsonl"
+    os.makedirs(without.parent)
+    without.write_text("".join(lines))
+    two = plot.plot_metrics([with_hs], str(tmp_path / "two.png"))
+    one = plot.plot_metrics([str(without)], str(tmp_path / "one.png"))
+    assert_png(one)
+    assert png_width(two) == 1400 and png_width(one) == 700  # 14 and 7 inches at 100 dpi
+
+
 def test_read_metrics_keeps_the_curves_and_skips_bad_lines_with_a_warning(tmp_path):
     path = write_run(tmp_path / "run" / "metrics.jsonl")
     with open(path, "a") as f:
