@@ -247,6 +247,29 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def init_process_group(backend, device_id):
+    """init_process_group from torchrun's environment (env://). torchrun keeps one store across
+    --max-restarts, so a restarted process can read the address a peer of the crashed generation
+    left there (torch issue 135712; seen here: gloo's connectFullMesh refused, or a hang, in 2
+    restarts of 5). With one torchrun agent (one node) its restart count numbers the generations,
+    and each generation's keys go under a prefix of their own. Across nodes the agents' counts can
+    differ, so there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per restart) is the fix:
+    see restart_advice."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    if os.environ.get("GROUP_WORLD_SIZE") == "1":
+        store = dist.PrefixStore(f"train_gpt/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
+
+
+def restart_advice(env=os.environ):
+    """A line of advice for a multi-node torchrun job with --max-restarts and the shared store."""
+    if (int(env.get("GROUP_WORLD_SIZE", 1)) > 1 and int(env.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+            and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        return ("torchrun restarts across nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node "
+                "before torchrun, or a restarted job can read the crashed one's addresses and fail to connect")
+    return None
+
+
 def setup_runtime(s):
     """Read torchrun's environment, pick the device, start the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -273,7 +296,7 @@ def setup_runtime(s):
     if world_size > 1 or s.fsdp:  # FSDP needs a process group, even of one
         if "MASTER_ADDR" not in os.environ:  # plain `python train_gpt.py --fsdp`: a group of one
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        init_process_group(backend, device if device_type == "cuda" else None)
     if s.dtype == "auto":
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
     if s.dtype not in ("float32", "bfloat16"):
@@ -564,6 +587,8 @@ def train(s):
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
     log = RunLog(s.log_dir, rt.is_main)
+    if restart_advice():
+        log(f"note: {restart_advice()}")
     if s.demo:
         prepare_demo_data(s, rt, log)
     tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size

@@ -35,10 +35,11 @@ train_gpt.main(sys.argv[2:])
 
 
 
-def start(cmd):
+def start(cmd, env=None):
     # A session of its own: on timeout or failure the whole process tree is killed, ports freed.
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+                            start_new_session=True,
+                            env=dict(env or os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
 
 
 def descendants(pid):
@@ -169,16 +170,55 @@ def test_a_dead_rank_stops_the_job_quickly(shards, tmp_path, crash_script):
     assert time.time() - t0 < 30
 
 
-def test_relaunch_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_script):
-    """What `torchrun --max-restarts=N` does after a crash, done by hand: the job dies mid-step 6,
-    the same command is started again, and --resume=auto continues from the step-5 checkpoint.
-    (torchrun's own restart is not used here: on this machine gloo's connection set-up in a
-    restarted generation is refused now and then, which would make the test flaky.)"""
-    log_dir = str(tmp_path / "log")
-    code, out = torchrun([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)], script=(crash_script,))
-    assert code != 0 and os.path.exists(tmp_path / "crashed")
-    out = run_ok(tiny_args(shards, log_dir, **STEPS))
+def assert_resumed_exactly(out, log_dir, ddp):
     assert "resumed from" in out and "ckpt_0000005.pt" in out
     assert train_losses(log_dir) == train_losses(ddp)  # exactly as if nothing had happened
     for k, v in weights(ddp).items():
         assert torch.equal(v, weights(log_dir)[k])
+
+
+def test_torchrun_restart_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_script):
+    """torchrun --max-restarts=1: rank 1 dies mid-step 6, torchrun starts both ranks again, they
+    meet in a fresh store prefix (train_gpt.init_process_group) and resume from step 5."""
+    log_dir = str(tmp_path / "log")
+    out = run_ok([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)], script=(crash_script,),
+                 extra=("--max-restarts=1",))
+    assert os.path.exists(tmp_path / "crashed")  # it did crash once
+    assert_resumed_exactly(out, log_dir, ddp)
+
+
+def test_two_node_restart_with_a_fresh_store(shards, ddp, tmp_path, crash_script):
+    """Across nodes the agents' restart counts can differ, so a store prefix cannot name the
+    generation; with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's advice, printed by rank 0
+    otherwise) each restart gets a fresh store."""
+    port, log_dir = free_port(), str(tmp_path / "log")
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    procs = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=restart", "--max-restarts=1", crash_script, str(tmp_path / "crashed"),
+                    *tiny_args(shards, log_dir, **STEPS)], env=env) for node in (0, 1)]
+    results = [finish(p) for p in procs]
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    assert os.path.exists(tmp_path / "crashed")
+    assert_resumed_exactly(results[0][1], log_dir, ddp)
+
+
+def test_restart_advice_only_for_multi_node_restarts_on_a_shared_store():
+    from train_gpt import restart_advice
+    multi = dict(GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_USE_AGENT_STORE="True")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_advice(multi)
+    assert restart_advice(dict(multi, GROUP_WORLD_SIZE="1")) is None  # one node: the prefix handles it
+    assert restart_advice(dict(multi, TORCHELASTIC_MAX_RESTARTS="0")) is None
+    assert restart_advice(dict(multi, TORCHELASTIC_USE_AGENT_STORE="False")) is None  # a fresh store already
+    assert restart_advice({}) is None  # not under torchrun
+
+
+def test_relaunch_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_script):
+    """A crashed job started again by hand (or by a scheduler): --resume=auto continues from
+    the step-5 checkpoint."""
+    log_dir = str(tmp_path / "log")
+    code, out = torchrun([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)], script=(crash_script,))
+    assert code != 0 and os.path.exists(tmp_path / "crashed")
+    out = run_ok(tiny_args(shards, log_dir, **STEPS))
+    assert_resumed_exactly(out, log_dir, ddp)
