@@ -540,12 +540,12 @@ def clip_gradients(params, optimizer, max_norm):
         norm = torch.stack([torch.dot(g.view(-1), g.view(-1)) for g in grads]).sum().sqrt()
     else:
         norm = torch.nn.utils.get_total_norm(grads)
-    if max_norm > 0:
-        scale = (norm / max_norm).clamp_min(1.0)  # > 1: divide the gradient by it
-        if optimizer.defaults.get("fused"):
-            optimizer.grad_scale = scale
-        else:
-            torch._foreach_div_(grads, scale)
+    if max_norm <= 0:
+        return norm
+    if optimizer.defaults.get("fused"):
+        optimizer.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
 
@@ -587,8 +587,9 @@ def train(s):
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
     log = RunLog(s.log_dir, rt.is_main)
-    if restart_advice():
-        log(f"note: {restart_advice()}")
+    advice = restart_advice()
+    if advice:
+        log(f"note: {advice}")
     if s.demo:
         prepare_demo_data(s, rt, log)
     tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
