@@ -6,6 +6,7 @@ depend on the machine and on whatever else runs on it.
     python bench.py --model=gpt2 --seq_len=256 --micro_batch_size=2        # CPU, GPT-2 124M
     python bench.py --device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=16 --dtype=bfloat16 --compile=True
     python bench.py ... --json                                             # one JSON object
+    python bench.py ... --attention=cudnn                                  # one SDPA kernel: flash, cudnn, efficient, math
 
 The step is train_gpt.train_step, the one train_gpt.py runs (forward under autocast, backward,
 gradient clipping, AdamW, zero_grad), fed random tokens. Every train_gpt.py setting is accepted
