@@ -537,7 +537,7 @@ def clip_gradients(params, optimizer, max_norm):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     if grads and grads[0].device.type == "cpu":
-        norm = torch.stack([torch.dot(g.view(-1), g.view(-1)) for g in grads]).sum().sqrt()
+        norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     else:
         norm = torch.nn.utils.get_total_norm(grads)
     if max_norm <= 0:
