@@ -143,7 +143,7 @@ def test_matmul_yardstick_is_a_positive_rate():
     assert train_gpt.measure_matmul_flops(n=64, trials=2) > 0
 
 
-def test_bench_attention_kernel_is_applied_and_checked(capsys):
+def test_bench_attention_kernel_is_recorded_and_checked(capsys):
     fp32 = TINY_BENCH + ["--loader_tokens=0", "--dtype=float32", "--json"]
     default = bench.main(fp32)
     math_kernel = bench.main(fp32 + ["--attention=math"])

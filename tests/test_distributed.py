@@ -131,16 +131,23 @@ def test_ddp_equals_one_process(single, ddp):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in wb)
 
 
-def test_two_nodes_on_loopback_equal_one_process(shards, single, tmp_path):
+def two_node_job(args, extra=(), script=("train_gpt.py",), env=None):
+    """Two torchrun agents of one process each, meeting over c10d on 127.0.0.1: two "nodes".
+    Asserts both succeed; returns their outputs."""
     port = free_port()
-    log_dir = str(tmp_path)
     procs = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                     f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                    "--rdzv-id=test", "train_gpt.py", *tiny_args(shards, log_dir, **STEPS)])
+                    "--rdzv-id=test", *extra, *script, *args], env=env)
              for node in (0, 1)]
     results = [finish(p) for p in procs]
     for code, out in results:
         assert code == 0, out[-3000:]
+    return [out for _, out in results]
+
+
+def test_two_nodes_on_loopback_equal_one_process(shards, single, tmp_path):
+    log_dir = str(tmp_path)
+    two_node_job(tiny_args(shards, log_dir, **STEPS))
     assert_close_runs(single, log_dir)
 
 
@@ -191,17 +198,12 @@ def test_two_node_restart_with_a_fresh_store(shards, ddp, tmp_path, crash_script
     """Across nodes the agents' restart counts can differ, so a store prefix cannot name the
     generation; with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's advice, printed by rank 0
     otherwise) each restart gets a fresh store."""
-    port, log_dir = free_port(), str(tmp_path / "log")
-    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    procs = [start([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                    f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                    "--rdzv-id=restart", "--max-restarts=1", crash_script, str(tmp_path / "crashed"),
-                    *tiny_args(shards, log_dir, **STEPS)], env=env) for node in (0, 1)]
-    results = [finish(p) for p in procs]
-    for code, out in results:
-        assert code == 0, out[-3000:]
+    log_dir = str(tmp_path / "log")
+    outs = two_node_job([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)],
+                        extra=("--max-restarts=1",), script=(crash_script,),
+                        env=dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     assert os.path.exists(tmp_path / "crashed")
-    assert_resumed_exactly(results[0][1], log_dir, ddp)
+    assert_resumed_exactly(outs[0], log_dir, ddp)
 
 
 def test_restart_advice_only_for_multi_node_restarts_on_a_shared_store():
