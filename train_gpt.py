@@ -10,6 +10,7 @@ Every setting below can be given as --name=value.
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -724,6 +725,10 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
+            # FSDP's modules hold the process group through reference cycles: collected first,
+            # the group is destroyed here, not at interpreter exit, where a gloo thread releasing
+            # tensors can abort the process (seen in a test worker).
+            gc.collect()
             dist.destroy_process_group()
     if s.demo and int(os.environ.get("RANK", 0)) == 0:
         finish_demo(s)

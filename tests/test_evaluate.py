@@ -3,6 +3,7 @@ The distributed checks run 2 real gloo processes (DDP-style and FSDP2-sharded)."
 
 import dataclasses
 import functools
+import gc
 import http.server
 import json
 import os
@@ -384,41 +385,51 @@ def distributed_worker(rank, tmp, port):
     torch.set_num_threads(1)  # two workers on two cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        model = GPT(GPTConfig(**TINY))
-        model.load_state_dict(torch.load(os.path.join(tmp, "model.pt"), weights_only=True))
-        data = ValidationData(os.path.join(tmp, "data"), T, T * N_WINDOWS)
-        examples = evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "hs"), download=False)
-        results = dict(val=evaluate.val_loss(model, data, 2, rank, 2),
-                       hellaswag=evaluate.hellaswag(model, examples[:5], rank, 2, batch_size=2))
-        mesh = init_device_mesh("cpu", (2,))
-        for block in model.transformer.h:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        results.update(
-            fsdp_val=evaluate.val_loss(model, data, 3, rank, 2),
-            fsdp_hellaswag=evaluate.hellaswag(model, examples[:5], rank, 2, batch_size=2),
-            fsdp_samples=evaluate.sample_text(model, gpt2_tokenizer(), max_new_tokens=6, num_samples=2))
-        # a sharded checkpoint as train_gpt.py writes it, and the full weights it should hold
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        model_state, optim_state = get_state_dict(model, optimizer)
-        checkpoint.save_sharded({"model": model_state, "optimizer": optim_state, "step": 7,
-                                 "model_config": dataclasses.asdict(model.config)},
-                                os.path.join(tmp, "ckpt_0000007"), rank)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            torch.save(full, os.path.join(tmp, "fsdp_full.pt"))
-        evaluate.HELLASWAG_URL = f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl"  # nothing listens
-        try:
-            evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "empty"))
-        except RuntimeError as e:
-            results["download_error"] = str(e)
-        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+        distributed_checks(rank, tmp)
     finally:
+        # The FSDP model, its mesh and the optimizer hold the process group. Freed here (their
+        # hooks form reference cycles, hence the collection), the group is really destroyed now;
+        # left to interpreter exit, a gloo thread releasing tensors then aborted the process
+        # (seen in about 1 run of 10).
+        gc.collect()
         dist.destroy_process_group()
+
+
+def distributed_checks(rank, tmp):
+    """Evaluation on two ranks: plain, then FSDP-sharded; results to tmp/rank{rank}.json."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = GPT(GPTConfig(**TINY))
+    model.load_state_dict(torch.load(os.path.join(tmp, "model.pt"), weights_only=True))
+    data = ValidationData(os.path.join(tmp, "data"), T, T * N_WINDOWS)
+    examples = evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "hs"), download=False)
+    results = dict(val=evaluate.val_loss(model, data, 2, rank, 2),
+                   hellaswag=evaluate.hellaswag(model, examples[:5], rank, 2, batch_size=2))
+    mesh = init_device_mesh("cpu", (2,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    results.update(
+        fsdp_val=evaluate.val_loss(model, data, 3, rank, 2),
+        fsdp_hellaswag=evaluate.hellaswag(model, examples[:5], rank, 2, batch_size=2),
+        fsdp_samples=evaluate.sample_text(model, gpt2_tokenizer(), max_new_tokens=6, num_samples=2))
+    # a sharded checkpoint as train_gpt.py writes it, and the full weights it should hold
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    checkpoint.save_sharded({"model": model_state, "optimizer": optim_state, "step": 7,
+                             "model_config": dataclasses.asdict(model.config)},
+                            os.path.join(tmp, "ckpt_0000007"), rank)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(full, os.path.join(tmp, "fsdp_full.pt"))
+    evaluate.HELLASWAG_URL = f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl"  # nothing listens
+    try:
+        evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "empty"))
+    except RuntimeError as e:
+        results["download_error"] = str(e)
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
 
 
 @pytest.fixture(scope="module")
