@@ -6,17 +6,21 @@ Reads two shard formats from a folder:
 - `*_train_*.bin` / `*_val_*.bin`: llm.c / modded-nanogpt shards, a header of 256 int32
   (magic 20240520, version 1, token count) followed by the uint16 tokens.
 Shards are never loaded whole: each batch reads just its windows from the files, so host memory
-does not grow with shard size. This file imports
-nothing from the rest of the project and works alone.
+does not grow with shard size. Every batch is checked as it is read (token ids within the
+vocabulary, no shard shortened since it was opened), so bad data stops the run with the file and
+position named instead of an IndexError deep in the embedding. This file imports nothing from the
+rest of the project and works alone.
 """
 
 import glob
+import hashlib
 import os
 
 import numpy as np
 import torch
 
 BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
+SAMPLE_BLOCKS, SAMPLE_BLOCK_TOKENS = 4, 1024  # what the data fingerprint hashes of each shard
 
 
 def shard_paths(data_dir, split):
@@ -46,8 +50,61 @@ class TokenShard:
         return self.n_tokens
 
     def read(self, start, count):
-        """Tokens start .. start+count-1 as a uint16 array."""
-        return np.fromfile(self.path, dtype=np.uint16, count=count, offset=self.data_offset + 2 * start)
+        """Tokens start .. start+count-1 as a uint16 array. The length was checked when the shard
+        was opened, so a short read means the file changed under the run: that is an error, not
+        a short window (which would fail later as a shape mismatch or an empty batch)."""
+        try:
+            tokens = np.fromfile(self.path, dtype=np.uint16, count=count, offset=self.data_offset + 2 * start)
+        except OSError as e:
+            raise OSError(f"{self.path}: shard unreadable during the run ({e}). Restore it, then resume "
+                          f"from the last checkpoint.") from e
+        if len(tokens) != count:
+            raise ValueError(
+                f"{self.path}: the file ends before token {start + count - 1}, but it held {self.n_tokens} "
+                f"tokens when it was opened: it was truncated or replaced during the run. Restore it (or "
+                f"re-make it with `python fineweb.py`, which keeps finished shards), then resume from "
+                f"the last checkpoint.")
+        return tokens
+
+    def fingerprint(self):
+        """Name, length and a sha256 of a few blocks spread over the shard (first and last
+        included): cheap to compute at any shard size, and different for other data of the same
+        length."""
+        n, k = self.n_tokens, min(self.n_tokens, SAMPLE_BLOCK_TOKENS)
+        digest = hashlib.sha256()
+        for start in sorted({(n - k) * i // (SAMPLE_BLOCKS - 1) for i in range(SAMPLE_BLOCKS)}):
+            digest.update(self.read(start, k).tobytes())
+        return {"file": os.path.basename(self.path), "tokens": n, "sample_sha256": digest.hexdigest()}
+
+
+def read_windows(windows, T, vocab_size=None):
+    """The windows [(TokenShard, token offset), ...] as a (len(windows), T+1) uint16 array. With
+    vocab_size, an id >= vocab_size is an error naming the shard and position: for GPT-2 that is
+    any id past 50256, both ids the model cannot embed (>= the padded 50304) and the padded rows
+    50257..50303, which no GPT-2 token uses. Checking costs one max() over the batch."""
+    buf = np.stack([shard.read(offset, T + 1) for shard, offset in windows])  # (b, T+1)
+    if vocab_size is not None and buf.size and int(buf.max()) >= vocab_size:
+        row, col = np.argwhere(buf >= vocab_size)[0]
+        shard, offset = windows[row]
+        raise ValueError(
+            f"{shard.path}: token id {int(buf[row, col])} at token {offset + col} is outside the vocabulary "
+            f"(ids 0..{vocab_size - 1}). This shard was not made with the model's tokenizer, or it is "
+            f"damaged: re-make it (GPT-2 tokens: `python fineweb.py`) or remove it from the data folder.")
+    return buf
+
+
+def data_differences(saved, now):
+    """What differs between two lists of shard fingerprints, in words (empty when nothing does)."""
+    saved_by_name, now_by_name = {s["file"]: s for s in saved}, {s["file"]: s for s in now}
+    changes = [f"{name} is missing now" for name in saved_by_name if name not in now_by_name]
+    changes += [f"{name} is new" for name in now_by_name if name not in saved_by_name]
+    for name in saved_by_name.keys() & now_by_name.keys():
+        a, b = saved_by_name[name], now_by_name[name]
+        if a["tokens"] != b["tokens"]:
+            changes.append(f"{name} held {a['tokens']} tokens then, {b['tokens']} now")
+        elif a["sample_sha256"] != b["sample_sha256"]:
+            changes.append(f"{name} holds other tokens (same length, sampled blocks differ)")
+    return sorted(changes)
 
 
 def open_shard(path):
@@ -96,13 +153,19 @@ class DataLoader:
     world size. The windows left over at the end of an epoch (fewer than one global micro batch)
     are skipped and the number is logged."""
 
-    def __init__(self, data_dir, B, T, rank=0, world_size=1, seed=0, split="train", log=print):
+    def __init__(self, data_dir, B, T, rank=0, world_size=1, seed=0, split="train", log=print, vocab_size=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.B, self.T, self.rank, self.world_size, self.seed, self.log = B, T, rank, world_size, seed, log
+        self.vocab_size = vocab_size  # ids >= this are refused; None: any uint16
         self.paths = shard_paths(data_dir, split)
         self.shards = [open_shard(p) for p in self.paths]
-        self.windows_per_shard = np.array([(len(s) - 1) // T for s in self.shards], dtype=np.int64)
+        # A shard shorter than one window gives none (not -1 for an empty one); it stays in the
+        # list so that the shard order, and thus a saved position, does not depend on it.
+        self.windows_per_shard = np.array([max(0, (len(s) - 1) // T) for s in self.shards], dtype=np.int64)
+        for shard in self.shards:
+            if len(shard) < T + 1:
+                log(f"data: {shard.path} holds {len(shard)} tokens, fewer than one window of {T + 1}: skipped")
         self.total_windows = int(self.windows_per_shard.sum())
         if self.total_windows < B * world_size:
             raise ValueError(
@@ -112,6 +175,7 @@ class DataLoader:
         self.epoch, self.position = 0, 0
         self._order_cache = None  # (epoch, shard order, cumulative window counts)
         self._perm_cache = None  # (epoch, shard index, window permutation)
+        self._fingerprint = None  # computed on first use: a state_dict() or load_state_dict()
 
     def _rng(self, *keys):
         return np.random.default_rng([self.seed, *keys])
@@ -147,20 +211,32 @@ class DataLoader:
         first = self.position + self.rank * self.B
         windows = [self._window(i) for i in range(first, first + self.B)]
         self.position += global_batch
-        buf = np.stack([self.shards[s].read(o, self.T + 1) for s, o in windows]).astype(np.int64)
-        buf = torch.from_numpy(buf)  # (B, T+1)
+        buf = read_windows([(self.shards[s], o) for s, o in windows], self.T, self.vocab_size)
+        buf = torch.from_numpy(buf.astype(np.int64))  # (B, T+1)
         return buf[:, :-1], buf[:, 1:]
+
+    def fingerprint(self):
+        """Every shard's fingerprint: what a restored position must be applied to."""
+        if self._fingerprint is None:
+            self._fingerprint = [shard.fingerprint() for shard in self.shards]
+        return self._fingerprint
 
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "T": self.T,
-                "total_windows": self.total_windows}
+                "total_windows": self.total_windows, "shards": self.fingerprint()}
 
     def load_state_dict(self, state):
-        if state["T"] != self.T or state["total_windows"] != self.total_windows or state["seed"] != self.seed:
+        if state["T"] != self.T or state["seed"] != self.seed:
             raise ValueError(
-                f"data loader state does not match this data: saved seq_len={state['T']}, seed={state['seed']}, "
-                f"{state['total_windows']} windows; now seq_len={self.T}, seed={self.seed}, "
-                f"{self.total_windows} windows. Resume with the same data_dir, seq_len and seed.")
+                f"data loader state does not match: saved seq_len={state['T']}, seed={state['seed']}; now "
+                f"seq_len={self.T}, seed={self.seed}. Resume with the same seq_len and seed.")
+        changes = data_differences(state["shards"], self.fingerprint()) if "shards" in state else []
+        if changes or state["total_windows"] != self.total_windows:
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            raise ValueError(
+                f"the saved data loader position is for other data than the {self.total_windows} windows "
+                f"here ({state['total_windows']} then{': ' + shown if changes else ''}). Resume with "
+                f"the data it was trained on (the same data_dir contents), or start a fresh run.")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
@@ -171,13 +247,13 @@ class ValidationData:
     (sharded models need every rank in every forward), padding with rows whose targets are -1:
     score with F.cross_entropy(..., ignore_index=-1, reduction='sum') and all-reduce the sums."""
 
-    def __init__(self, data_dir, T, max_tokens, split="val"):
-        self.T = T
+    def __init__(self, data_dir, T, max_tokens, split="val", vocab_size=None):
+        self.T, self.vocab_size = T, vocab_size  # ids >= vocab_size are refused; None: any uint16
         windows = []  # (shard, offset)
         budget = max_tokens // T
         for path in shard_paths(data_dir, split):
             shard = open_shard(path)
-            n = min((len(shard) - 1) // T, budget - len(windows))
+            n = max(0, min((len(shard) - 1) // T, budget - len(windows)))
             windows += [(shard, i * T) for i in range(n)]
             if len(windows) >= budget:
                 break
@@ -193,14 +269,11 @@ class ValidationData:
         mine = self.windows[rank::world_size]
         per_rank = -(-len(self.windows) // world_size)  # ceil: the same count on every rank
         for start in range(0, per_rank, B):
-            rows = []
-            for j in range(start, min(start + B, per_rank)):
-                if j < len(mine):
-                    shard, offset = mine[j]
-                    rows.append(shard.read(offset, self.T + 1).astype(np.int64))
-                else:  # padding row: any tokens, no targets
-                    rows.append(np.concatenate([[0], np.full(self.T, -1)]).astype(np.int64))
-            buf = torch.from_numpy(np.stack(rows))  # (b, T+1)
+            real = mine[start:min(start + B, per_rank)]
+            rows = [read_windows(real, self.T, self.vocab_size).astype(np.int64)] if real else []
+            padding = min(start + B, per_rank) - start - len(real)  # rows with any tokens and no targets
+            rows.append(np.tile(np.concatenate([[0], np.full(self.T, -1)]), (padding, 1)).astype(np.int64))
+            buf = torch.from_numpy(np.concatenate(rows))  # (b, T+1)
             x, y = buf[:, :-1].clone(), buf[:, 1:]
             x[x < 0] = 0
             yield x, y

@@ -372,7 +372,8 @@ def main(argv=None):
     model = load_checkpoint_model(args.checkpoint, device) if args.checkpoint else gpt_from_hf(args.hf, device)
     results = {}
     if args.val:
-        data = ValidationData(args.data_dir, args.seq_len or model.config.block_size, args.val_tokens)
+        data = ValidationData(args.data_dir, args.seq_len or model.config.block_size, args.val_tokens,
+                              vocab_size=model.config.vocab_size)
         t0 = time.time()
         results["val_loss"] = val_loss(model, data, args.batch_size, amp_dtype=amp_dtype)
         print(f"val_loss {results['val_loss']:.4f} over {data.num_tokens:,} tokens ({time.time() - t0:.1f}s)")

@@ -598,8 +598,10 @@ def train(s):
 
     raw_model, model = build_model(s, config, rt)
     optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log)
-    loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log)
-    val_data = ValidationData(s.data_dir, s.seq_len, s.val_tokens) if s.val_every > 0 else None
+    loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log,
+                        vocab_size=config.vocab_size)
+    val_data = (ValidationData(s.data_dir, s.seq_len, s.val_tokens, vocab_size=config.vocab_size)
+                if s.val_every > 0 else None)
 
     step, tokens_seen, bad_steps, last_val = 0, 0, 0, None
     state = load_resume_state(s, rt, raw_model, optimizer, log)

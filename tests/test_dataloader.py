@@ -1,9 +1,11 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_shards
 from dataloader import BIN_MAGIC, DataLoader, ValidationData
 
 
@@ -138,3 +140,77 @@ def test_validation_data_is_the_same_for_any_world_size_and_batch(shards):
         rows, counts = windows(B, W)
         assert rows == reference
         assert len(set(counts)) == 1  # every rank runs the same number of forward passes
+
+
+def one_epoch(loader):
+    return [loader.next_batch() for _ in range(loader.total_windows // (loader.B * loader.world_size))]
+
+
+@pytest.mark.parametrize("bad_id", [50257, 50303, 50304, 65535])
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path, bad_id):
+    # 50257..50303 are the dead padded rows of the embedding, >= 50304 would be an IndexError in it.
+    tokens = np.arange(2000, dtype=np.uint16)
+    tokens[1234] = bad_id
+    np.save(tmp_path / "x_train_000001.npy", tokens)
+    np.save(tmp_path / "x_val_000000.npy", tokens)
+    assert len(one_epoch(DataLoader(str(tmp_path), 4, 16, log=lambda m: None)))  # no vocab given: uint16 only
+    loader = DataLoader(str(tmp_path), 4, 16, log=lambda m: None, vocab_size=50257)
+    with pytest.raises(ValueError, match=f"x_train_000001.npy: token id {bad_id} at token 1234 is outside the "
+                                         r"vocabulary \(ids 0..50256\).*re-make it"):
+        one_epoch(loader)
+    val = ValidationData(str(tmp_path), 16, 2000, vocab_size=50257)
+    with pytest.raises(ValueError, match=f"x_val_000000.npy: token id {bad_id} at token 1234"):
+        list(val.batches(8, rank=1, world_size=2))
+
+
+@pytest.mark.parametrize("keep_bytes", [1000, 100])  # inside the tokens; inside the .npy header
+def test_shard_truncated_during_a_run_is_named(tmp_path, keep_bytes):
+    path = tmp_path / "x_train_000001.npy"
+    np.save(path, np.arange(2000, dtype=np.uint16))
+    loader = DataLoader(str(tmp_path), 4, 16, log=lambda m: None)
+    loader.next_batch()
+    os.truncate(path, keep_bytes)
+    with pytest.raises(ValueError, match="x_train_000001.npy: the file ends before token .* it held 2000 tokens "
+                                         "when it was opened: it was truncated or replaced during the run"):
+        one_epoch(loader)
+
+
+def test_shards_shorter_than_a_window_are_skipped_with_a_note(tmp_path):
+    np.save(tmp_path / "x_train_000001.npy", np.arange(1000, dtype=np.uint16))
+    np.save(tmp_path / "x_train_000002.npy", np.zeros(0, dtype=np.uint16))
+    np.save(tmp_path / "x_train_000003.npy", np.zeros(16, dtype=np.uint16))  # one token short of a window
+    logs = []
+    loader = DataLoader(str(tmp_path), 1, 16, log=logs.append)
+    assert loader.total_windows == 999 // 16  # an empty shard used to count -1 window
+    assert [m for m in logs if "skipped" in m] == [
+        f"data: {tmp_path / name} holds {n} tokens, fewer than one window of 17: skipped"
+        for name, n in [("x_train_000002.npy", 0), ("x_train_000003.npy", 16)]]
+    for _ in range(2):  # two epochs: every window of the real shard each time, no leftover
+        rows = sorted(int(x[0, 0]) for x, _ in one_epoch(loader))
+        assert rows == list(range(0, 999 // 16 * 16, 16))
+    np.save(tmp_path / "x_val_000000.npy", np.zeros(0, dtype=np.uint16))
+    np.save(tmp_path / "x_val_000001.npy", np.arange(100, dtype=np.uint16))
+    assert ValidationData(str(tmp_path), 16, 1000).num_tokens == 99 // 16 * 16
+
+
+def test_resume_on_other_data_is_refused_with_what_differs(tmp_path):
+    for name, seed in [("a", 0), ("b", 1)]:  # b: other tokens, the same shard names and sizes
+        write_shards(str(tmp_path / name), n_train=2, train_tokens=3000, seed=seed)
+    a = DataLoader(str(tmp_path / "a"), 2, 16, log=lambda m: None)
+    a.next_batch()
+    state = a.state_dict()
+    b = DataLoader(str(tmp_path / "b"), 2, 16, log=lambda m: None)
+    assert b.total_windows == a.total_windows
+    with pytest.raises(ValueError, match="other data.*test_train_000001.npy holds other tokens.*"
+                                         "test_train_000002.npy holds other tokens"):
+        b.load_state_dict(state)
+    os.rename(tmp_path / "b" / "test_train_000002.npy", tmp_path / "b" / "test_train_000003.npy")
+    with pytest.raises(ValueError, match="test_train_000002.npy is missing now; test_train_000003.npy is new"):
+        DataLoader(str(tmp_path / "b"), 2, 16, log=lambda m: None).load_state_dict(state)
+
+    shutil.copytree(tmp_path / "a", tmp_path / "a_moved")  # the same data elsewhere resumes
+    moved = DataLoader(str(tmp_path / "a_moved"), 2, 16, log=lambda m: None)
+    moved.load_state_dict(state)
+    assert torch.equal(moved.next_batch()[0], a.next_batch()[0])
+    old = {k: v for k, v in state.items() if k != "shards"}  # a checkpoint from before fingerprints
+    DataLoader(str(tmp_path / "a"), 2, 16, log=lambda m: None).load_state_dict(old)

@@ -160,3 +160,14 @@ def test_init_from_a_checkpoint_or_a_hugging_face_folder(shards, tmp_path):
         for k, v in trained["model"].items():
             assert torch.equal(start[k], v), (source, k)
     fail(tiny_args(shards, str(tmp_path / "c"), n_layer=3, init_from=hf_dir), "pick the matching --model")
+
+
+def test_token_ids_outside_the_vocabulary_stop_the_run_naming_the_shard(tmp_path):
+    # Every 20th token is 50304: without the loader's check, an IndexError deep in the embedding.
+    import numpy as np
+    from conftest import write_shards
+    data = write_shards(str(tmp_path / "data"), n_train=1, train_tokens=4000, val_tokens=4000)
+    tokens = np.load(os.path.join(data, "test_train_000001.npy"))
+    tokens[::20] = 50304
+    np.save(os.path.join(data, "test_train_000001.npy"), tokens)
+    fail(tiny_args(data, str(tmp_path / "log"), max_steps=2, val_every=0), "test_train_000001.npy: token id 50304")
