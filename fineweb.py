@@ -15,9 +15,13 @@ the rest, byte-identically: the output depends on the input and settings, never 
 
 import argparse
 import bz2
+import codecs
 import collections
+import contextlib
+import errno
 import functools
 import glob
+import hashlib
 import importlib.metadata
 import importlib.util
 import itertools
@@ -25,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -205,6 +210,9 @@ def check_inputs(inputs):
         raise ValueError("the local source needs input files: --input PATH ... "
                          "(.txt, .jsonl, .json or .parquet), or prepare_dataset(inputs=[...])")
     for path in inputs:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"input {path!r} is a directory, not a file: give the files in it, "
+                                    f"e.g. --input {os.path.join(path, '*.jsonl')}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input file {path!r} does not exist")
         if os.path.splitext(path)[1].lower() not in LOCAL_LOADERS:
@@ -225,17 +233,60 @@ def local_documents(paths, txt_sample_by):
         options = {"sample_by": txt_sample_by} if builder == "text" else {}
         rows = load_dataset(builder, data_files=path, split="train", streaming=True, **options)
         found = False
-        for i, row in enumerate(rows):
-            text = row.get("text")
-            if not isinstance(text, str):
-                fields = sorted(k for k, v in row.items() if v is not None)
-                raise ValueError(f"input file {path!r}: record {i + 1} has no 'text' field (it has "
-                                 f"{fields}). Every record needs its document in a field named 'text'.")
-            if text:
-                found = True
-                yield text
+        try:
+            for i, row in enumerate(rows):
+                text = row.get("text")
+                if text is None:
+                    fields = sorted(k for k, v in row.items() if v is not None)
+                    raise ValueError(f"input file {path!r}: record {i + 1} has no 'text' field (it has "
+                                     f"{fields}). Every record needs its document in a field named 'text'.")
+                if not isinstance(text, str):
+                    raise ValueError(f"input file {path!r}: record {i + 1}: field 'text' is {kind_of(text)} "
+                                     f"({str(text)[:40]!r}), not a string. Every record's 'text' must be "
+                                     f"its document as a string.")
+                if text:
+                    found = True
+                    yield text
+        except UnicodeDecodeError as e:
+            where = first_invalid_utf8(path) if builder != "parquet" else None
+            where = f"byte {where[0]} (line {where[1]}) is not valid UTF-8" if where else f"{e.reason}"
+            raise ValueError(f"input file {path!r} is not UTF-8 text: {where}. Convert it to UTF-8 "
+                             f"(e.g. `iconv -f latin1 -t utf-8`) and rerun.") from None
         if not found:
             raise ValueError(f"input file {path!r} holds no documents (only empty texts)")
+
+
+def kind_of(value):
+    """'a number', 'a list', ... : a JSON reader's value type in words."""
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (list, "a list"), (dict, "an object"))
+    return next((word for types, word in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+
+
+def first_invalid_utf8(path, chunk_size=2**20):
+    """(byte offset, line number) of the first byte of path that is not UTF-8, or None; read in
+    chunks, so any file size is fine."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:  # e.object is the pending bytes + chunk
+                return offset - pending + e.start, lines + e.object[:e.start].count(b"\n") + 1
+            if not chunk:
+                return None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+
+
+def file_sha256(path, chunk_size=2**20):
+    """The sha256 of a file, read in chunks (memory stays flat whatever its size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def open_corpus(source, inputs, remote_name, txt_sample_by):
@@ -246,7 +297,8 @@ def open_corpus(source, inputs, remote_name, txt_sample_by):
         return Corpus({"file": os.path.basename(WIKI_SAMPLE), "gensim": importlib.metadata.version("gensim")},
                       wiki_documents)
     check_inputs(inputs)
-    files = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in inputs]
+    # Content, not just path and size: an input edited in place must not pass for the old one.
+    files = [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "sha256": file_sha256(p)} for p in inputs]
     dataset = {"files": files, "txt_sample_by": txt_sample_by}
     return Corpus(dataset, functools.partial(local_documents, list(inputs), txt_sample_by))
 
@@ -288,13 +340,31 @@ def tokenized(docs, workers=1):
 
 def write_atomically(path, write):
     """write(file) into path.tmp, flushed to disk, then renamed: a killed run never leaves a
-    partial file under the final name."""
+    partial file under the final name, and a failed write (a full disk, Ctrl-C) removes its
+    .tmp."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and is_disk_full(e):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            raise OSError(f"the disk is full: {path} could not be written ({e}; {free / 1e6:.1f} MB free "
+                          f"there). Free some space and rerun the same command (the finished shards are "
+                          f"kept), or use an --out-dir on a disk with room.") from e
+        raise
+
+
+def is_disk_full(error):
+    """ENOSPC / EDQUOT, or numpy's short write ("262144 requested and 253888 written"), which
+    a full disk causes and which carries no errno."""
+    short_write = re.search(r"\d+ requested and \d+ written", str(error))
+    return error.errno in (errno.ENOSPC, errno.EDQUOT) or short_write is not None
 
 
 def save_manifest(manifest, out_dir):
@@ -322,6 +392,20 @@ def shard_length(path):
     return len(tokens) if tokens.dtype == np.uint16 and tokens.ndim == 1 else None
 
 
+def changed_inputs(then, now):
+    """The local input files (by path) whose content differs between two manifests' datasets."""
+    recorded = {f["path"]: f for f in then.get("files", [])}
+    changed = []
+    for f in now.get("files", []):
+        old = recorded.get(f["path"])
+        if old is None or old.get("sha256") == f["sha256"]:
+            continue
+        why = ("made by an older fineweb.py that recorded no sha256" if "sha256" not in old else
+               "same size, other bytes" if old["bytes"] == f["bytes"] else "other size and bytes")
+        changed.append(f"{f['path']!r} ({why})")
+    return changed
+
+
 def finished_shards(previous, manifest, out_dir):
     """{file: tokens} of the shards a previous run with the same settings finished, each checked
     against its file; an error when out_dir holds shards of anything else."""
@@ -332,6 +416,13 @@ def finished_shards(previous, manifest, out_dir):
                              f"{MANIFEST}, so they were not made here. Use an empty --out-dir.")
         return {}
     changes = manifest.differences(previous)
+    if changes and not previous.complete and not previous.shards:
+        return {}  # a run that failed before finishing a shard left only its manifest: nothing to keep
+    edited = changed_inputs(previous.dataset, manifest.dataset)
+    if edited:
+        raise ValueError(f"{out_dir!r} holds shards of other contents of the input: {', '.join(edited)}. "
+                         f"Delete {out_dir!r} to remake it from the files as they are now, or use another "
+                         f"--out-dir.")
     if changes:
         raise ValueError(f"{out_dir!r} holds shards made with other settings ({'; '.join(changes)}). "
                          f"Use another --out-dir, or delete {out_dir!r} to remake it.")

@@ -1,5 +1,8 @@
+import errno
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -161,9 +164,12 @@ def test_foreign_shards_without_manifest_are_refused(tmp_path):
         prepare_dataset("wiki", str(tmp_path), progress=False)
 
 
-@pytest.mark.parametrize("case", ["no inputs", "missing file", "empty file", "no text field", "unknown type"])
+@pytest.mark.parametrize("case", ["no inputs", "missing file", "empty file", "no text field", "unknown type",
+                                  "a directory", "numeric text", "list text", "not utf-8 txt", "not utf-8 jsonl"])
 def test_bad_inputs_are_named(case, tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    (tmp_path / "latin1.txt").write_bytes("first line\nsecond: café\n".encode("latin-1"))  # é is byte 22
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "né"}\n'.encode("latin-1"))  # byte 26
     inputs, error, message = {
         "no inputs": ([], ValueError, "needs input files"),
         "missing file": ([good, str(tmp_path / "missing.jsonl")], FileNotFoundError, "missing.jsonl"),
@@ -171,11 +177,88 @@ def test_bad_inputs_are_named(case, tmp_path):
         "no text field": ([write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok"}, {"body": "x"}])], ValueError,
                           r"bad.jsonl': record 2 has no 'text' field \(it has \['body'\]\)"),
         "unknown type": ([str(tmp_path / "notes.md")], ValueError, "notes.md': unknown type"),
+        "a directory": ([good, str(tmp_path)], IsADirectoryError, f"input '{tmp_path}' is a directory, not a file"),
+        "numeric text": ([write_jsonl(tmp_path / "num.jsonl", [{"text": 5}])], ValueError,
+                         r"num.jsonl': record 1: field 'text' is a number \('5'\), not a string"),
+        "list text": ([write_jsonl(tmp_path / "list.jsonl", [{"text": "ok"}, {"text": ["a"]}])], ValueError,
+                      r"list.jsonl': record 2: field 'text' is a list"),
+        "not utf-8 txt": ([good, str(tmp_path / "latin1.txt")], ValueError,
+                          r"latin1.txt' is not UTF-8 text: byte 22 \(line 2\) is not valid UTF-8.*iconv"),
+        "not utf-8 jsonl": ([str(tmp_path / "latin1.jsonl")], ValueError,
+                            r"latin1.jsonl' is not UTF-8 text: byte 26 \(line 2\)"),
     }[case]
     for name in ("empty.jsonl", "notes.md"):
         (tmp_path / name).write_text("# notes\n" if name == "notes.md" else "")
     with pytest.raises(error, match=message):
         prepare_dataset("local", str(tmp_path / "out"), inputs=inputs, workers=1, progress=False)
+
+
+def test_first_invalid_utf8_across_chunk_boundaries(tmp_path):
+    path = tmp_path / "mixed.txt"
+    data = ("é\n" * 7 + "日本").encode() + b"\xe6\x97" + b"x\n"  # a 3-byte character cut after 2 bytes
+    path.write_bytes(data)
+    with pytest.raises(UnicodeDecodeError) as e:
+        data.decode()
+    for chunk_size in (1, 2, 3, 5, 1000):
+        assert fineweb.first_invalid_utf8(str(path), chunk_size) == (e.value.start, 8)
+    path.write_bytes(data[:28])  # the file ends inside a character
+    assert fineweb.first_invalid_utf8(str(path), 4) == (27, 8)
+    path.write_bytes(("é\n" * 7).encode())
+    assert fineweb.first_invalid_utf8(str(path), 4) is None
+
+
+def test_an_input_edited_in_place_is_refused(docs_jsonl, tmp_path):
+    path = shutil.copy(docs_jsonl, str(tmp_path / "docs.jsonl"))
+    out_dir = str(tmp_path / "out")
+    first = prepare_dataset("local", out_dir, shard_size=64, inputs=[path], workers=1, progress=False)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:  # the same size, one byte changed: "Hello world" -> "Jello world"
+        f.write(data.replace(b"Hello", b"Jello"))
+    refused = r"holds shards of other contents of the input: '.*docs.jsonl' \(same size, other bytes\). Delete"
+    with pytest.raises(ValueError, match=refused):  # a complete folder is not returned as it is
+        prepare_dataset("local", out_dir, shard_size=64, inputs=[path], workers=1, progress=False)
+    manifest = fineweb.load_manifest(out_dir)
+    manifest.complete, manifest.shards = False, manifest.shards[:2]  # as a run stopped after two shards
+    fineweb.save_manifest(manifest, out_dir)
+    with pytest.raises(ValueError, match=refused):  # a partial folder is not completed with new content
+        prepare_dataset("local", out_dir, shard_size=64, inputs=[path], workers=1, progress=False)
+    assert first["dataset"]["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+    del manifest.dataset["files"][0]["sha256"]  # a manifest of the fineweb.py before hashes
+    fineweb.save_manifest(manifest, out_dir)
+    with pytest.raises(ValueError, match="made by an older fineweb.py that recorded no sha256"):
+        prepare_dataset("local", out_dir, shard_size=64, inputs=[path], workers=1, progress=False)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   OSError("262144 requested and 253888 written")])  # numpy's, no errno
+def test_full_disk_is_named_and_leaves_no_tmp(reference, docs_jsonl, tmp_path, monkeypatch, error):
+    real_write = fineweb.write_atomically
+
+    def disk_full_at_third_shard(path, write):
+        def partial_write(f):
+            f.write(b"\x93NUMPY" + b"\0" * 1000)
+            raise error
+        real_write(path, partial_write if path.endswith("_train_000002.npy") else write)
+
+    monkeypatch.setattr(fineweb, "write_atomically", disk_full_at_third_shard)
+    with pytest.raises(OSError, match=r"the disk is full: .*local_train_000002.npy could not be written \("
+                                      r".*MB free there\). Free some space and rerun the same command"):
+        prepare_dataset("local", str(tmp_path), shard_size=64, inputs=[docs_jsonl], workers=1, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["local_train_000001.npy", "local_val_000000.npy", "manifest.json"]
+    monkeypatch.undo()
+    prepare_dataset("local", str(tmp_path), shard_size=64, inputs=[docs_jsonl], workers=1, progress=False)
+    assert folder_bytes(str(tmp_path)) == folder_bytes(reference[0])
+
+
+def test_a_run_that_failed_before_its_first_shard_does_not_block_the_rerun(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}, {"body": "no text"}])
+    out_dir = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="record 2 has no 'text' field"):
+        prepare_dataset("local", out_dir, inputs=[path], workers=1, progress=False)
+    assert os.listdir(out_dir) == ["manifest.json"]  # only the settings of the failed run
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "one"}, {"text": "now with text"}])  # fixed: another size
+    manifest = prepare_dataset("local", out_dir, inputs=[path], workers=1, progress=False)
+    assert manifest["complete"] and manifest["documents"] == 2
 
 
 def test_token_ids_beyond_uint16_are_refused(monkeypatch):
