@@ -55,8 +55,8 @@ class TokenShard:
         a short window (which would fail later as a shape mismatch or an empty batch)."""
         try:
             tokens = np.fromfile(self.path, dtype=np.uint16, count=count, offset=self.data_offset + 2 * start)
-        except OSError as e:
-            raise OSError(f"{self.path}: shard unreadable during the run ({e}). Restore it, then resume "
+        except OSError as e:  # the same class (a deleted shard stays a FileNotFoundError), the file named
+            raise type(e)(f"{self.path}: shard unreadable during the run ({e}). Restore it, then resume "
                           f"from the last checkpoint.") from e
         if len(tokens) != count:
             raise ValueError(

@@ -173,6 +173,9 @@ def test_shard_truncated_during_a_run_is_named(tmp_path, keep_bytes):
     with pytest.raises(ValueError, match="x_train_000001.npy: the file ends before token .* it held 2000 tokens "
                                          "when it was opened: it was truncated or replaced during the run"):
         one_epoch(loader)
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match="x_train_000001.npy: shard unreadable during the run"):
+        loader.next_batch()
 
 
 def test_shards_shorter_than_a_window_are_skipped_with_a_note(tmp_path):
@@ -182,6 +185,7 @@ def test_shards_shorter_than_a_window_are_skipped_with_a_note(tmp_path):
     logs = []
     loader = DataLoader(str(tmp_path), 1, 16, log=logs.append)
     assert loader.total_windows == 999 // 16  # an empty shard used to count -1 window
+    assert [s["tokens"] for s in loader.state_dict()["shards"]] == [1000, 0, 16]
     assert [m for m in logs if "skipped" in m] == [
         f"data: {tmp_path / name} holds {n} tokens, fewer than one window of 17: skipped"
         for name, n in [("x_train_000002.npy", 0), ("x_train_000003.npy", 16)]]
