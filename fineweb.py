@@ -9,8 +9,9 @@
 Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens. The token stream is cut
 into shards of exactly shard_size tokens (the last one shorter), saved as 1-D uint16 .npy files
 {prefix}_val_000000.npy, {prefix}_train_000001.npy, ...: the first shard is the validation split.
-manifest.json records the settings and every shard. A rerun keeps the shards it finished and redoes
-the rest, byte-identically: the output depends on the input and settings, never on --workers.
+manifest.json records the settings (local inputs by path, size and sha256) and every shard. A rerun
+keeps the shards it finished and redoes the rest, byte-identically: the output depends on the input
+and settings, never on --workers. An input edited since is refused, naming it.
 """
 
 import argparse
