@@ -243,7 +243,7 @@ def local_documents(paths, txt_sample_by):
                                      f"{fields}). Every record needs its document in a field named 'text'.")
                 if not isinstance(text, str):
                     raise ValueError(f"input file {path!r}: record {i + 1}: field 'text' is {kind_of(text)} "
-                                     f"({str(text)[:40]!r}), not a string. Every record's 'text' must be "
+                                     f"({repr(text)[:40]}), not a string. Every record's 'text' must be "
                                      f"its document as a string.")
                 if text:
                     found = True

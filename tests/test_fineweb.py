@@ -179,7 +179,7 @@ def test_bad_inputs_are_named(case, tmp_path):
         "unknown type": ([str(tmp_path / "notes.md")], ValueError, "notes.md': unknown type"),
         "a directory": ([good, str(tmp_path)], IsADirectoryError, f"input '{tmp_path}' is a directory, not a file"),
         "numeric text": ([write_jsonl(tmp_path / "num.jsonl", [{"text": 5}])], ValueError,
-                         r"num.jsonl': record 1: field 'text' is a number \('5'\), not a string"),
+                         r"num.jsonl': record 1: field 'text' is a number \(5\), not a string"),
         "list text": ([write_jsonl(tmp_path / "list.jsonl", [{"text": "ok"}, {"text": ["a"]}])], ValueError,
                       r"list.jsonl': record 2: field 'text' is a list"),
         "not utf-8 txt": ([good, str(tmp_path / "latin1.txt")], ValueError,
