@@ -19,16 +19,25 @@ import torch
 BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
 
 
+class DataError(ValueError):
+    """Token data that cannot be read as asked (a damaged shard, too little data): a user's
+    mistake, which the scripts print as one line."""
+
+
+class DataNotFound(FileNotFoundError):
+    """No data where it was asked for: a user's mistake, printed as one line."""
+
+
 def shard_paths(data_dir, split):
     """Sorted shard files of one split ('train' or 'val'); a clear error when there are none."""
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"data folder {data_dir!r} does not exist. Make shards with `python fineweb.py` "
             f"(or `python fineweb.py --download`), or point --data_dir at a folder of shards.")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
                    glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"no {split} shards (*_{split}_*.npy or *_{split}_*.bin) in {data_dir!r}. Make them with "
             f"`python fineweb.py --out-dir={data_dir}`, or point --data_dir at a folder of shards.")
     return paths
@@ -56,7 +65,7 @@ def open_shard(path):
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
         if header.size < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
-            raise ValueError(f"{path}: not an llm.c token shard (expected a 1024-byte header with "
+            raise DataError(f"{path}: not an llm.c token shard (expected a 1024-byte header with "
                              f"magic {BIN_MAGIC}, version {BIN_VERSION}). Re-download or re-make it.")
         data_offset, n_tokens = 4 * BIN_HEADER_INTS, int(header[2])
         what = "re-download or re-make it"
@@ -69,16 +78,16 @@ def open_shard(path):
                 shape, fortran_order, dtype = read_header(f)
                 data_offset = f.tell()
         except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: unreadable .npy header ({e}). Delete it and re-make it with "
+            raise DataError(f"{path}: unreadable .npy header ({e}). Delete it and re-make it with "
                              f"`python fineweb.py` (finished shards are kept).") from e
         if dtype != np.uint16 or len(shape) != 1:
-            raise ValueError(f"{path}: expected a 1-D uint16 token array, got {dtype} with shape "
+            raise DataError(f"{path}: expected a 1-D uint16 token array, got {dtype} with shape "
                              f"{shape}. Re-make it with `python fineweb.py`.")
         n_tokens = shape[0]
         what = "delete it and re-make it with `python fineweb.py` (finished shards are kept)"
     expected = data_offset + 2 * n_tokens
     if size < expected:
-        raise ValueError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) but "
+        raise DataError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) but "
                          f"the file has {size} bytes: {what}.")
     return TokenShard(path, data_offset, n_tokens)
 
@@ -105,7 +114,7 @@ class DataLoader:
         self.windows_per_shard = np.array([(len(s) - 1) // T for s in self.shards], dtype=np.int64)
         self.total_windows = int(self.windows_per_shard.sum())
         if self.total_windows < B * world_size:
-            raise ValueError(
+            raise DataError(
                 f"the {split} shards in {data_dir!r} hold {self.total_windows} windows of {T + 1} tokens, "
                 f"fewer than one global micro batch of {B} x {world_size} ranks. Use more data, or a "
                 f"smaller micro_batch_size or seq_len.")
@@ -157,7 +166,7 @@ class DataLoader:
 
     def load_state_dict(self, state):
         if state["T"] != self.T or state["total_windows"] != self.total_windows or state["seed"] != self.seed:
-            raise ValueError(
+            raise DataError(
                 f"data loader state does not match this data: saved seq_len={state['T']}, seed={state['seed']}, "
                 f"{state['total_windows']} windows; now seq_len={self.T}, seed={self.seed}, "
                 f"{self.total_windows} windows. Resume with the same data_dir, seq_len and seed.")
@@ -182,7 +191,7 @@ class ValidationData:
             if len(windows) >= budget:
                 break
         if not windows:
-            raise ValueError(f"the {split} split in {data_dir!r} has fewer than {T + 1} tokens")
+            raise DataError(f"the {split} split in {data_dir!r} has fewer than {T + 1} tokens")
         self.windows = windows
 
     @property

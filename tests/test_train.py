@@ -92,7 +92,7 @@ def test_batch_size_warmup_ramps_from_32k():
 def test_bad_settings_are_refused_clearly(shards, tmp_path):
     msg = fail(["--no_such=1"], "unknown setting --no_such")
     assert "max_lr" in msg  # lists the valid ones
-    fail(["--max_steps=abc"], "--max_steps takes a int")
+    fail(["--max_steps=abc"], "--max_steps takes an integer")
     fail(["--compile=maybe"], "takes True or False")
     fail(["--model=gpt5"], "unknown --model")
     fail(tiny_args(shards, str(tmp_path), n_head=3), "not divisible by n_head=3")
