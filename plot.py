@@ -81,6 +81,11 @@ def read_metrics(path, label=None):
     return run
 
 
+def draws_val_reference(losses):
+    """Whether the GPT-2 validation line belongs on a plot of these losses: some come near it."""
+    return bool(losses) and min(losses) <= GPT2_124M_VAL_LOSS + REFERENCE_MARGIN
+
+
 def plot_metrics(paths, out_png, labels=None):
     """Draw the runs' curves into out_png (PNG, Agg backend: no display needed); returns out_png."""
     if labels is not None and len(labels) != len(paths):
@@ -103,7 +108,7 @@ def plot_metrics(paths, out_png, labels=None):
         loss_ax.plot(*run.points("train"), color=color, alpha=0.5, linewidth=0.8, label=f"{run.label} train")
         loss_ax.plot(*run.points("val"), color=color, marker="o", markersize=3, label=f"{run.label} val")
     losses = [v for run in runs for v in list(run.train.values()) + list(run.val.values())]
-    reference = bool(losses) and min(losses) <= GPT2_124M_VAL_LOSS + REFERENCE_MARGIN
+    reference = draws_val_reference(losses)
     if reference:
         loss_ax.axhline(GPT2_124M_VAL_LOSS, color="red", linestyle="--", label=f"GPT-2 124M val ({GPT2_124M_VAL_LOSS})")
     if with_hellaswag:
