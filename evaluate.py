@@ -118,12 +118,12 @@ def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, 
     per_rank = -(-len(val_data.windows) // world_size)  # ceil, as ValidationData.batches
     with evaluating(model), progress_bar(-(-per_rank // batch_size), "validation", progress) as bar:
         for x, y in val_data.batches(batch_size, rank, world_size):
-            bar.update()
             x, y = x.to(device), y.to(device)
             with autocast(device, amp_dtype):
                 logits, _ = model(x)
             sums[0] += token_losses(logits, y).double().sum()  # summed in float64: batching does not matter
             sums[1] += (y != -1).sum()
+            bar.update()
     loss_sum, count = all_reduce_sum(sums)
     if count == 0:
         raise cli.BadInput("the validation data has no tokens to score; give it more tokens (--val_tokens)")
