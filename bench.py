@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import cli
 import train_gpt
 from dataloader import DataLoader
 from model import flops_per_token, num_params
@@ -110,19 +111,22 @@ def parse_args(argv):
     """--name=value arguments -> (train_gpt.Settings, BenchOptions): the benchmark's own settings
     are taken out, the rest are train_gpt.py's and parsed by it (same names, checks, defaults)."""
     fields = {f.name: f for f in dataclasses.fields(BenchOptions)}
+    train_fields = {f.name for f in dataclasses.fields(train_gpt.Settings)}
     own, rest = {}, []
     for arg in argv:
         name, eq, text = arg.lstrip("-").partition("=")
         name = name.replace("-", "_")
+        if arg.startswith("--") and name not in fields and name not in train_fields:
+            raise cli.UserError(f"unknown setting --{name}: see python bench.py --help")
         if arg.startswith("--") and name in fields:
             own[name] = train_gpt._parse_value(name, text if eq else "True", fields[name].type)
         else:
             rest.append(arg)
     opts = BenchOptions(**own)
     if opts.steps <= 0 or opts.warmup < 0 or opts.loader_tokens < 0 or opts.loader_batches <= 0:
-        raise ValueError("--steps and --loader_batches must be positive, --warmup and --loader_tokens >= 0")
+        raise cli.UserError("--steps and --loader_batches must be positive, --warmup and --loader_tokens >= 0")
     if opts.attention not in ATTENTION_KERNELS:
-        raise ValueError(f"--attention={opts.attention!r}; choose one of: {', '.join(ATTENTION_KERNELS)}")
+        raise cli.UserError(f"--attention={opts.attention!r}; choose one of: {', '.join(ATTENTION_KERNELS)}")
     return train_gpt.parse_settings(rest), opts
 
 
@@ -248,7 +252,7 @@ def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
 def bench(s, opts):
     rt = train_gpt.setup_runtime(s)
     if opts.attention in ("cudnn", "efficient") and rt.device.type != "cuda":
-        raise ValueError(f"--attention={opts.attention} is a CUDA kernel; on {rt.device.type} use default, flash or math")
+        raise cli.UserError(f"--attention={opts.attention} is a CUDA kernel; on {rt.device.type} use default, flash or math")
     config, accum = resolve(s)
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
     with attention_kernel(opts.attention):
@@ -367,12 +371,27 @@ def table(r):
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def bench_help():
+    """--help: the benchmark's own options, then a pointer to train_gpt.py's."""
+    train_settings = ", ".join(f.name for f in dataclasses.fields(train_gpt.Settings))
+    return (f"usage: python bench.py [--name=value ...]   (--name alone means True)\n"
+            f"{cli.summary(__doc__)}\n\n"
+            f"the benchmark's own options:\n{cli.settings_help(BenchOptions)}\n\n"
+            f"It also takes every train_gpt.py setting, with train_gpt.py's defaults (except: without "
+            f"--total_batch_size a step is one micro batch); `python train_gpt.py --help` explains them: "
+            f"{train_settings}.")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(bench_help())
+        return None
     try:
-        s, opts = parse_args(sys.argv[1:] if argv is None else argv)
+        s, opts = parse_args(argv)
         result = bench(s, opts)
-    except (ValueError, FileNotFoundError, train_gpt.RunError) as e:
-        sys.exit(f"error: {e}")
+    except train_gpt.USER_ERRORS as e:
+        sys.exit(f"bench.py: error: {e}")
     print(json.dumps(dataclasses.asdict(result)) if opts.json else table(result), flush=True)
     return result
 

@@ -10,18 +10,19 @@ Our parameter names are GPT-2's, so the mapping is one to one, except that
     python convert_hf.py import gpt2 gpt2.pt                     # a checkpoint training can start from
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 
 import torch
 from safetensors.torch import save_file
 
 import checkpoint
-from model import GPT, GPTConfig, padded_vocab
+import cli
+from model import GPT, ConfigError, GPTConfig, padded_vocab
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
@@ -31,17 +32,25 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # older transformers' causal m
 @contextlib.contextmanager
 def replace_atomically(path):
     """A temporary path next to `path`, renamed onto it if the block succeeds and deleted if not:
-    readers never see a half-written file, and an interrupted write leaves the old one."""
+    readers never see a half-written file, and an interrupted write leaves the old one. The file
+    gets the mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def current_umask():
+    mask = os.umask(0)  # the only way to read it is to set it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def parameter_names(config):
@@ -73,7 +82,7 @@ def export_hf(model_or_state_dict, config: GPTConfig, out_dir):
         raise ValueError(f"the state_dict does not fit the config: {len(missing)} tensors missing, "
                          f"e.g. {missing[:3]}. Pass the model's own config and an unwrapped state_dict.")
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
-        raise ValueError("lm_head.weight differs from transformer.wte.weight; HF GPT-2 ties them, so the "
+        raise cli.BadInput("lm_head.weight differs from transformer.wte.weight; HF GPT-2 ties them, so the "
                          "export would change the model")
     tensors = {}
     for name in parameter_names(config):
@@ -105,7 +114,7 @@ def check_architecture(hf):
         ("tie_word_embeddings", lambda v: v),
     ] if not ok(getattr(hf, key, None))}
     if wrong:
-        raise ValueError(f"this Hugging Face model is not plain GPT-2 ({wrong}); our GPT cannot load it exactly")
+        raise cli.BadInput(f"this Hugging Face model is not plain GPT-2 ({wrong}); our GPT cannot load it exactly")
 
 
 def local_folder(path_or_name):
@@ -115,7 +124,7 @@ def local_folder(path_or_name):
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:  # a path, not "org/name"
-        raise FileNotFoundError(f"{path_or_name!r} is not a folder with config.json and model.safetensors "
+        raise cli.NotFound(f"{path_or_name!r} is not a folder with config.json and model.safetensors "
                                 f"(or pytorch_model.bin)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -124,7 +133,7 @@ def local_folder(path_or_name):
         if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
             folder = snapshot_download(path_or_name, allow_patterns=["config.json", "pytorch_model*.bin*"])
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise RuntimeError(f"could not get {path_or_name!r} from the Hugging Face Hub ({e}). Offline, pass a "
+        raise cli.Unreachable(f"could not get {path_or_name!r} from the Hugging Face Hub ({e}). Offline, pass a "
                            f"local folder with config.json and model.safetensors, e.g. one made on a connected "
                            f"machine by GPT2LMHeadModel.from_pretrained({path_or_name!r}).save_pretrained(DIR)") from e
     return folder
@@ -144,7 +153,7 @@ def import_hf(path_or_name):
     names = parameter_names(config)
     unexpected = sorted(set(hf_state) - set(names))
     if unexpected:
-        raise ValueError(f"unexpected tensors in the Hugging Face model, e.g. {unexpected[:3]}: not plain GPT-2")
+        raise cli.BadInput(f"unexpected tensors in the Hugging Face model, e.g. {unexpected[:3]}: not plain GPT-2")
     state = {}
     for name in names:
         t = hf_state[name]
@@ -166,8 +175,13 @@ def gpt_from_hf(path_or_name, device="cpu"):
     return model
 
 
+# What ends the program with one line (the message says what to do); anything else is a bug. OSError:
+# the disk's and the file system's problems (its message names the file).
+USER_ERRORS = (cli.UserError, ConfigError, checkpoint.CorruptCheckpoint, OSError)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert GPT-2 weights between our checkpoints and Hugging Face.")
+    p = cli.ArgumentParser(description="Convert GPT-2 weights between our checkpoints and Hugging Face.")
     sub = p.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="checkpoint -> Hugging Face folder")
     exp.add_argument("checkpoint", help="a checkpoint file or sharded checkpoint folder from training")
@@ -176,13 +190,28 @@ def main(argv=None):
     imp.add_argument("hf_path", help="a folder with config.json + weights, or a hub name such as gpt2")
     imp.add_argument("out_checkpoint")
     args = p.parse_args(argv)
+    try:
+        convert(args)
+    except USER_ERRORS as e:
+        sys.exit(f"convert_hf.py: error: {e}")
+
+
+def convert(args):
+    # Each stage says what it does before it starts: reading or writing a large model's weights takes
+    # a while (~1 GB a second from a local disk; a hub name downloads first).
     if args.command == "export":
         from evaluate import load_checkpoint_model  # evaluate imports this module: import here, not above
+        print(f"reading {args.checkpoint}", flush=True)
         model = load_checkpoint_model(args.checkpoint, "cpu")
+        print(f"writing {args.out_dir}/ ({sum(p.numel() for p in model.parameters()) * 4 / 1e6:,.0f} MB in fp32)",
+              flush=True)
         export_hf(model, model.config, args.out_dir)
         print(f"wrote {args.out_dir}/config.json and model.safetensors")
     else:
+        print(f"reading {args.hf_path}" + ("" if os.path.isdir(args.hf_path) else
+                                           " (from the Hugging Face Hub unless cached)"), flush=True)
         config, state = import_hf(args.hf_path)
+        print(f"writing {args.out_checkpoint}", flush=True)
         checkpoint.save_file({"model": state, "model_config": dataclasses.asdict(config)}, args.out_checkpoint)
         print(f"wrote {args.out_checkpoint} ({json.dumps(dataclasses.asdict(config))})")
 

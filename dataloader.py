@@ -23,16 +23,25 @@ BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
 SAMPLE_BLOCKS, SAMPLE_BLOCK_TOKENS = 4, 1024  # what the data fingerprint hashes of each shard
 
 
+class DataError(ValueError):
+    """Token data that cannot be read as asked (a damaged shard, too little data): a user's
+    mistake, which the scripts print as one line."""
+
+
+class DataNotFound(FileNotFoundError):
+    """No data where it was asked for: a user's mistake, printed as one line."""
+
+
 def shard_paths(data_dir, split):
     """Sorted shard files of one split ('train' or 'val'); a clear error when there are none."""
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"data folder {data_dir!r} does not exist. Make shards with `python fineweb.py` "
             f"(or `python fineweb.py --download`), or point --data_dir at a folder of shards.")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) +
                    glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"no {split} shards (*_{split}_*.npy or *_{split}_*.bin) in {data_dir!r}. Make them with "
             f"`python fineweb.py --out-dir={data_dir}`, or point --data_dir at a folder of shards.")
     return paths
@@ -55,11 +64,12 @@ class TokenShard:
         a short window (which would fail later as a shape mismatch or an empty batch)."""
         try:
             tokens = np.fromfile(self.path, dtype=np.uint16, count=count, offset=self.data_offset + 2 * start)
-        except OSError as e:  # the same class (a deleted shard stays a FileNotFoundError), the file named
-            raise type(e)(f"{self.path}: shard unreadable during the run ({e}). Restore it, then resume "
-                          f"from the last checkpoint.") from e
+        except OSError as e:  # a deleted shard stays a FileNotFoundError, now with the file named
+            error = DataNotFound if isinstance(e, FileNotFoundError) else DataError
+            raise error(f"{self.path}: shard unreadable during the run ({e}). Restore it, then resume "
+                        f"from the last checkpoint.") from e
         if len(tokens) != count:
-            raise ValueError(
+            raise DataError(
                 f"{self.path}: the file ends before token {start + count - 1}, but it held {self.n_tokens} "
                 f"tokens when it was opened: it was truncated or replaced during the run. Restore it (or "
                 f"re-make it with `python fineweb.py`, which keeps finished shards), then resume from "
@@ -86,7 +96,7 @@ def read_windows(windows, T, vocab_size=None):
     if vocab_size is not None and buf.size and int(buf.max()) >= vocab_size:
         row, col = np.argwhere(buf >= vocab_size)[0]
         shard, offset = windows[row]
-        raise ValueError(
+        raise DataError(
             f"{shard.path}: token id {int(buf[row, col])} at token {offset + col} is outside the vocabulary "
             f"(ids 0..{vocab_size - 1}). This shard was not made with the model's tokenizer, or it is "
             f"damaged: re-make it (GPT-2 tokens: `python fineweb.py`) or remove it from the data folder.")
@@ -113,7 +123,7 @@ def open_shard(path):
     if path.endswith(".bin"):
         header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
         if header.size < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
-            raise ValueError(f"{path}: not an llm.c token shard (expected a 1024-byte header with "
+            raise DataError(f"{path}: not an llm.c token shard (expected a 1024-byte header with "
                              f"magic {BIN_MAGIC}, version {BIN_VERSION}). Re-download or re-make it.")
         data_offset, n_tokens = 4 * BIN_HEADER_INTS, int(header[2])
         what = "re-download or re-make it"
@@ -126,16 +136,16 @@ def open_shard(path):
                 shape, fortran_order, dtype = read_header(f)
                 data_offset = f.tell()
         except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: unreadable .npy header ({e}). Delete it and re-make it with "
+            raise DataError(f"{path}: unreadable .npy header ({e}). Delete it and re-make it with "
                              f"`python fineweb.py` (finished shards are kept).") from e
         if dtype != np.uint16 or len(shape) != 1:
-            raise ValueError(f"{path}: expected a 1-D uint16 token array, got {dtype} with shape "
+            raise DataError(f"{path}: expected a 1-D uint16 token array, got {dtype} with shape "
                              f"{shape}. Re-make it with `python fineweb.py`.")
         n_tokens = shape[0]
         what = "delete it and re-make it with `python fineweb.py` (finished shards are kept)"
     expected = data_offset + 2 * n_tokens
     if size < expected:
-        raise ValueError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) but "
+        raise DataError(f"{path}: truncated, the header says {n_tokens} tokens ({expected} bytes) but "
                          f"the file has {size} bytes: {what}.")
     return TokenShard(path, data_offset, n_tokens)
 
@@ -168,7 +178,7 @@ class DataLoader:
                 log(f"data: {shard.path} holds {len(shard)} tokens, fewer than one window of {T + 1}: skipped")
         self.total_windows = int(self.windows_per_shard.sum())
         if self.total_windows < B * world_size:
-            raise ValueError(
+            raise DataError(
                 f"the {split} shards in {data_dir!r} hold {self.total_windows} windows of {T + 1} tokens, "
                 f"fewer than one global micro batch of {B} x {world_size} ranks. Use more data, or a "
                 f"smaller micro_batch_size or seq_len.")
@@ -227,13 +237,13 @@ class DataLoader:
 
     def load_state_dict(self, state):
         if state["T"] != self.T or state["seed"] != self.seed:
-            raise ValueError(
+            raise DataError(
                 f"data loader state does not match: saved seq_len={state['T']}, seed={state['seed']}; now "
                 f"seq_len={self.T}, seed={self.seed}. Resume with the same seq_len and seed.")
         changes = data_differences(state["shards"], self.fingerprint()) if "shards" in state else []
         if changes or state["total_windows"] != self.total_windows:
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
-            raise ValueError(
+            raise DataError(
                 f"the saved data loader position is for other data than the {self.total_windows} windows "
                 f"here ({state['total_windows']} then{': ' + shown if changes else ''}). Resume with "
                 f"the data it was trained on (the same data_dir contents), or start a fresh run.")
@@ -258,7 +268,7 @@ class ValidationData:
             if len(windows) >= budget:
                 break
         if not windows:
-            raise ValueError(f"the {split} split in {data_dir!r} has fewer than {T + 1} tokens")
+            raise DataError(f"the {split} split in {data_dir!r} has fewer than {T + 1} tokens")
         self.windows = windows
 
     @property

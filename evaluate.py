@@ -11,10 +11,10 @@ rank must take part in every forward, so ranks with less work run dummy forwards
     python evaluate.py --hf=gpt2 --hellaswag          # GPT-2 124M: acc_norm 0.2945
 """
 
-import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,12 +22,15 @@ import urllib.request
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import checkpoint
+import cli
+import convert_hf
 from convert_hf import gpt_from_hf, replace_atomically
-from dataloader import ValidationData
-from fineweb import gpt2_tokenizer
-from model import GPT, GPTConfig
+from dataloader import DataError, DataNotFound, ValidationData
+from fineweb import SOURCES, gpt2_tokenizer
+from model import GPT, ConfigError, GPTConfig
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 HELLASWAG_SPLITS = ("train", "val")  # the test split has no labels
@@ -36,6 +39,11 @@ DOWNLOAD_TIMEOUT_S = 30  # per socket operation; an offline machine fails at onc
 
 # ----------------------------------------------------------------------------------------------
 # Shared plumbing
+
+def progress_bar(total, desc, enabled):
+    """A tqdm bar on stderr that disappears when done; nothing unless enabled (--quiet, other ranks)."""
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
 
 def model_device(model):
     return next(model.parameters()).device
@@ -101,21 +109,24 @@ def token_losses(logits, targets, chunk_tokens=4096):
     return losses.view_as(targets)
 
 
-def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None):
+def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, progress=False):
     """Mean cross-entropy over every token of val_data (a dataloader.ValidationData). The same
-    number (to ~1e-6) at any world size and batch size: rows with targets -1 are padding."""
+    number (to ~1e-6) at any world size and batch size: rows with targets -1 are padding.
+    progress: a bar of this rank's batches."""
     device = model_device(model)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, tokens
-    with evaluating(model):
+    per_rank = -(-len(val_data.windows) // world_size)  # ceil, as ValidationData.batches
+    with evaluating(model), progress_bar(-(-per_rank // batch_size), "validation", progress) as bar:
         for x, y in val_data.batches(batch_size, rank, world_size):
             x, y = x.to(device), y.to(device)
             with autocast(device, amp_dtype):
                 logits, _ = model(x)
             sums[0] += token_losses(logits, y).double().sum()  # summed in float64: batching does not matter
             sums[1] += (y != -1).sum()
+            bar.update()
     loss_sum, count = all_reduce_sum(sums)
     if count == 0:
-        raise ValueError("the validation data has no tokens to score; give it more tokens (--val_tokens)")
+        raise cli.BadInput("the validation data has no tokens to score; give it more tokens (--val_tokens)")
     return loss_sum / count
 
 
@@ -124,7 +135,7 @@ def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None):
 
 def hellaswag_path(cache_dir, split):
     if split not in HELLASWAG_SPLITS:
-        raise ValueError(f"HellaSwag split {split!r}: use one of {HELLASWAG_SPLITS} (the test split has no labels)")
+        raise cli.BadInput(f"HellaSwag split {split!r}: use one of {HELLASWAG_SPLITS} (the test split has no labels)")
     return os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
 
 
@@ -138,7 +149,7 @@ def download_hellaswag(path, split):
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
     except (urllib.error.URLError, OSError) as e:
-        raise RuntimeError(
+        raise cli.Unreachable(
             f"could not download HellaSwag from {url} ({e}). Without internet, copy "
             f"hellaswag_{split}.jsonl into {os.path.dirname(path) or '.'}/ (on a connected machine: "
             f"curl -L -o hellaswag_{split}.jsonl {url}), or pass another cache dir.") from e
@@ -148,7 +159,7 @@ def ensure_hellaswag(path, split, download):
     if os.path.exists(path):
         return
     if not download:
-        raise FileNotFoundError(f"{path} is missing: download it once (download=True, or "
+        raise cli.NotFound(f"{path} is missing: download it once (download=True, or "
                                 f"curl -L -o {path} {HELLASWAG_URL.format(split=split)})")
     download_hellaswag(path, split)
 
@@ -167,7 +178,7 @@ def read_hellaswag(path):
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
-                raise ValueError(f"{path}:{lineno}: not a HellaSwag example (need ctx, 4 endings and a label "
+                raise cli.BadInput(f"{path}:{lineno}: not a HellaSwag example (need ctx, 4 endings and a label "
                                  f"0-3). Delete the file to download it again.")
             examples.append(example)
     return examples
@@ -201,7 +212,7 @@ def hellaswag_examples_distributed(rank=0, cache_dir="hellaswag", split="val", d
         raise error
     failed = [e for e in errors if e is not None]
     if failed:
-        raise RuntimeError(f"HellaSwag is unavailable (reported by another rank): {failed[0]}")
+        raise cli.Unreachable(f"HellaSwag is unavailable (reported by another rank): {failed[0]}")
     return read_hellaswag(path)
 
 
@@ -238,13 +249,14 @@ def ending_losses(model, rows, starts, device, amp_dtype):
     return token_losses(logits[:, :-1], targets).sum(1), (targets != -1).sum(1)
 
 
-def hellaswag(model, examples, rank=0, world_size=1, amp_dtype=None, batch_size=16, tokenizer=None):
+def hellaswag(model, examples, rank=0, world_size=1, amp_dtype=None, batch_size=16, tokenizer=None,
+              progress=False):
     """HellaSwag accuracy: acc picks the ending with the least summed loss, acc_norm the least
     loss per token (the number usually reported). batch_size examples (4 rows each) per forward;
     rank r scores examples r, r + world_size, ... GPT-2 124M scores acc_norm 0.2945 this way,
     GPT-3 124M 0.337 (its paper's, differently prompted)."""
     if not examples:
-        raise ValueError("no HellaSwag examples to score")
+        raise cli.BadInput("no HellaSwag examples to score")
     tokenizer = tokenizer or gpt2_tokenizer()
     device = model_device(model)
     rendered = [(*render_example(e, tokenizer, model.config.block_size), int(e["label"]))
@@ -254,8 +266,9 @@ def hellaswag(model, examples, rank=0, world_size=1, amp_dtype=None, batch_size=
     rendered.sort(key=lambda r: max(map(len, r[0])), reverse=True)
     per_rank = -(-len(examples) // world_size)  # ceil: the same number of forwards on every rank
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # examples, correct, correct_norm
-    with evaluating(model):
+    with evaluating(model), progress_bar(per_rank, "HellaSwag", progress) as bar:
         for start in range(0, per_rank, batch_size):
+            bar.update(min(batch_size, per_rank - start))
             batch = rendered[start:start + batch_size]
             if not batch:  # this rank ran out: a dummy forward keeps FSDP's collectives in step
                 with autocast(device, amp_dtype):
@@ -282,7 +295,7 @@ def sample_text(model, tokenizer, prompt="Hello, I'm a language model,", num_sam
     same seed gives the same text on the same device. Under FSDP every rank must call it."""
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise ValueError("the prompt is empty: give at least one token to continue")
+        raise cli.BadInput("the prompt is empty: give at least one token to continue")
     device = model_device(model)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -295,17 +308,22 @@ def sample_text(model, tokenizer, prompt="Hello, I'm a language model,", num_sam
 # Loading a model
 
 def load_checkpoint_model(path, device="cpu"):
-    """The GPT of a training checkpoint (checkpoint.py): a file holding "model" (state_dict) and
+    """The GPT of a training checkpoint: see load_checkpoint."""
+    return load_checkpoint(path, device)[0]
+
+
+def load_checkpoint(path, device="cpu"):
+    """(GPT, the settings it was trained with: a dict, empty for a converted checkpoint). The GPT of a training checkpoint (checkpoint.py): a file holding "model" (state_dict) and
     "model_config" (GPTConfig fields), or an FSDP checkpoint folder (the model's shards through
     torch.distributed.checkpoint, the rest in extra.pt), read here in one process; its optimizer
     shards are not read."""
     sharded = os.path.isdir(path)
     if not os.path.exists(os.path.join(path, "extra.pt") if sharded else path):
-        raise FileNotFoundError(f"{path!r} is not a checkpoint file or sharded checkpoint folder (with extra.pt); "
+        raise cli.NotFound(f"{path!r} is not a checkpoint file or sharded checkpoint folder (with extra.pt); "
                                 f"training writes them to its --log_dir as ckpt_<step>.pt or ckpt_<step>/")
     state = checkpoint.load_file(os.path.join(path, "extra.pt") if sharded else path)
     if not isinstance(state, dict) or "model_config" not in state or not (sharded or "model" in state):
-        raise ValueError(f"{path} is not a GPT checkpoint: it lacks 'model' or 'model_config'. For Hugging "
+        raise cli.BadInput(f"{path} is not a GPT checkpoint: it lacks 'model' or 'model_config'. For Hugging "
                          f"Face weights use --hf, or convert them: python convert_hf.py import HF_PATH OUT.pt")
     with torch.device(device):
         model = GPT(GPTConfig(**state["model_config"]))
@@ -313,7 +331,7 @@ def load_checkpoint_model(path, device="cpu"):
         checkpoint.load_sharded(path, model.state_dict(), {})  # fills the model's tensors in place
     else:
         model.load_state_dict(state["model"])
-    return model
+    return model, state.get("settings") or {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,14 +355,16 @@ def pick_amp_dtype(name, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a GPT: validation loss, HellaSwag, samples.")
+    p = cli.ArgumentParser(description="Evaluate a GPT: validation loss, HellaSwag, samples.")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint file or sharded checkpoint folder from training")
     source.add_argument("--hf", help="a Hugging Face GPT-2 folder, or a hub name such as gpt2 (needs internet)")
     p.add_argument("--val", action="store_true", help="validation loss on the val shards of --data_dir")
-    p.add_argument("--data_dir", default="edu_fineweb10B")
+    p.add_argument("--data_dir", help="the folder of val shards (default: the checkpoint's own data_dir, "
+                   f"else {DEFAULT_DATA_DIR})")
     p.add_argument("--val_tokens", type=int, default=10 * 2**20, help="tokens of the val split to score")
-    p.add_argument("--seq_len", type=int, default=None, help="validation window length (default: block_size)")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="validation window length (default: the checkpoint's seq_len, else block_size)")
     p.add_argument("--hellaswag", action="store_true", help="HellaSwag accuracy (downloads the val split once)")
     p.add_argument("--hellaswag_dir", default="hellaswag")
     p.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N examples")
@@ -359,28 +379,76 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="forward precision (weights stay fp32); auto: bfloat16 on GPUs that support it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not (args.val or args.hellaswag or args.sample):
         p.error("nothing to do: pass --val, --hellaswag and/or --sample")
+    for name in ("val_tokens", "batch_size", "num_samples", "max_new_tokens", "top_k", "seq_len", "hellaswag_limit"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
     return args
+
+
+DEFAULT_DATA_DIR = "edu_fineweb10B"
+
+# What ends the program with one line (the message says what to do); anything else is a bug.
+USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.CorruptCheckpoint,
+               *convert_hf.USER_ERRORS)
+
+
+def make_data_command(data_dir):
+    """The fineweb.py command that makes data_dir: a named source's, or a local one's."""
+    for name, source in SOURCES.items():
+        if os.path.normpath(data_dir) == os.path.normpath(source.out_dir):
+            return "python fineweb.py" + ("" if name == "fineweb-edu" else f" --source {name}")
+    return f"python fineweb.py --input FILES --out-dir={data_dir}"
+
+
+def validation_data(args, model, trained_with):
+    """(The val split to score, its folder): --data_dir and --seq_len, by default the checkpoint's own."""
+    data_dir = args.data_dir or trained_with.get("data_dir") or DEFAULT_DATA_DIR
+    seq_len = args.seq_len or trained_with.get("seq_len") or model.config.block_size
+    origin = ("given" if args.data_dir else "the checkpoint's data_dir" if trained_with.get("data_dir")
+              else "the default")
+    if not os.path.isdir(data_dir):
+        raise cli.NotFound(f"data folder {data_dir!r} ({origin}) does not exist: make it with "
+                           f"`{make_data_command(data_dir)}`, or pass --data_dir=FOLDER")
+    if seq_len > model.config.block_size:
+        raise cli.BadInput(f"--seq_len={seq_len} is longer than the model's block_size={model.config.block_size}")
+    return ValidationData(data_dir, seq_len, args.val_tokens, vocab_size=model.config.vocab_size), data_dir
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except USER_ERRORS as e:
+        sys.exit(f"evaluate.py: error: {e}")
+
+
+def evaluate(args):
     device = pick_device(args.device)
     amp_dtype = pick_amp_dtype(args.dtype, device)
-    model = load_checkpoint_model(args.checkpoint, device) if args.checkpoint else gpt_from_hf(args.hf, device)
+    progress = not args.quiet
+    if args.checkpoint:
+        model, trained_with = load_checkpoint(args.checkpoint, device)
+    else:
+        if not args.quiet:
+            print(f"loading {args.hf} (Hugging Face GPT-2; a hub name downloads once)", file=sys.stderr)
+        model, trained_with = gpt_from_hf(args.hf, device), {}
     results = {}
     if args.val:
-        data = ValidationData(args.data_dir, args.seq_len or model.config.block_size, args.val_tokens,
-                              vocab_size=model.config.vocab_size)
+        data, data_dir = validation_data(args, model, trained_with)
         t0 = time.time()
-        results["val_loss"] = val_loss(model, data, args.batch_size, amp_dtype=amp_dtype)
-        print(f"val_loss {results['val_loss']:.4f} over {data.num_tokens:,} tokens ({time.time() - t0:.1f}s)")
+        results["val_loss"] = val_loss(model, data, args.batch_size, amp_dtype=amp_dtype, progress=progress)
+        print(f"val_loss {results['val_loss']:.4f} over {data.num_tokens:,} tokens of {data_dir} "
+              f"({time.time() - t0:.1f}s)")
     if args.hellaswag:
         examples = hellaswag_examples(args.hellaswag_dir)[:args.hellaswag_limit]
         t0 = time.time()
-        hs = hellaswag(model, examples, amp_dtype=amp_dtype, batch_size=args.batch_size)
+        hs = hellaswag(model, examples, amp_dtype=amp_dtype, batch_size=args.batch_size, progress=progress)
         results.update({f"hellaswag_{k}": v for k, v in hs.items()})
         print(f"hellaswag acc_norm {hs['acc_norm']:.4f} acc {hs['acc']:.4f} over {hs['n']} examples "
               f"({time.time() - t0:.1f}s)")

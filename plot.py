@@ -6,22 +6,28 @@
 Left: train loss (thin) and validation loss (markers) vs step; right: HellaSwag acc_norm vs step
 (only when some run has HellaSwag results).
 Dashed lines are the references for a 124M model: GPT-2's validation loss on FineWeb-EDU's val
-shard (3.2924) and HellaSwag acc_norm (0.2945), and GPT-3 124M's HellaSwag (0.337).
+shard (3.2924) and HellaSwag acc_norm (0.2945), and GPT-3 124M's HellaSwag (0.337). The loss
+reference is drawn only once some run's loss comes within REFERENCE_MARGIN of it: another corpus's
+losses (the demo's Wikipedia, ~7) are not comparable, and the line would squash their curve.
 """
 
-import argparse
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import cli
+
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M on the FineWeb-EDU val shard (build-nanogpt)
 GPT2_124M_HELLASWAG = 0.2945  # acc_norm, scored as evaluate.hellaswag does
 GPT3_124M_HELLASWAG = 0.337  # the GPT-3 paper's "Small" model
+
+REFERENCE_MARGIN = 1.0  # loss units: the GPT-2 val line is drawn once a run's lowest loss is this close
 
 SERIES = {"train_loss": "train", "val_loss": "val", "hellaswag_acc_norm": "hellaswag"}
 
@@ -75,13 +81,18 @@ def read_metrics(path, label=None):
     return run
 
 
+def draws_val_reference(losses):
+    """Whether the GPT-2 validation line belongs on a plot of these losses: some come near it."""
+    return bool(losses) and min(losses) <= GPT2_124M_VAL_LOSS + REFERENCE_MARGIN
+
+
 def plot_metrics(paths, out_png, labels=None):
     """Draw the runs' curves into out_png (PNG, Agg backend: no display needed); returns out_png."""
     if labels is not None and len(labels) != len(paths):
-        raise ValueError(f"{len(labels)} labels for {len(paths)} runs: give one label per metrics file")
+        raise cli.BadInput(f"{len(labels)} labels for {len(paths)} runs: give one label per metrics file")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"no metrics file at {', '.join(missing)} (training writes <log_dir>/metrics.jsonl)")
+        raise cli.NotFound(f"no metrics file at {', '.join(missing)} (training writes <log_dir>/metrics.jsonl)")
     runs = [read_metrics(p, labels[i] if labels else None) for i, p in enumerate(paths)]
     for run, path in zip(runs, paths):
         if not (run.train or run.val or run.hellaswag):
@@ -96,7 +107,10 @@ def plot_metrics(paths, out_png, labels=None):
         color = f"C{i}"
         loss_ax.plot(*run.points("train"), color=color, alpha=0.5, linewidth=0.8, label=f"{run.label} train")
         loss_ax.plot(*run.points("val"), color=color, marker="o", markersize=3, label=f"{run.label} val")
-    loss_ax.axhline(GPT2_124M_VAL_LOSS, color="red", linestyle="--", label=f"GPT-2 124M val ({GPT2_124M_VAL_LOSS})")
+    losses = [v for run in runs for v in list(run.train.values()) + list(run.val.values())]
+    reference = draws_val_reference(losses)
+    if reference:
+        loss_ax.axhline(GPT2_124M_VAL_LOSS, color="red", linestyle="--", label=f"GPT-2 124M val ({GPT2_124M_VAL_LOSS})")
     if with_hellaswag:
         hs_ax = axes[1]
         for i, run in enumerate(runs):
@@ -104,10 +118,10 @@ def plot_metrics(paths, out_png, labels=None):
         hs_ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
         hs_ax.axhline(GPT3_124M_HELLASWAG, color="green", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
         hs_ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-    losses = [v for run in runs for v in list(run.train.values()) + list(run.val.values())]
     if losses:  # once below 5.5, cut the first steps' loss (~11) that would squash the rest
         top = 6.0 if min(losses) < 5.5 else max(losses)
-        loss_ax.set_ylim(min(min(losses), GPT2_124M_VAL_LOSS) - 0.1, top + 0.1)
+        bottom = min(min(losses), GPT2_124M_VAL_LOSS) if reference else min(losses)
+        loss_ax.set_ylim(bottom - 0.1, top + 0.1)
     loss_ax.set(xlabel="step", ylabel="loss", title="Loss")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -118,13 +132,21 @@ def plot_metrics(paths, out_png, labels=None):
     return out_png
 
 
+# What ends the program with one line (the message says what to do); anything else is a bug. OSError:
+# the disk's and the file system's problems writing the PNG (its message names the file).
+USER_ERRORS = (cli.UserError, OSError)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot loss and HellaSwag curves from metrics.jsonl files.")
+    p = cli.ArgumentParser(description="Plot loss and HellaSwag curves from metrics.jsonl files.")
     p.add_argument("metrics", nargs="+", help="one metrics.jsonl per run")
     p.add_argument("-o", "--out", default="loss.png", help="the PNG to write")
     p.add_argument("--labels", nargs="+", help="one name per run (default: each file's folder)")
     args = p.parse_args(argv)
-    print(f"wrote {plot_metrics(args.metrics, args.out, args.labels)}")
+    try:
+        print(f"wrote {plot_metrics(args.metrics, args.out, args.labels)}")
+    except USER_ERRORS as e:
+        sys.exit(f"plot.py: error: {e}")
 
 
 if __name__ == "__main__":

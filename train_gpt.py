@@ -4,7 +4,7 @@
     python train_gpt.py                                          # GPT-2 124M on FineWeb-EDU
     torchrun --standalone --nproc_per_node=8 train_gpt.py        # the same on 8 GPUs
 
-Every setting below can be given as --name=value.
+Every setting below can be given as --name=value; `python train_gpt.py --help` lists them.
 """
 
 import contextlib
@@ -24,27 +24,36 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import cli
 import evaluate
-from dataloader import DataLoader, ValidationData
-from model import GPT, PRESETS, configure_optimizers, flops_per_token, num_params, preset_config
+from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
+from model import GPT, PRESETS, ConfigError, configure_optimizers, flops_per_token, num_params, preset_config
 
 
-class RunError(RuntimeError):
+class RunError(cli.UserError, RuntimeError):
     """A problem with the run's environment or its training that the user has to fix."""
+
+
+class SettingsError(cli.UserError, ValueError):
+    """Settings that cannot work together, or a value a setting does not take."""
+
+
+# What ends the program with one line (the message says what to do); anything else is a bug.
+USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.CorruptCheckpoint)
 
 
 @dataclass
 class Settings:
     # model: a preset (model.PRESETS: gpt2, gpt2-medium, ..., gpt3-small ... gpt3-175b, tiny);
     # the four fields after it override single dimensions when set
-    model: str = "gpt2"
-    n_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_embd: Optional[int] = None
+    model: str = "gpt2"  # the preset: its dimensions, context, max_lr and batch are the defaults
+    n_layer: Optional[int] = None  # None: the preset's number of blocks
+    n_head: Optional[int] = None  # None: the preset's attention heads
+    n_embd: Optional[int] = None  # None: the preset's width
     block_size: Optional[int] = None  # None: the preset's context (1024 for GPT-2, 2048 for GPT-3)
     init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
     # data
-    data_dir: str = "edu_fineweb10B"
+    data_dir: str = "edu_fineweb10B"  # a folder of *_train_* / *_val_* shards (fineweb.py makes them)
     seq_len: Optional[int] = None  # None: block_size
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
@@ -56,18 +65,18 @@ class Settings:
     warmup_steps: int = 715  # 375M tokens / 2**19, as GPT-3
     max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-EDU sample-10BT
     stop_step: int = 0  # end this session at this step (checkpointed), the schedule still aims at max_steps; 0 = off
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # AdamW weight decay on matmul weights and embeddings
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = never
     max_bad_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient
     # evaluation (steps counted as optimizer updates done)
-    val_every: int = 250
+    val_every: int = 250  # validation loss every this many steps and at the end; 0 = never
     val_tokens: int = 10_485_760  # fixed validation budget; the whole split if smaller
-    hellaswag_every: int = 250  # 0 = never
-    sample_every: int = 250  # 0 = never
+    hellaswag_every: int = 250  # HellaSwag accuracy every this many steps and at the end; 0 = never
+    sample_every: int = 250  # print text samples every this many steps and at the end; 0 = never
     # checkpoints and logs
-    log_dir: str = "log"
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
+    log_dir: str = "log"  # log.txt, metrics.jsonl and checkpoints go here
+    checkpoint_every: int = 5000  # a checkpoint every this many steps, and at the end
+    keep_checkpoints: int = 3  # the newest this many are kept
     resume: str = "auto"  # auto: the newest good checkpoint in log_dir, if any; a path; or off
     # system
     device: str = "auto"  # auto: cuda, then mps, then cpu
@@ -77,7 +86,7 @@ class Settings:
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
-    seed: int = 1337
+    seed: int = 1337  # initial weights, data order and samples
     demo: bool = False  # the offline CPU demo: tiny model on the embedded Wikipedia sample
 
 
@@ -101,13 +110,22 @@ def _parse_value(name, text, field_type):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"--{name} takes True or False, got {text!r}")
+        raise SettingsError(f"--{name} takes True or False, got {text!r}")
     try:
         if base is int:
             return int(float(text)) if "e" in text.lower() else int(text, 0)
         return base(text)
     except ValueError:
-        raise ValueError(f"--{name} takes a {base.__name__}, got {text!r}") from None
+        kind = {int: "an integer", float: "a number"}.get(base, f"a {base.__name__}")
+        raise SettingsError(f"--{name} takes {kind}, got {text!r}") from None
+
+
+def settings_help():
+    """--help: every setting with its default and the comment it has in Settings, in its groups."""
+    demo = ", ".join(f"{k}={v}" for k, v in DEMO.items())
+    return (f"usage: python train_gpt.py [--name=value ...]   (--name alone means True)\n"
+            f"{cli.summary(__doc__)}\n\n{cli.settings_help(Settings)}\n\n"
+            f"--demo sets {demo}; a setting given with it still wins.")
 
 
 def parse_settings(argv):
@@ -116,15 +134,16 @@ def parse_settings(argv):
     given = {}
     for arg in argv:
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}: settings are given as --name=value")
+            raise SettingsError(f"unexpected argument {arg!r}: settings are given as --name=value")
         name, eq, text = arg[2:].partition("=")
         name = name.replace("-", "_")
         if name not in fields:
-            raise ValueError(f"unknown setting --{name}. Valid settings: {', '.join(fields)}")
+            raise SettingsError(f"unknown setting --{name}. Valid settings: {', '.join(fields)} "
+                                f"(python train_gpt.py --help)")
         ftype = fields[name].type
         if not eq:
             if ftype not in (bool, Optional[bool]):
-                raise ValueError(f"--{name} needs a value: --{name}=...")
+                raise SettingsError(f"--{name} needs a value: --{name}=...")
             text = "True"
         given[name] = _parse_value(name, text, ftype)
     values = dict(DEMO) if given.get("demo") else {}
@@ -135,7 +154,7 @@ def parse_settings(argv):
 def resolve_model_settings(s):
     """Fill the settings that follow the model preset, and check the model dimensions."""
     if s.model not in PRESETS:
-        raise ValueError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
+        raise SettingsError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[s.model]
     config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
                            block_size=s.block_size)
@@ -145,14 +164,14 @@ def resolve_model_settings(s):
     s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr
     s.min_lr = s.min_lr if s.min_lr is not None else 0.1 * s.max_lr
     if s.seq_len > config.block_size:
-        raise ValueError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
+        raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
     for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
         if getattr(s, name) <= 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(s, name)}")
+            raise SettingsError(f"--{name} must be positive, got {getattr(s, name)}")
     if not 0 <= s.warmup_steps <= s.max_steps:
-        raise ValueError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
+        raise SettingsError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
-        raise ValueError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
+        raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
     return config
 
 
@@ -163,11 +182,13 @@ def check_batch_divisibility(s, world_size):
     micro_ok = [b for b in range(1, 2 * s.micro_batch_size + 1)
                 if s.total_batch_size % (b * s.seq_len * world_size) == 0]
     lower = s.total_batch_size // tokens_per_micro * tokens_per_micro
-    raise ValueError(
+    totals = [t for t in (lower, lower + tokens_per_micro) if t > 0]
+    fixes = [f"--micro_batch_size in {micro_ok}"] if micro_ok else []
+    fixes.append(f"--total_batch_size={' or '.join(map(str, totals))}")
+    raise SettingsError(
         f"total_batch_size={s.total_batch_size} is not divisible by micro_batch_size x seq_len x "
         f"world_size = {s.micro_batch_size} x {s.seq_len} x {world_size} = {tokens_per_micro}. "
-        f"Values that work: --micro_batch_size in {micro_ok or 'none'}, or --total_batch_size="
-        f"{lower or tokens_per_micro} or {lower + tokens_per_micro}.")
+        f"Values that work: {', or '.join(fixes)}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +322,7 @@ def setup_runtime(s):
     if s.dtype == "auto":
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
     if s.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype={s.dtype}: choose float32 or bfloat16")
+        raise SettingsError(f"--dtype={s.dtype}: choose float32 or bfloat16")
     if s.compile is None:
         s.compile = device_type == "cuda"
     if s.chunked_loss is None:
@@ -417,7 +438,7 @@ def build_model(s, config, rt):
 def load_init_state(s, config):
     saved_config, state = initial_weights(s.init_from)
     if saved_config != dataclasses.asdict(config):
-        raise ValueError(f"--init_from={s.init_from} holds a model {saved_config}, but the settings "
+        raise SettingsError(f"--init_from={s.init_from} holds a model {saved_config}, but the settings "
                          f"give {dataclasses.asdict(config)}: pick the matching --model")
     return state
 
@@ -508,7 +529,7 @@ def check_compatible(state, config):
     saved = state["model_config"]
     for name, value in dataclasses.asdict(config).items():
         if saved.get(name) != value:
-            raise ValueError(f"the checkpoint's model has {name}={saved.get(name)}, these settings give "
+            raise SettingsError(f"the checkpoint's model has {name}={saved.get(name)}, these settings give "
                              f"{value}: resume with the checkpoint's --{name} (or --model), or start a "
                              f"new --log_dir")
 
@@ -587,14 +608,16 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
 def train(s):
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
-    log = RunLog(s.log_dir, rt.is_main)
+    check_batch_divisibility(s, rt.world_size)
+    if not s.demo:  # the demo makes its data below
+        shard_paths(s.data_dir, "train")  # no data: said now, before the log folder is made
+    log = RunLog(s.log_dir, rt.is_main)  # bad settings have stopped the run before this point
     advice = restart_advice()
     if advice:
         log(f"note: {advice}")
     if s.demo:
         prepare_demo_data(s, rt, log)
     tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
-    check_batch_divisibility(s, rt.world_size)
 
     raw_model, model = build_model(s, config, rt)
     optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log)
@@ -625,6 +648,7 @@ def train(s):
     hellaswag_data = load_hellaswag(s, rt, log)
 
     end = min(s.max_steps, s.stop_step) if s.stop_step > 0 else s.max_steps
+    clock = TrainClock(budget_done(step, s), budget_done(end, s))
     while step < end:
         accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
         lr = lr_at(step, s)
@@ -641,9 +665,10 @@ def train(s):
         tps = step_tokens / dt
         mfu = model_flops_utilization(tps, flops_token, peak, rt.world_size)
         loss_value, norm_value = loss_accum.item(), norm.item()  # one copy to the host each
+        clock.step_done(budget_done(step + 1, s), dt)
         if finite:
             log(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)}")
+                f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)} | {clock.text()}")
             log.metrics(step=step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
                         tokens_per_sec=tps, ms=dt * 1000, mfu=mfu, tokens=tokens_seen)
         else:
@@ -664,6 +689,50 @@ def train(s):
     return raw_model
 
 
+def budget_done(step, s):
+    """The fraction of the training budget done once `step` optimizer steps are: what the ETA
+    extrapolates."""
+    return step / s.max_steps
+
+
+def format_duration(seconds):
+    """4s, 3m07s, 2h05m, 3d04h: short enough for the step line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+class TrainClock:
+    """Time since the session's first step (evaluations and checkpoints included), and the ETA:
+    the budget left over the rate of the last `window` steps, with step time alone (evaluation
+    and checkpoint time excluded, so the ETA is the training's own; they add to it)."""
+
+    def __init__(self, done, end, window=20):
+        self.end, self.window = end, window
+        self.start = time.perf_counter()
+        self.points = [(done, 0.0)]  # (budget done, training seconds so far)
+
+    def step_done(self, done, step_seconds):
+        self.points.append((done, self.points[-1][1] + step_seconds))
+        self.points = self.points[-(self.window + 1):]
+
+    def eta_seconds(self):
+        (done0, t0), (done1, t1) = self.points[0], self.points[-1]
+        if done1 <= done0 or t1 <= t0:
+            return None
+        return (self.end - done1) * (t1 - t0) / (done1 - done0)
+
+    def text(self):
+        eta = self.eta_seconds()
+        elapsed = format_duration(time.perf_counter() - self.start)
+        return f"{elapsed} elapsed, ETA {'?' if eta is None else format_duration(eta)}"
+
+
 def due(step, every, last):
     return every > 0 and (step % every == 0 or last)
 
@@ -673,11 +742,12 @@ def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     training graph is never retraced for other shapes). Their time is outside the step's."""
     val = None
     if val_data is not None and due(step, s.val_every, last):
-        val = evaluate.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype)
+        val = evaluate.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype,
+                                progress=rt.is_main)
         log(f"step {step:5d} | val loss {val:.4f} ({val_data.num_tokens:,} tokens)")
         log.metrics(step=step, val_loss=val)
     if hellaswag_data and due(step, s.hellaswag_every, last):
-        r = evaluate.hellaswag(raw_model, hellaswag_data, rt.rank, rt.world_size, rt.amp_dtype)
+        r = evaluate.hellaswag(raw_model, hellaswag_data, rt.rank, rt.world_size, rt.amp_dtype, progress=rt.is_main)
         log(f"step {step:5d} | HellaSwag acc_norm {r['acc_norm']:.4f} acc {r['acc']:.4f} ({r['n']} examples)")
         log.metrics(step=step, hellaswag_acc=r["acc"], hellaswag_acc_norm=r["acc_norm"], hellaswag_n=r["n"])
     if due(step, s.sample_every, last):
@@ -697,14 +767,21 @@ def load_hellaswag(s, rt, log):
         return None
 
 
+# The real run, as the demo's first and last lines give it.
+REAL_RUN = ("`python fineweb.py`, then `python train_gpt.py` (one GPU) or "
+            "`torchrun --standalone --nproc_per_node=<GPUs> train_gpt.py` (README.md)")
+
+
 def prepare_demo_data(s, rt, log):
     """Tokenize the embedded Wikipedia sample once (rank 0; the others wait)."""
     if rt.is_main:
-        log("OFFLINE DEMO: a tiny GPT on 106 Wikipedia articles bundled with gensim. For the real run, "
-            "prepare FineWeb-EDU with `python fineweb.py` and run `python train_gpt.py` (GPU) or "
-            "`torchrun --standalone --nproc_per_node=8 train_gpt.py`.")
+        log(f"OFFLINE DEMO: a tiny GPT on 106 Wikipedia articles bundled with gensim. The real run: {REAL_RUN}.")
         import fineweb
-        fineweb.prepare_dataset("wiki", out_dir=s.data_dir, progress=False)
+        made = fineweb.load_manifest(s.data_dir)
+        if not (made and made.complete):
+            log(f"preparing the demo data once: reading and tokenizing the articles into {s.data_dir}/ "
+                f"(about a minute on 2 cores)")
+        fineweb.prepare_dataset("wiki", out_dir=s.data_dir, progress=True)
     if rt.world_size > 1:
         dist.barrier()
 
@@ -713,18 +790,21 @@ def finish_demo(s):
     import plot
     png = plot.plot_metrics([os.path.join(s.log_dir, "metrics.jsonl")], os.path.join(s.log_dir, "loss.png"))
     print(f"\nDemo finished. Loss plot: {png}; metrics: {s.log_dir}/metrics.jsonl; checkpoints in "
-          f"{s.log_dir}/. This was the offline demo; the real run: `python fineweb.py`, then "
-          f"`torchrun --standalone --nproc_per_node=<GPUs> train_gpt.py` (README.md).")
+          f"{s.log_dir}/. This was the offline demo; the real run: {REAL_RUN}.")
 
 
 def main(argv=None):
     """Run from the command line. Mistakes in settings or data end with one clear line, not a
     traceback; anything else is a bug and keeps its traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(settings_help())
+        return
     try:
-        s = parse_settings(sys.argv[1:] if argv is None else argv)
+        s = parse_settings(argv)
         train(s)
-    except (ValueError, FileNotFoundError, RunError) as e:
-        sys.exit(f"error: {e}")
+    except USER_ERRORS as e:
+        sys.exit(f"train_gpt.py: error: {e}")
     finally:
         if dist.is_initialized():
             # FSDP's modules hold the process group through reference cycles: collected first,

@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,6 +25,22 @@ def write_shards(folder, n_train=3, train_tokens=20_000, val_tokens=8_000, seed=
     for i in range(n_train):
         np.save(os.path.join(folder, f"test_train_{i + 1:06d}.npy"), tokens(train_tokens))
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_tempdir(tmp_path_factory):
+    """Every temporary file of the session under pytest's own temporary folder, which a passing
+    session removes (pytest.ini): torchrun's torchelastic_* log folders, tiktoken's cache, bench's
+    shards, ... in this process and in the processes it starts (they inherit TMPDIR)."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield folder
+    tempfile.tempdir = saved_tempdir
+    if saved_env is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved_env
 
 
 @pytest.fixture(scope="session")

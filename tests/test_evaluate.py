@@ -264,7 +264,7 @@ def test_hellaswag_offline_error_is_fast_and_says_what_to_do(tmp_path, monkeypat
     monkeypatch.setattr(evaluate, "HELLASWAG_URL", f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl")
     cache = tmp_path / "cache"
     t0 = time.time()
-    with pytest.raises(RuntimeError, match="could not download HellaSwag") as err:
+    with pytest.raises(ConnectionError, match="could not download HellaSwag") as err:
         evaluate.hellaswag_examples(str(cache))
     assert time.time() - t0 < 5
     assert "hellaswag_val.jsonl" in str(err.value) and str(cache) in str(err.value) and "curl" in str(err.value)
@@ -426,7 +426,7 @@ def distributed_checks(rank, tmp):
     evaluate.HELLASWAG_URL = f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl"  # nothing listens
     try:
         evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "empty"))
-    except RuntimeError as e:
+    except ConnectionError as e:
         results["download_error"] = str(e)
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -92,12 +92,14 @@ def test_batch_size_warmup_ramps_from_32k():
 def test_bad_settings_are_refused_clearly(shards, tmp_path):
     msg = fail(["--no_such=1"], "unknown setting --no_such")
     assert "max_lr" in msg  # lists the valid ones
-    fail(["--max_steps=abc"], "--max_steps takes a int")
+    fail(["--max_steps=abc"], "--max_steps takes an integer")
     fail(["--compile=maybe"], "takes True or False")
     fail(["--model=gpt5"], "unknown --model")
     fail(tiny_args(shards, str(tmp_path), n_head=3), "not divisible by n_head=3")
     msg = fail(tiny_args(shards, str(tmp_path), total_batch_size=1000), "not divisible")
-    assert "--micro_batch_size in" in msg and "--total_batch_size=" in msg
+    assert msg.endswith("Values that work: --total_batch_size=896 or 1024.")  # no micro batch size divides 1000
+    msg = fail(tiny_args(shards, str(tmp_path), total_batch_size=4 * 32 * 3, micro_batch_size=8), "not divisible")
+    assert msg.endswith("Values that work: --micro_batch_size in [1, 2, 3, 4, 6, 12], or --total_batch_size=256 or 512.")
     fail(tiny_args(shards, str(tmp_path), seq_len=64), "longer than the model's block_size")
     fail(tiny_args(str(tmp_path / "nowhere"), str(tmp_path)), "does not exist")
     fail(tiny_args(shards, str(tmp_path), backend="nccl"), "needs CUDA")
