@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -78,6 +79,7 @@ class Settings:
     compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    fsdp_unsharded_accumulation: bool = False  # FSDP: reduce-scatter once a step, not every micro step (full gradients per rank)
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
     seed: int = 1337
@@ -266,10 +268,22 @@ def describe_plan(s, tokens_per_micro):
 # ----------------------------------------------------------------------------------------------
 # Devices, processes and speed
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-                  "V100": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU (V100: fp16). A key
+# is the words a device name must hold (torch.cuda.get_device_name, split at spaces and dashes:
+# "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"); the key with the most matching words wins, so a
+# PCIe or NVL card gets its own figure and "L40" is not "L40S" or "L4".
+GPU_PEAK_FLOPS = {("H100",): 989e12, ("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12,
+                  ("H200",): 989e12, ("H200", "NVL"): 835e12, ("H800",): 989e12, ("H800", "PCIe"): 756e12,
+                  ("A100",): 312e12, ("A800",): 312e12, ("L40S",): 362e12, ("L40",): 181e12,
+                  ("L4",): 121e12, ("A10",): 125e12, ("RTX", "4090"): 165e12, ("RTX", "3090"): 71e12,
+                  ("V100",): 125e12}
+
+
+def gpu_peak_flops(name):
+    """The GPU_PEAK_FLOPS figure for a device name, or 0.0 for a device the table lacks."""
+    words = set(re.split(r"[\s\-_]+", name))
+    keys = [key for key in GPU_PEAK_FLOPS if words.issuperset(key)]
+    return GPU_PEAK_FLOPS[max(keys, key=len)] if keys else 0.0
 
 
 @dataclass
@@ -390,8 +404,7 @@ def peak_flops(s, device):
     if s.peak_flops > 0:
         return s.peak_flops
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     if device.type == "cpu":
         return measure_matmul_flops()
     return 0.0
@@ -476,11 +489,19 @@ def build_model(s, config, rt):
     if s.init_from:
         raw_model.load_state_dict(load_init_state(s, config))
     raw_model.to(rt.device)
+    raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
     model = torch.compile(raw_model) if s.compile else raw_model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return raw_model, model
+
+
+def sparse_embedding_pays(s, rt):
+    """A sparse gradient for the tied token embedding (model.GPT.forward) saves a (V, C) table's
+    zeroing and addition each step on the CPU (README: Performance); on GPUs that costs
+    microseconds, and compiled graphs hold no sparse tensors."""
+    return rt.device.type == "cpu" and not s.compile
 
 
 def load_init_state(s, config):
@@ -495,7 +516,10 @@ def build_fsdp_model(s, config, rt):
     """FSDP2: each block, then the root, is sharded across ranks. The model is built on the meta
     device (no memory), sharded, then materialized and initialized shard by shard, so a model far
     larger than one device fits. With bf16, parameters are gathered in bf16 for compute and
-    gradients are reduced in fp32."""
+    gradients are reduced in fp32. With --compile each block is compiled before it is sharded,
+    as torchtitan does (activation checkpointing, then compile, then fully_shard, block by
+    block): FSDP's gathers and reduce-scatters stay between the compiled blocks, where they
+    overlap with compute, instead of being traced into one whole-model graph."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
@@ -503,16 +527,18 @@ def build_fsdp_model(s, config, rt):
     with torch.device("meta"):
         raw_model = GPT(config)
     for block in raw_model.transformer.h:
+        if s.compile:
+            block.compile()  # in place: the module and its parameter names stay as they are
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
     raw_model.to_empty(device=rt.device)
     raw_model.init_weights(s.seed)  # the same weights as without FSDP
+    raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
     if s.init_from:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(raw_model, load_init_state(s, config),
                              options=StateDictOptions(full_state_dict=True))
-    model = torch.compile(raw_model) if s.compile else raw_model
-    return raw_model, model
+    return raw_model, raw_model
 
 
 def model_and_optimizer_state(s, raw_model, optimizer):
@@ -526,7 +552,7 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
     model_state, optim_state = model_and_optimizer_state(s, raw_model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, "step": step,
              "model_config": dataclasses.asdict(raw_model.config), "settings": dataclasses.asdict(s),
-             "data": loader.state_dict(), "rng": checkpoint.rng_state(rt.device), **extra}
+             "data": loader.state_dict(), "rng": rng_states(rt), **extra}
     path = checkpoint.checkpoint_path(s.log_dir, step, sharded=s.fsdp)
     if s.fsdp:
         checkpoint.save_sharded(state, path, rt.rank)
@@ -535,6 +561,27 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
     if rt.is_main:
         checkpoint.prune(s.log_dir, s.keep_checkpoints)
         log(f"saved checkpoint {path}")
+
+
+def rng_states(rt):
+    """Every rank's RNG states (torch, CUDA, numpy, python), as a list indexed by rank: rank 0
+    writes the checkpoint. Every rank calls this."""
+    mine = checkpoint.rng_state(rt.device)
+    if rt.world_size == 1:
+        return [mine]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_state(states, rt, log):
+    """Each rank takes back its own RNG states. Ranks the checkpoint has none for (it was written
+    by fewer processes) keep their fresh ones, and the log says so."""
+    if rt.rank < len(states):
+        checkpoint.set_rng_state(states[rt.rank], rt.device)
+    if len(states) != rt.world_size:
+        log(f"note: the checkpoint holds the RNG states of {len(states)} ranks, this run has "
+            f"{rt.world_size}: ranks {len(states)} and up start theirs afresh")
 
 
 def resume_candidates(s):
@@ -596,20 +643,20 @@ def clip_gradients(params, optimizer, max_norm):
     """Scale the step's gradient down to norm max_norm when it is larger (0: never); returns the
     norm before clipping, as a tensor (reading it would sync with the device).
 
-    clip_grad_norm_ makes two passes over every gradient, a norm and a multiply. With the fused
-    AdamW the multiply is left to the optimizer kernel, which divides each gradient by the
-    optimizer's `grad_scale` as it reads it (the hook torch's GradScaler unscales through), so
-    the pass is saved. On the CPU the norm comes from BLAS dot products: torch's foreach norm
-    runs there a tensor at a time at half their speed. Measured at gpt2 size, 2 cores: norm 53 ->
-    24 ms, multiply 31 -> 0 ms, of a 760 ms step."""
+    On the CPU, where it was measured to pay (README: Performance), two of clip_grad_norm_'s
+    costs are saved: the norm comes from BLAS dot products (torch's foreach norm runs there a
+    tensor at a time at half their speed), and with the fused AdamW the multiply is left to the
+    optimizer kernel, which divides each gradient by the optimizer's `grad_scale` as it reads it
+    (the hook torch's GradScaler unscales through). Elsewhere torch's own clipping runs."""
     grads = [p.grad for p in params if p.grad is not None]
     if any(hasattr(g, "device_mesh") for g in grads):  # FSDP's sharded DTensors: torch's own way
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if grads and grads[0].device.type == "cpu":
-        norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
-    else:
-        norm = torch.nn.utils.get_total_norm(grads)
+    if not (grads and grads[0].device.type == "cpu"):
+        if max_norm <= 0:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     if max_norm <= 0:
         return norm
     if optimizer.defaults.get("fused"):
@@ -637,6 +684,10 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
             # DDP all-reduces gradients during backward. Only the last micro step's reduce is
             # needed: the others would send gradients that are still being accumulated.
             model.require_backward_grad_sync = micro_step == accum - 1
+        elif s.fsdp and s.fsdp_unsharded_accumulation:
+            # The same for FSDP, at a price: until the last micro step every rank holds the
+            # whole model's gradients unsharded (README: FSDP).
+            model.set_requires_gradient_sync(micro_step == accum - 1)
         with autocast():
             _, loss = model(x, y, return_logits=not s.chunked_loss)
         # The gradient of the step is the mean over all micro batches: scale each micro loss
@@ -675,7 +726,7 @@ def train(s):
     if state is not None:
         step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], state["bad_steps"], state["val_loss"]
         loader.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"], rt.device)
+        restore_rng_state(state["rng"], rt, log)
         if tokens_seen >= s.max_tokens:
             log(f"{s.log_dir} already holds a finished run ({tokens_seen:,} of {s.max_tokens:,} tokens, "
                 f"{step} steps). To train again use another --log_dir, or raise --max_tokens to continue it.")
@@ -743,7 +794,14 @@ def due(step, every, last):
 
 def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     """Validation, HellaSwag and samples, on the plain model (no DDP, no compile: the compiled
-    training graph is never retraced for other shapes). Their time is outside the step's."""
+    training graph is never retraced for other shapes). Their time is outside the step's. Under
+    FSDP the blocks themselves are compiled (build_fsdp_model): they run eagerly here."""
+    eager = torch.compiler.set_stance("force_eager") if s.fsdp and s.compile else contextlib.nullcontext()
+    with eager:
+        return _run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
+
+
+def _run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     val = None
     if val_data is not None and due(step, s.val_every, last):
         val = evaluate.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype)

@@ -236,3 +236,13 @@ def test_resume_mid_batch_warmup_is_exact(shards, tmp_path, monkeypatch, one_thr
     run(args)
     assert train_losses(b) == train_losses(a)
     assert [e["step_tokens"] for e in read_metrics(b) if "train_loss" in e] == sizes
+
+
+def test_gpu_peak_flops_match_whole_names():
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+             "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12,
+             "NVIDIA A10G": 0.0, "NVIDIA GeForce RTX 4090": 165e12, "Tesla V100-SXM2-16GB": 125e12,
+             "NVIDIA B200": 0.0}
+    for name, peak in names.items():
+        assert train_gpt.gpu_peak_flops(name) == peak, name
