@@ -247,11 +247,9 @@ def plan_steps(s, tokens_per_micro, until=None):
 
 def count_steps(s, tokens_per_micro, until):
     """len(list(plan_steps(...))), without walking the steps after the batch-size warmup."""
-    steps, tokens = 0, 0
-    for tokens, step_tokens in plan_steps(s, tokens_per_micro, min(until, s.batch_warmup_tokens)):
-        steps += 1
-    tokens = tokens + step_tokens if steps else 0
-    return steps + max(0, -(-(until - tokens) // s.total_batch_size))
+    ramp = list(plan_steps(s, tokens_per_micro, min(until, s.batch_warmup_tokens)))
+    done = ramp[-1][0] + ramp[-1][1] if ramp else 0
+    return len(ramp) + max(0, -(-(until - done) // s.total_batch_size))  # then whole steps, rounded up
 
 
 def describe_plan(s, tokens_per_micro):
