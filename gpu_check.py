@@ -1,5 +1,5 @@
 """CUDA paths in one go, for a lent GPU: bf16 autocast, the chunked loss, flash attention, fused
-AdamW, NCCL with one rank. Prints one line per check and exits non-zero if any failed.
+AdamW, DDP and FSDP starting from the same weights, NCCL with one rank. Prints one line per check and exits non-zero if any failed.
 
     python gpu_check.py          # then bench.py for MFU; gpu_check.sh runs both and more
 """
@@ -57,6 +57,30 @@ def fused_adamw():
     loss.backward()
     opt.step()
     return "fused=True, one step ok"
+
+
+@check
+def ddp_and_fsdp_start_alike():
+    """DDP's model is built on the CPU and moved, FSDP's materialized on the GPU shard by shard:
+    both must hold the same initial weights (model.init_weights draws on a CPU generator), and
+    give the same first loss (fp32)."""
+    import train_gpt
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = "29512"
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        config = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=128)
+        rt = train_gpt.Runtime(0, 0, 1, torch.device("cuda", 0), None, True)
+        ddp, _ = train_gpt.build_model(train_gpt.Settings(compile=False, seed=7), config, rt)
+        fsdp, _ = train_gpt.build_fsdp_model(train_gpt.Settings(fsdp=True, compile=False, seed=7), config, rt)
+        same = all(torch.equal(a, b.full_tensor()) for a, b in zip(ddp.parameters(), fsdp.parameters()))
+        assert same, "DDP and FSDP start from different weights"
+        x = torch.randint(0, 50257, (4, 128), device="cuda")
+        losses = [m(x, x)[1].item() for m in (ddp, fsdp)]
+        assert abs(losses[0] - losses[1]) < 1e-5, losses
+        return f"identical weights; first losses DDP {losses[0]:.6f} FSDP {losses[1]:.6f}"
+    finally:
+        dist.destroy_process_group()
 
 
 @check

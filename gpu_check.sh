@@ -3,8 +3,9 @@
 #   1. gpu_check.py: bf16 autocast, chunked loss, flash attention, fused AdamW, NCCL with one rank
 #   2. bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory; per micro batch, per
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
-#   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names), and FSDP over NCCL with
-#      bf16 parameters, a sharded checkpoint and an exact resume.
+#   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names, torch's clipping), FSDP over
+#      NCCL with bf16 parameters, a sharded checkpoint and an exact resume, and FSDP with its blocks
+#      compiled against DDP: the same losses.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -36,4 +37,16 @@ for stop in 6 0; do
     | grep -E "loss|resumed|FSDP|error" | tee -a "$OUT/fsdp.log"
 done
 cp /tmp/log_fsdp/metrics.jsonl "$OUT/fsdp_metrics.jsonl" 2>/dev/null
+echo "== 3c. FSDP with per-block compile against DDP eager (fp32): the same first losses"
+for mode in "--fsdp=True --compile=True" "--fsdp=False --compile=False"; do
+  timeout 120 torchrun --standalone --nproc_per_node=1 train_gpt.py $TINY $mode --dtype=float32 --resume=off \
+    --log_dir=/tmp/log_${mode//[^a-zA-Z]/} --max_steps=4 --val_every=4 --sample_every=0 --checkpoint_every=4 2>&1 \
+    | grep -E "^step|error" | tail -n 5 | tee -a "$OUT/fsdp_compile.log"
+done
+python3 -c "
+import json
+def losses(d): return [json.loads(l)['train_loss'] for l in open(d + '/metrics.jsonl') if 'train_loss' in l]
+a, b = losses('/tmp/log_fsdpTruecompileTrue'), losses('/tmp/log_fsdpFalsecompileFalse')
+print('FSDP+compile', a, 'DDP', b); print('same first losses:', len(a) == len(b) == 4 and all(abs(x - y) < 1e-2 for x, y in zip(a, b)))
+" 2>&1 | tee -a "$OUT/fsdp_compile.log"
 echo "== done"

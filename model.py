@@ -61,6 +61,17 @@ class Preset:
     block_size: int
     max_lr: float
     batch_tokens: int  # tokens per optimizer step
+    train_tokens: int = 0  # the run's token budget
+    decay_tokens: int = 0  # the cosine decay reaches min_lr here (then it stays there); 0 = train_tokens
+    warmup_tokens: int = 375_000_000  # linear LR warmup (GPT-3: 375M tokens for every size)
+
+
+# GPT-2 sizes train on one epoch of FineWeb-EDU sample-10BT as the seed does: 19,073 steps of
+# 2**19 tokens (10B), LR warmup 715 steps (375M), decay over the whole run. GPT-3 sizes as the
+# paper (section 2.3 and appendix B): 300B tokens each, warmup over 375M, cosine decay to 10%
+# over 260B tokens, then the last 40B at 10%.
+GPT2_TOKENS = dict(train_tokens=19_073 * 2**19, warmup_tokens=715 * 2**19)
+GPT3_TOKENS = dict(train_tokens=300 * 10**9, decay_tokens=260 * 10**9)
 
 
 # GPT-2 sizes (Radford et al. 2019) use its 1024 context; their learning rates follow the GPT-3
@@ -69,20 +80,20 @@ class Preset:
 # width is not n_head * d_head: XL lists n_heads=24 with d_model=2048 and d_head=128, and 13B lists
 # d_model=5140 with 40 heads of 128. We keep d_head=128 and its products: 16 heads, and 5120 wide.
 PRESETS = {
-    "gpt2": Preset(12, 12, 768, 1024, 6e-4, 2**19),
-    "gpt2-medium": Preset(24, 16, 1024, 1024, 3e-4, 2**19),
-    "gpt2-large": Preset(36, 20, 1280, 1024, 2.5e-4, 2**19),
-    "gpt2-xl": Preset(48, 25, 1600, 1024, 2e-4, 2**19),
-    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19),
-    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19),
-    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19),
-    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20),
-    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20),
-    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21),
-    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21),
-    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048),
+    "gpt2": Preset(12, 12, 768, 1024, 6e-4, 2**19, **GPT2_TOKENS),
+    "gpt2-medium": Preset(24, 16, 1024, 1024, 3e-4, 2**19, **GPT2_TOKENS),
+    "gpt2-large": Preset(36, 20, 1280, 1024, 2.5e-4, 2**19, **GPT2_TOKENS),
+    "gpt2-xl": Preset(48, 25, 1600, 1024, 2e-4, 2**19, **GPT2_TOKENS),
+    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19, **GPT3_TOKENS),
+    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19, **GPT3_TOKENS),
+    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19, **GPT3_TOKENS),
+    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20, **GPT3_TOKENS),
+    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20, **GPT3_TOKENS),
+    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21, **GPT3_TOKENS),
+    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21, **GPT3_TOKENS),
+    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048, **GPT3_TOKENS),
     # A CPU-sized model for the offline demo and the tests: same architecture, tiny.
-    "tiny": Preset(4, 4, 256, 256, 1e-3, 2**14),
+    "tiny": Preset(4, 4, 256, 256, 1e-3, 2**14, train_tokens=150 * 2**14, warmup_tokens=15 * 2**14),
 }
 
 
@@ -155,6 +166,8 @@ class GPT(nn.Module):
         # Weight tying (as GPT-2): the output projection is the token embedding. One tensor, so
         # one gradient, one optimizer state, and 38M fewer parameters at gpt2 size.
         self.lm_head.weight = self.transformer.wte.weight
+        # Training on the CPU sets this (train_gpt.build_model): see forward.
+        self.sparse_embedding_grad = False
         if self.lm_head.weight.device.type != "meta":
             self.init_weights(seed)
 
@@ -164,16 +177,18 @@ class GPT(nn.Module):
         the two projections that write into the residual stream at 0.02/sqrt(2*n_layer), so the
         stream's variance does not grow with depth (each block adds two of them).
 
-        Every tensor is drawn whole, in a fixed order, from one generator seeded with `seed`, then
-        copied in. A sharded parameter (a DTensor, as FSDP makes) keeps only its own shard of the
-        whole, so a model gets the same initial weights however it is split across processes.
-        Separate from __init__ so that a model built on the meta device can be sharded first."""
-        device = self.lm_head.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        Every tensor is drawn whole, in a fixed order, from one CPU generator seeded with `seed`,
+        then copied in. A CPU generator, whatever the parameters' device: CUDA's draws other
+        numbers from the same seed, so a model built on the CPU and moved (DDP) and one
+        materialized on the GPU (FSDP) would start apart. A sharded parameter (a DTensor, as FSDP
+        makes) keeps only its own shard of the whole, so a model gets the same initial weights
+        however it is split across processes and devices. Separate from __init__ so that a model
+        built on the meta device can be sharded first."""
+        generator = torch.Generator().manual_seed(seed)
         std_residual = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():  # the tied lm_head appears once, as wte
             module = self.get_submodule(name.rsplit(".", 1)[0])
-            full = torch.empty(param.shape, dtype=param.dtype, device=device)
+            full = torch.empty(param.shape, dtype=param.dtype)
             if name.endswith(".bias"):
                 full.zero_()
             elif isinstance(module, nn.LayerNorm):
@@ -183,7 +198,7 @@ class GPT(nn.Module):
                 full.normal_(0.0, std, generator=generator)
             if module is self.transformer.wte:
                 full[self.config.vocab_size:] = 0.0  # dead rows of the padded vocabulary: inert
-            _copy_whole_into(param, full)
+            _copy_whole_into(param, full.to(param.device))
 
     def hidden_states(self, idx, sparse_embedding_grad=False):
         """(B, T) token ids -> (B, T, C) final-LayerNorm activations. sparse_embedding_grad: see
@@ -211,13 +226,13 @@ class GPT(nn.Module):
         With return_logits=False (training) the loss is computed in row chunks and the full
         (B, T, vocab) logits are never materialized: see lm_head_cross_entropy."""
         # The token embedding is the lm_head's weight, so its gradient is the sum of the two
-        # uses'. On the CPU the embedding's dense backward zeroes a whole (V, C) fp32 table (155 MB
-        # at gpt2 size) to scatter B*T rows into, and autograd then adds that table to the
-        # lm_head's gradient. A sparse gradient holds just the B*T rows; autograd adds it to the
-        # lm_head's dense one (a copy of the table plus those rows), and the sum is dense, as AdamW
-        # needs: 40-75 -> 33 ms a step at gpt2 size, 2 cores. Not compiled (no sparse tensors there)
-        # nor on GPUs, where the dense table costs microseconds.
-        sparse = targets is not None and idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        # uses'. The embedding's dense backward zeroes a whole (V, C) fp32 table (155 MB at gpt2
+        # size) to scatter B*T rows into, and autograd then adds that table to the lm_head's
+        # gradient. With sparse_embedding_grad the embedding's gradient holds just the B*T rows;
+        # autograd adds it to the lm_head's dense one, and the sum is dense, as AdamW needs. That
+        # pays on the CPU (README: Performance); the trainer turns it on there. Never under
+        # torch.compile, which traces no sparse tensors.
+        sparse = self.sparse_embedding_grad and targets is not None and not torch.compiler.is_compiling()
         h = self.hidden_states(idx, sparse_embedding_grad=sparse)
         if targets is None:
             return self.logits(h), None
@@ -266,21 +281,23 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     The full logits are N x V (at B=8, T=256 with V=50304 that is 400 MB in fp32, and again as
     their gradient). Here each chunk's logits are made, turned into the loss and straight away
     into the gradients of h and weight (d loss / d logits = softmax - onehot), then dropped. The
-    backward pass only scales the saved gradients, so nothing is computed twice.
+    backward pass only scales the saved gradients, so nothing is computed twice. Without a
+    gradient to make (under torch.no_grad, or no input needing one) only the loss is computed.
 
-    On the CPU the passes over a chunk's n x V logits cost as much as its matmuls, so there is one:
-    a fused softmax (fp32 inside, also for bf16 logits: the same values as the fp32 softmax rounded
-    once to bf16, as autocast's full-logits path produces). That halved this function's time (tiny
-    model, bf16: 190 instead of 365 ms a step) against to-fp32, logsumexp, exp and to-bf16 passes.
-    The loss is then -log p(target), as exact as p (fp32: ~1e-7; bf16: ~2e-3 per token, less than
-    bf16 logits already cost). A target less likely than fp32's smallest normal number (a loss
-    above ~87.3 for that token) counts as 87.3: finite, where its probability is 0."""
+    On the CPU the passes over a chunk's n x V logits cost as much as its matmuls, so there are
+    few: a fused softmax (fp32 inside, also for bf16 logits: the same values as the fp32 softmax
+    rounded once to bf16, as autocast's full-logits path produces), and for bf16 one read-only row
+    sum. That sum is what keeps the target's entry exact: in bf16 a probability above ~0.998 rounds
+    to 1, so p - 1 would be 0 for every confident target. Instead 1 - p is the fp32 sum of the
+    other probabilities (each exact to bf16 rounding), so the target's entry -(1 - p) is as exact as
+    autocast's fp32 p - 1 rounded to bf16, and its loss -log1p(-(1 - p)) as exact too. A target
+    less likely than fp32's smallest normal number (a loss above ~87.3 for that token) counts as
+    87.3: finite, where its probability is 0."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype):
+    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad):
         N = h.size(0)
         x, w = h.to(compute_dtype), weight.to(compute_dtype)
-        need_grad = any(ctx.needs_input_grad[:2])
         acc = torch.promote_types(compute_dtype, torch.float32)  # the loss and weight-gradient sums
         loss_sum = torch.zeros((), dtype=acc, device=h.device)
         grad_x = torch.empty_like(x) if need_grad else None
@@ -292,10 +309,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
             probs = torch.softmax(logits, dim=1)
             del logits  # freed before the gradient products are made: one n x V buffer at a time
-            p_target = probs.gather(1, tc[:, None]).squeeze(1).to(acc)
-            loss_sum -= p_target.clamp_min(torch.finfo(acc).tiny).log().sum()
+            loss_sum -= _target_log_probs(probs, tc, acc, need_grad).sum()  # probs[target] = p - 1 if need_grad
             if need_grad:
-                probs[torch.arange(tc.size(0), device=tc.device), tc] -= 1.0  # d loss / d logits
                 torch.mm(probs, w, out=grad_x[s:s + chunk_size])
                 grad_w = _add_product(grad_w, probs.t(), xc, acc)
         if need_grad:
@@ -308,7 +323,24 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         g = grad_loss * ctx.scale
-        return _scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1]), None, None, None, None
+        return _scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1]), None, None, None, None, None
+
+
+def _target_log_probs(probs, targets, acc, make_grad):
+    """log p(target) of each row of the (n, V) softmax probs, in acc (fp32 at least); with
+    make_grad, also turn probs into d loss / d logits in place (the target's entry minus 1)."""
+    rows = torch.arange(targets.size(0), device=targets.device)
+    p = probs[rows, targets].to(acc)
+    tiny = torch.finfo(acc).tiny
+    if probs.dtype == acc:  # fp32 / fp64: p - 1 is exact enough in the softmax's own precision
+        if make_grad:
+            probs[rows, targets] -= 1.0
+        return p.clamp_min(tiny).log()
+    probs[rows, targets] = 0.0
+    rest = probs.sum(dim=1, dtype=acc)  # 1 - p, from the other probabilities: exact where p is near 1
+    if make_grad:
+        probs[rows, targets] = (-rest).to(probs.dtype)
+    return torch.where(p > 0.5, torch.log1p(-rest.clamp_max(1.0 - 2**-24)), p.clamp_min(tiny).log())
 
 
 def _scaled(grad, g, dtype):
@@ -333,8 +365,9 @@ def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024):
     would be run."""
     device_type = h.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(device_type=device_type, enabled=False):
-        return _LMHeadCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, compute_dtype)
+        return _LMHeadCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +406,7 @@ def optimizer_groups(model, weight_decay):
 def configure_optimizers(model, weight_decay, learning_rate, device_type, log=print):
     """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8; the fused kernel on CUDA (one launch
     for all parameters instead of several per tensor) and on the CPU (one pass over each tensor
-    instead of six: 4.4x faster at gpt2 size, 80 instead of 355 ms a step on 2 cores)."""
+    instead of six)."""
     groups = optimizer_groups(model, weight_decay)
     for name, group in zip(("decayed", "not decayed"), groups):
         log(f"optimizer: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "

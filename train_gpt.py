@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -59,12 +60,15 @@ class Settings:
     total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
     micro_batch_size: int = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100)
     batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
-    # optimization (GPT-3 paper recipe: AdamW, warmup then cosine decay to 10%)
+    # optimization (GPT-3 paper recipe: AdamW, LR warmup then cosine decay to 10%, clocked in tokens)
     max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
     min_lr: Optional[float] = None  # None: 10% of max_lr
-    warmup_steps: int = 715  # 375M tokens / 2**19, as GPT-3
-    max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-EDU sample-10BT
-    stop_step: int = 0  # end this session at this step (checkpointed), the schedule still aims at max_steps; 0 = off
+    max_tokens: Optional[int] = None  # the run's token budget; None: the preset's (gpt2: 19,073 x 2**19 = 10B)
+    warmup_tokens: Optional[int] = None  # linear LR warmup; None: the preset's (gpt2: 715 x 2**19 = 375M)
+    decay_tokens: Optional[int] = None  # cosine decay ends (min_lr after); None: max_tokens, or the preset's (GPT-3: 260B)
+    max_steps: Optional[int] = None  # instead of max_tokens: max_steps x total_batch_size tokens
+    warmup_steps: Optional[int] = None  # instead of warmup_tokens: warmup_steps x total_batch_size tokens
+    stop_step: int = 0  # end this session at this step (checkpointed), the schedule still aims at max_tokens; 0 = off
     weight_decay: float = 0.1  # AdamW weight decay on matmul weights and embeddings
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = never
     max_bad_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient
@@ -84,6 +88,7 @@ class Settings:
     compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    fsdp_unsharded_accumulation: bool = False  # FSDP: reduce-scatter once a step, not every micro step (full gradients per rank)
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
     seed: int = 1337  # initial weights, data order and samples
@@ -165,14 +170,36 @@ def resolve_model_settings(s):
     s.min_lr = s.min_lr if s.min_lr is not None else 0.1 * s.max_lr
     if s.seq_len > config.block_size:
         raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
-    for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
+    for name in ("micro_batch_size", "seq_len", "total_batch_size"):
         if getattr(s, name) <= 0:
             raise SettingsError(f"--{name} must be positive, got {getattr(s, name)}")
-    if not 0 <= s.warmup_steps <= s.max_steps:
-        raise SettingsError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
+    resolve_token_schedule(s, preset)
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
     return config
+
+
+def resolve_token_schedule(s, preset):
+    """Fill max_tokens, warmup_tokens and decay_tokens: given in tokens, or in steps of
+    total_batch_size tokens (--max_steps, --warmup_steps), or the preset's."""
+    for tokens, steps in (("max_tokens", "max_steps"), ("warmup_tokens", "warmup_steps")):
+        if getattr(s, steps) is not None:
+            if getattr(s, tokens) is not None:
+                raise SettingsError(f"--{tokens} and --{steps} name the same thing: give one of them")
+            if getattr(s, steps) < 0:
+                raise SettingsError(f"--{steps} must not be negative, got {getattr(s, steps)}")
+            setattr(s, tokens, getattr(s, steps) * s.total_batch_size)
+    budget_given = s.max_tokens is not None
+    s.max_tokens = s.max_tokens if budget_given else preset.train_tokens
+    s.warmup_tokens = s.warmup_tokens if s.warmup_tokens is not None else preset.warmup_tokens
+    if s.decay_tokens is None:  # a budget of one's own decays over itself, as the seed's does
+        s.decay_tokens = s.max_tokens if budget_given or not preset.decay_tokens else preset.decay_tokens
+    if s.max_tokens <= 0:
+        raise SettingsError(f"--max_tokens must be positive, got {s.max_tokens}")
+    if not 0 <= s.warmup_tokens <= s.decay_tokens:
+        raise SettingsError(f"warmup_tokens={s.warmup_tokens:,} must be between 0 and decay_tokens={s.decay_tokens:,}")
+    if s.batch_warmup_tokens < 0:
+        raise SettingsError(f"--batch_warmup_tokens must not be negative, got {s.batch_warmup_tokens}")
 
 
 def check_batch_divisibility(s, world_size):
@@ -194,34 +221,88 @@ def check_batch_divisibility(s, world_size):
 # ----------------------------------------------------------------------------------------------
 # Schedules
 
-def lr_at(step, s):
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
-    if step < s.warmup_steps:
-        return s.max_lr * (step + 1) / s.warmup_steps
-    if step >= s.max_steps:
-        return s.min_lr
-    progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
-    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.max_lr - s.min_lr)
+def lr_at(tokens, step_tokens, s):
+    """The LR of the step that trains tokens .. tokens + step_tokens (tokens: trained before it).
+    GPT-3's schedule, clocked in tokens: linear warmup to max_lr, reached by the step that ends at
+    or past warmup_tokens (so the first step's LR is not 0), then a decay from max_lr to min_lr
+    between warmup_tokens and decay_tokens, and min_lr after. With steps of total_batch_size this
+    is the seed's schedule in steps: warmup (step + 1) / warmup_steps, cosine over the rest."""
+    if tokens < s.warmup_tokens:
+        return s.max_lr * min(1.0, (tokens + step_tokens) / s.warmup_tokens)
+    return s.min_lr + cosine_decay(tokens, s.warmup_tokens, s.decay_tokens) * (s.max_lr - s.min_lr)
+
+
+def cosine_decay(tokens, warmup_tokens, decay_tokens):
+    """The decay's shape: 1 at warmup_tokens, falling as a half cosine to 0 at decay_tokens, then 0."""
+    progress = min(1.0, (tokens - warmup_tokens) / max(1, decay_tokens - warmup_tokens))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+BATCH_WARMUP_START = 2**15  # GPT-3's batch-size warmup starts at 32K tokens a step
 
 
 def accum_steps_at(tokens_seen, s, tokens_per_micro):
-    """Micro steps this optimizer step. With GPT-3's batch-size warmup the step grows linearly
-    from 32K tokens to total_batch_size over the first batch_warmup_tokens tokens."""
+    """Micro steps this optimizer step (tokens_per_micro: one global micro batch, every rank's).
+    With GPT-3's batch-size warmup the step grows linearly from 32K tokens (or one global micro
+    batch, where that is more) to total_batch_size over the first batch_warmup_tokens tokens, in
+    whole global micro batches; it never shrinks."""
     full = s.total_batch_size // tokens_per_micro
     if s.batch_warmup_tokens <= 0 or tokens_seen >= s.batch_warmup_tokens:
         return full
-    start = min(2**15, s.total_batch_size)
+    start = min(BATCH_WARMUP_START, s.total_batch_size)
     target = start + (s.total_batch_size - start) * tokens_seen / s.batch_warmup_tokens
     return max(1, min(full, round(target / tokens_per_micro)))
+
+
+def plan_steps(s, tokens_per_micro, until=None):
+    """The optimizer steps that train `until` tokens (default max_tokens), as (tokens before the
+    step, tokens in it): the schedule alone, no training. The last step may pass the target by
+    less than one step."""
+    until = s.max_tokens if until is None else until
+    tokens = 0
+    while tokens < until:
+        step_tokens = accum_steps_at(tokens, s, tokens_per_micro) * tokens_per_micro
+        yield tokens, step_tokens
+        tokens += step_tokens
+
+
+def count_steps(s, tokens_per_micro, until):
+    """len(list(plan_steps(...))), without walking the steps after the batch-size warmup."""
+    ramp = list(plan_steps(s, tokens_per_micro, min(until, s.batch_warmup_tokens)))
+    done = ramp[-1][0] + ramp[-1][1] if ramp else 0
+    return len(ramp) + max(0, -(-(until - done) // s.total_batch_size))  # then whole steps, rounded up
+
+
+def describe_plan(s, tokens_per_micro):
+    """One line: the run's tokens, LR warmup and decay, and the steps they take at this batch."""
+    ramp = (f"; the batch ramps from {accum_steps_at(0, s, tokens_per_micro) * tokens_per_micro:,} tokens "
+            f"over the first {s.batch_warmup_tokens:,}" if s.batch_warmup_tokens > 0 else "")
+    after = "" if s.decay_tokens >= s.max_tokens else ", then min_lr"
+    return (f"plan: {s.max_tokens:,} tokens in {count_steps(s, tokens_per_micro, s.max_tokens):,} steps of "
+            f"{s.total_batch_size:,}{ramp}; LR warmup over {s.warmup_tokens:,} tokens "
+            f"({count_steps(s, tokens_per_micro, s.warmup_tokens):,} steps), cosine decay to min_lr at "
+            f"{s.decay_tokens:,} tokens ({count_steps(s, tokens_per_micro, s.decay_tokens):,} steps){after}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Devices, processes and speed
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                  "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-                  "V100": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU (V100: fp16). A key
+# is the words a device name must hold (torch.cuda.get_device_name, split at spaces and dashes:
+# "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"); the key with the most matching words wins, so a
+# PCIe or NVL card gets its own figure and "L40" is not "L40S" or "L4".
+GPU_PEAK_FLOPS = {("H100",): 989e12, ("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12,
+                  ("H200",): 989e12, ("H200", "NVL"): 835e12, ("H800",): 989e12, ("H800", "PCIe"): 756e12,
+                  ("A100",): 312e12, ("A800",): 312e12, ("L40S",): 362e12, ("L40",): 181e12,
+                  ("L4",): 121e12, ("A10",): 125e12, ("RTX", "4090"): 165e12, ("RTX", "3090"): 71e12,
+                  ("V100",): 125e12}
+
+
+def gpu_peak_flops(name):
+    """The GPU_PEAK_FLOPS figure for a device name, or 0.0 for a device the table lacks."""
+    words = set(re.split(r"[\s\-_]+", name))
+    keys = [key for key in GPU_PEAK_FLOPS if words.issuperset(key)]
+    return GPU_PEAK_FLOPS[max(keys, key=len)] if keys else 0.0
 
 
 @dataclass
@@ -342,8 +423,7 @@ def peak_flops(s, device):
     if s.peak_flops > 0:
         return s.peak_flops
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     if device.type == "cpu":
         return measure_matmul_flops()
     return 0.0
@@ -428,11 +508,19 @@ def build_model(s, config, rt):
     if s.init_from:
         raw_model.load_state_dict(load_init_state(s, config))
     raw_model.to(rt.device)
+    raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
     model = torch.compile(raw_model) if s.compile else raw_model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return raw_model, model
+
+
+def sparse_embedding_pays(s, rt):
+    """A sparse gradient for the tied token embedding (model.GPT.forward) saves a (V, C) table's
+    zeroing and addition each step on the CPU (README: Performance); on GPUs that costs
+    microseconds, and compiled graphs hold no sparse tensors."""
+    return rt.device.type == "cpu" and not s.compile
 
 
 def load_init_state(s, config):
@@ -447,7 +535,10 @@ def build_fsdp_model(s, config, rt):
     """FSDP2: each block, then the root, is sharded across ranks. The model is built on the meta
     device (no memory), sharded, then materialized and initialized shard by shard, so a model far
     larger than one device fits. With bf16, parameters are gathered in bf16 for compute and
-    gradients are reduced in fp32."""
+    gradients are reduced in fp32. With --compile each block is compiled before it is sharded,
+    as torchtitan does (activation checkpointing, then compile, then fully_shard, block by
+    block): FSDP's gathers and reduce-scatters stay between the compiled blocks, where they
+    overlap with compute, instead of being traced into one whole-model graph."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
@@ -455,16 +546,18 @@ def build_fsdp_model(s, config, rt):
     with torch.device("meta"):
         raw_model = GPT(config)
     for block in raw_model.transformer.h:
+        if s.compile:
+            block.compile()  # in place: the module and its parameter names stay as they are
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
     raw_model.to_empty(device=rt.device)
     raw_model.init_weights(s.seed)  # the same weights as without FSDP
+    raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
     if s.init_from:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(raw_model, load_init_state(s, config),
                              options=StateDictOptions(full_state_dict=True))
-    model = torch.compile(raw_model) if s.compile else raw_model
-    return raw_model, model
+    return raw_model, raw_model
 
 
 def model_and_optimizer_state(s, raw_model, optimizer):
@@ -478,7 +571,7 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
     model_state, optim_state = model_and_optimizer_state(s, raw_model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, "step": step,
              "model_config": dataclasses.asdict(raw_model.config), "settings": dataclasses.asdict(s),
-             "data": loader.state_dict(), "rng": checkpoint.rng_state(rt.device), **extra}
+             "data": loader.state_dict(), "rng": rng_states(rt), **extra}
     path = checkpoint.checkpoint_path(s.log_dir, step, sharded=s.fsdp)
     if s.fsdp:
         checkpoint.save_sharded(state, path, rt.rank)
@@ -487,6 +580,27 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
     if rt.is_main:
         checkpoint.prune(s.log_dir, s.keep_checkpoints)
         log(f"saved checkpoint {path}")
+
+
+def rng_states(rt):
+    """Every rank's RNG states (torch, CUDA, numpy, python), as a list indexed by rank: rank 0
+    writes the checkpoint. Every rank calls this."""
+    mine = checkpoint.rng_state(rt.device)
+    if rt.world_size == 1:
+        return [mine]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_state(states, rt, log):
+    """Each rank takes back its own RNG states. Ranks the checkpoint has none for (it was written
+    by fewer processes) keep their fresh ones, and the log says so."""
+    if rt.rank < len(states):
+        checkpoint.set_rng_state(states[rt.rank], rt.device)
+    if len(states) != rt.world_size:
+        log(f"note: the checkpoint holds the RNG states of {len(states)} ranks, this run has "
+            f"{rt.world_size}: ranks {len(states)} and up start theirs afresh")
 
 
 def resume_candidates(s):
@@ -548,20 +662,20 @@ def clip_gradients(params, optimizer, max_norm):
     """Scale the step's gradient down to norm max_norm when it is larger (0: never); returns the
     norm before clipping, as a tensor (reading it would sync with the device).
 
-    clip_grad_norm_ makes two passes over every gradient, a norm and a multiply. With the fused
-    AdamW the multiply is left to the optimizer kernel, which divides each gradient by the
-    optimizer's `grad_scale` as it reads it (the hook torch's GradScaler unscales through), so
-    the pass is saved. On the CPU the norm comes from BLAS dot products: torch's foreach norm
-    runs there a tensor at a time at half their speed. Measured at gpt2 size, 2 cores: norm 53 ->
-    24 ms, multiply 31 -> 0 ms, of a 760 ms step."""
+    On the CPU, where it was measured to pay (README: Performance), two of clip_grad_norm_'s
+    costs are saved: the norm comes from BLAS dot products (torch's foreach norm runs there a
+    tensor at a time at half their speed), and with the fused AdamW the multiply is left to the
+    optimizer kernel, which divides each gradient by the optimizer's `grad_scale` as it reads it
+    (the hook torch's GradScaler unscales through). Elsewhere torch's own clipping runs."""
     grads = [p.grad for p in params if p.grad is not None]
     if any(hasattr(g, "device_mesh") for g in grads):  # FSDP's sharded DTensors: torch's own way
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if grads and grads[0].device.type == "cpu":
-        norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
-    else:
-        norm = torch.nn.utils.get_total_norm(grads)
+    if not (grads and grads[0].device.type == "cpu"):
+        if max_norm <= 0:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     if max_norm <= 0:
         return norm
     if optimizer.defaults.get("fused"):
@@ -589,6 +703,10 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
             # DDP all-reduces gradients during backward. Only the last micro step's reduce is
             # needed: the others would send gradients that are still being accumulated.
             model.require_backward_grad_sync = micro_step == accum - 1
+        elif s.fsdp and s.fsdp_unsharded_accumulation:
+            # The same for FSDP, at a price: until the last micro step every rank holds the
+            # whole model's gradients unsharded (README: FSDP).
+            model.set_requires_gradient_sync(micro_step == accum - 1)
         with autocast():
             _, loss = model(x, y, return_logits=not s.chunked_loss)
         # The gradient of the step is the mean over all micro batches: scale each micro loss
@@ -631,10 +749,10 @@ def train(s):
     if state is not None:
         step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], state["bad_steps"], state["val_loss"]
         loader.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"], rt.device)
-        if step >= s.max_steps:
-            log(f"{s.log_dir} already holds a finished run ({step} of {s.max_steps} steps). To train "
-                f"again use another --log_dir, or raise --max_steps to continue it.")
+        restore_rng_state(state["rng"], rt, log)
+        if tokens_seen >= s.max_tokens:
+            log(f"{s.log_dir} already holds a finished run ({tokens_seen:,} of {s.max_tokens:,} tokens, "
+                f"{step} steps). To train again use another --log_dir, or raise --max_tokens to continue it.")
     else:
         log(f"settings: {json.dumps(dataclasses.asdict(s))}")
     flops_token = flops_per_token(config, s.seq_len)
@@ -645,13 +763,20 @@ def train(s):
         f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
     log(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "
         f"{rt.world_size} ranks x {s.total_batch_size // tokens_per_micro} accumulation steps")
+    if 0 < s.batch_warmup_tokens and tokens_per_micro > min(BATCH_WARMUP_START, s.total_batch_size):
+        log(f"note: the batch-size warmup starts at one global micro batch, {tokens_per_micro:,} tokens "
+            f"({s.micro_batch_size} x {s.seq_len} x {rt.world_size} ranks), not {BATCH_WARMUP_START:,}: "
+            f"a smaller --micro_batch_size starts it lower")
+    log(describe_plan(s, tokens_per_micro))
     hellaswag_data = load_hellaswag(s, rt, log)
 
-    end = min(s.max_steps, s.stop_step) if s.stop_step > 0 else s.max_steps
-    clock = TrainClock(budget_done(step, s), budget_done(end, s))
-    while step < end:
+    # The schedule's clock is tokens: the run ends once max_tokens are trained (the last step may
+    # pass it by less than one step); --stop_step only ends this session.
+    while tokens_seen < s.max_tokens and not (0 < s.stop_step <= step):
+    clock = TrainClock(session_done(step, tokens_seen, s), 1.0)
         accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
-        lr = lr_at(step, s)
+        step_tokens = accum * tokens_per_micro
+        lr = lr_at(tokens_seen, step_tokens, s)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
@@ -660,17 +785,17 @@ def train(s):
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        step_tokens = accum * tokens_per_micro
         tokens_seen += step_tokens
         tps = step_tokens / dt
         mfu = model_flops_utilization(tps, flops_token, peak, rt.world_size)
         loss_value, norm_value = loss_accum.item(), norm.item()  # one copy to the host each
-        clock.step_done(budget_done(step + 1, s), dt)
+        clock.step_done(session_done(step + 1, tokens_seen, s), dt)
         if finite:
             log(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)} | {clock.text()}")
-            log.metrics(step=step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
-                        tokens_per_sec=tps, ms=dt * 1000, mfu=mfu, tokens=tokens_seen)
+                f"{step_tokens:,} tokens | {dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)} | "
+                f"{clock.text()}")
+            log.metrics(step=step, train_loss=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=tps,
+                        ms=dt * 1000, mfu=mfu, tokens=tokens_seen, step_tokens=step_tokens)
         else:
             log(f"step {step:5d} | skipped: loss {loss_value} grad norm {norm_value} is not finite "
                 f"({bad_steps} in a row; stopping at {s.max_bad_steps})")
@@ -678,9 +803,9 @@ def train(s):
             if bad_steps >= s.max_bad_steps:
                 raise RunError(
                     f"{bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. The newest checkpoint "
-                    f"in {s.log_dir} holds no NaN: lower --max_lr or raise --warmup_steps and resume from it.")
+                    f"in {s.log_dir} holds no NaN: lower --max_lr or raise --warmup_tokens and resume from it.")
         step += 1
-        last = step == end
+        last = tokens_seen >= s.max_tokens or step == s.stop_step
         val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
         last_val = last_val if val_loss is None else val_loss
         if step % s.checkpoint_every == 0 or last:
@@ -689,10 +814,11 @@ def train(s):
     return raw_model
 
 
-def budget_done(step, s):
-    """The fraction of the training budget done once `step` optimizer steps are: what the ETA
-    extrapolates."""
-    return step / s.max_steps
+def session_done(step, tokens, s):
+    """The fraction of this session done after `step` optimizer steps and `tokens` trained: what
+    the ETA extrapolates. A session ends at max_tokens, or at stop_step when that comes first."""
+    done = tokens / s.max_tokens
+    return max(done, step / s.stop_step) if s.stop_step > 0 else done
 
 
 def format_duration(seconds):
@@ -739,7 +865,14 @@ def due(step, every, last):
 
 def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     """Validation, HellaSwag and samples, on the plain model (no DDP, no compile: the compiled
-    training graph is never retraced for other shapes). Their time is outside the step's."""
+    training graph is never retraced for other shapes). Their time is outside the step's. Under
+    FSDP the blocks themselves are compiled (build_fsdp_model): they run eagerly here."""
+    eager = torch.compiler.set_stance("force_eager") if s.fsdp and s.compile else contextlib.nullcontext()
+    with eager:
+        return _run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
+
+
+def _run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     val = None
     if val_data is not None and due(step, s.val_every, last):
         val = evaluate.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype,

@@ -35,10 +35,10 @@ def test_resume_is_exact(shards, straight, tmp_path):
     log_dir = str(tmp_path)
     train_gpt.main(tiny_args(shards, log_dir, max_steps=20, stop_step=10))
     assert max(train_losses(log_dir)) == 9
-    lines_before = len(read_metrics(log_dir))
+    before = read_metrics(log_dir)
     train_gpt.main(tiny_args(shards, log_dir, max_steps=20))  # --resume=auto is the default
-    assert read_metrics(log_dir)[:lines_before] == read_metrics(log_dir)[:lines_before]  # appended
-    assert len(read_metrics(log_dir)) > lines_before
+    assert read_metrics(log_dir)[:len(before)] == before  # appended to, not rewritten
+    assert len(read_metrics(log_dir)) > len(before)
     assert train_losses(log_dir) == train_losses(straight)  # every loss, bit for bit
     assert_same_weights(final_weights(log_dir, 20), final_weights(straight, 20))
     with open(os.path.join(log_dir, "log.txt")) as f:
@@ -50,7 +50,20 @@ def test_checkpoint_is_plain_data_with_everything_to_resume(straight):
     assert {"model", "optimizer", "step", "settings", "data", "rng", "model_config", "val_loss"} <= set(ckpt)
     assert ckpt["step"] == 20 and ckpt["settings"]["max_steps"] == 20
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+    assert len(ckpt["rng"]) == 1 and {"torch", "numpy", "python"} <= set(ckpt["rng"][0])  # one per rank
+
+
+def test_each_rank_restores_its_own_rng_state():
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(checkpoint.rng_state(torch.device("cpu")))
+    notes = []
+    rt = train_gpt.Runtime(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"), amp_dtype=None, is_main=False)
+    train_gpt.restore_rng_state(states, rt, notes.append)
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"]) and notes == []
+    train_gpt.restore_rng_state(states[:1], rt, notes.append)  # written by one process
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"]) and "start theirs afresh" in notes[0]
 
 
 def test_keep_last_k(shards, tmp_path):

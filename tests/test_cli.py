@@ -68,7 +68,7 @@ def test_train_gpt_help_lists_every_setting_with_default_and_meaning(capsys):
             assert line.split()[0] == f"--{field.name}={cli.default_text(field)}"
             assert line.rstrip().endswith(comment)
             assert out.index(f"{title}:") < out.index(line)  # under its own group
-    assert "--max_steps=19073" in out and "--demo sets model=tiny" in out
+    assert "--micro_batch_size=32" in out and "--demo sets model=tiny" in out
 
 
 def test_bench_help_lists_its_own_options(capsys):
@@ -179,8 +179,10 @@ def test_eta_from_the_recent_step_rate():
     assert resumed.eta_seconds() == pytest.approx(8.0)
     assert [train_gpt.format_duration(x) for x in (4.4, 187, 7500, 3 * 86400 + 4 * 3600)] == \
         ["4s", "3m07s", "2h05m", "3d04h"]
-    s = train_gpt.Settings(max_steps=200)
-    assert train_gpt.budget_done(50, s) == 0.25
+    s = train_gpt.Settings(max_tokens=1000)
+    assert train_gpt.session_done(50, 250, s) == 0.25  # the budget's tokens
+    s.stop_step = 100
+    assert train_gpt.session_done(50, 250, s) == 0.5  # a session that ends at its stop_step first
 
 
 def test_step_line_carries_elapsed_and_eta(shards, tmp_path):

@@ -46,7 +46,9 @@ def test_epochs_are_reshuffled_and_logged(tmp_path):
     first = [loader.next_batch()[0] for _ in range(per_epoch)]
     second = [loader.next_batch()[0] for _ in range(per_epoch)]
     assert loader.epoch == 1 and any("epoch 1" in m for m in logs)
-    assert sorted(tuple(t[:, 0].tolist()) for t in first) != [tuple(t[:, 0].tolist()) for t in second]
+    order = lambda batches: [w for t in batches for w in t[:, 0].tolist()]  # first token: the window
+    assert len(set(order(first)) ^ set(order(second))) <= 2  # the same windows (but a leftover < B)...
+    assert order(first) != order(second)  # ...in another order
 
 
 def test_restored_loader_continues_identically(shards):

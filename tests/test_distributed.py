@@ -159,6 +159,13 @@ def test_fsdp_equals_ddp(shards, ddp, tmp_path):
     assert os.path.isdir(os.path.join(log_dir, "ckpt_0000010"))  # sharded checkpoint folder
 
 
+def test_fsdp_unsharded_accumulation_equals_ddp(shards, ddp, tmp_path):
+    """2 micro steps of 2 sequences a rank, reduce-scattered once a step: the same steps."""
+    log_dir = str(tmp_path)
+    run_ok(tiny_args(shards, log_dir, fsdp=True, micro_batch_size=2, fsdp_unsharded_accumulation=True, **STEPS))
+    assert_close_runs(ddp, log_dir)
+
+
 def test_fsdp_resumes_exactly(shards, ddp, tmp_path):
     log_dir = str(tmp_path)
     run_ok(tiny_args(shards, log_dir, fsdp=True, stop_step=5, **STEPS))

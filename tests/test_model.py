@@ -33,6 +33,16 @@ def test_gpt2_optimizer_groups():
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
 
 
+def test_init_draws_on_a_cpu_generator():
+    """The weights come from a CPU generator whatever the device (CUDA's draws other numbers), so
+    a model moved to a GPU (DDP) and one materialized there (FSDP) start alike (gpu_check.py
+    checks that on CUDA; tests/test_distributed.py that FSDP and DDP train alike)."""
+    model = GPT(SMALL, seed=5)
+    first = torch.empty(SMALL.padded_vocab_size, SMALL.n_embd).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(5))
+    first[SMALL.vocab_size:] = 0.0
+    assert torch.equal(model.transformer.wte.weight, first)  # wte is drawn first
+
+
 def test_init_is_seeded_and_scaled():
     a = GPT(preset_config("gpt2", n_layer=4), seed=7)
     b = GPT(preset_config("gpt2", n_layer=4), seed=7)
@@ -115,11 +125,16 @@ def test_chunked_loss_through_the_model_matches_full_logits():
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
-def test_sparse_embedding_gradient_equals_the_dense_one():
-    # On the CPU forward() gives the token embedding a sparse gradient, which autograd adds to the
-    # lm_head's dense one (the same tied tensor): the sum must equal the all-dense gradient.
+def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch):
+    # With sparse_embedding_grad (the trainer's choice on the CPU) forward() gives the token
+    # embedding a sparse gradient, which autograd adds to the lm_head's dense one (the same tied
+    # tensor): the sum must equal the all-dense gradient.
     torch.manual_seed(0)
     model = GPT(SMALL)
+    assert not model.sparse_embedding_grad  # the model alone: off
+    model.sparse_embedding_grad = True
+    asked, embedding = [], F.embedding
+    monkeypatch.setattr(F, "embedding", lambda *a, **k: ("sparse" in k and asked.append(k["sparse"])) or embedding(*a, **k))
     x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
     h = model.hidden_states(x, sparse_embedding_grad=False)
     ref = F.cross_entropy(model.logits(h).flatten(0, 1), y.flatten())
@@ -134,6 +149,7 @@ def test_sparse_embedding_gradient_equals_the_dense_one():
         for p, r in zip(model.parameters(), ref_grads):
             torch.testing.assert_close(p.grad, r, atol=1e-6, rtol=1e-4)
         model.zero_grad(set_to_none=True)
+    assert asked == [False, True, True]  # the reference dense, then forward's two sparse
 
 
 def test_flops_per_token_matches_a_hand_count():
@@ -158,3 +174,51 @@ def test_one_batch_can_be_overfit():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+def test_bf16_chunked_loss_gradient_is_exact_for_confident_targets():
+    """With bf16 logits a probability above ~0.998 rounds to 1, so p - 1 taken in bf16 is 0: the
+    confident targets' gradient must still be as exact as autocast's full-logits path (fp32
+    softmax - onehot, rounded to bf16). The weight is the identity, so the gradient of h is the
+    gradient of the logits."""
+    torch.manual_seed(0)
+    N, V = 512, 128
+    t = torch.randint(0, V - 8, (N,))
+    h = torch.randn(N, V)
+    h[torch.arange(N), t] += torch.linspace(2.0, 14.0, N)  # p(target) from ~0.1 to ~0.99999
+    h = h.to(torch.bfloat16).float().requires_grad_()  # exactly representable: bf16 logits = h
+    w = torch.eye(V, requires_grad=True)
+    ref = torch.autograd.grad(F.cross_entropy(h.double()[:, :V - 8], t), h)[0].float()  # 8 padded ids
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.cat([(h @ w.t())[:, :V - 8].float(), torch.full((N, 8), float("-inf"))], dim=1)
+        full_loss = F.cross_entropy(logits, t)
+        full = torch.autograd.grad(full_loss, h)[0]
+        chunked_loss = lm_head_cross_entropy(h, w, t, vocab_size=V - 8, chunk_size=100)
+        chunked = torch.autograd.grad(chunked_loss, h)[0]
+    rows = torch.arange(N)
+    confident = F.softmax(h.detach()[:, :V - 8], dim=1)[rows, t] > 0.998
+    assert confident.sum() > 100
+
+    def target_error(g):  # mean relative error of the target entries' gradient, confident rows
+        return ((g[rows, t] - ref[rows, t]).abs() / ref[rows, t].abs())[confident].mean().item()
+
+    assert target_error(full) < 0.02
+    assert target_error(chunked) <= 1.5 * target_error(full)
+    assert (chunked[rows, t] < 0).all()  # never 0: every target is pulled up
+    torch.testing.assert_close(chunked, full, atol=2e-6, rtol=2e-2)
+    assert abs(chunked_loss.item() - full_loss.item()) < 1e-3 * full_loss.item() + 1e-6
+
+
+def test_chunked_loss_makes_no_gradient_without_grad(monkeypatch):
+    h, w, t = torch.randn(64, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True), torch.randint(0, 40, (64,))
+    ref = lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
+    products = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
+    with torch.no_grad():
+        loss = lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
+    assert products == [] and loss.grad_fn is None and loss.item() == ref.item()
+    lm_head_cross_entropy(h.detach(), w.detach(), t, vocab_size=40, chunk_size=16)
+    assert products == []
+    lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
+    assert len(products) == 4  # one gradient product a chunk when a gradient is wanted
