@@ -772,8 +772,8 @@ def train(s):
 
     # The schedule's clock is tokens: the run ends once max_tokens are trained (the last step may
     # pass it by less than one step); --stop_step only ends this session.
-    while tokens_seen < s.max_tokens and not (0 < s.stop_step <= step):
     clock = TrainClock(session_done(step, tokens_seen, s), 1.0)
+    while tokens_seen < s.max_tokens and not (0 < s.stop_step <= step):
         accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
         step_tokens = accum * tokens_per_micro
         lr = lr_at(tokens_seen, step_tokens, s)
