@@ -37,8 +37,9 @@ class StopOnSignal:
     """While training, SIGTERM and SIGINT set a flag instead of killing the process; the training
     loop saves and stops after the current step. The flag rides on the step's loss all-reduce
     (`ride`), so every rank learns of a signal any rank got at the same step, with no extra
-    collective. Before training starts (nothing to save yet) or on a second signal, the process
-    stops at once, with a line instead of a traceback.
+    collective. Before training starts (nothing to save yet) or on a second Ctrl-C, the process
+    stops at once, with a line instead of a traceback. A repeated SIGTERM is ignored: a scheduler
+    and torchrun may each send one, and the grace period ends with SIGKILL anyway.
 
     Exit status: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell reports a process
     killed by it: the run stopped before its end. A rank stopped because another rank got the
@@ -69,6 +70,8 @@ class StopOnSignal:
         if not self.armed:
             raise Stopped(f"stopped by {name} before training started: nothing to save", 128 + signum)
         if self.signum is not None:
+            if signum != signal.SIGINT:
+                return
             raise Stopped(f"stopped by a second {name}: quit without saving (the newest checkpoint is "
                           f"intact; a partial one is removed at the next save)", 128 + signum)
         self.signum = signum
@@ -88,7 +91,11 @@ class StopOnSignal:
             return bool(self.agreed_flag.item() > 0)  # after the step's sync: no wait
         return self.signum is not None
 
-    def stopped(self, step, path):
+    def stopped(self, step, path, world_size=1):
+        """The exception that ends the run, once every rank is past rank 0's checkpoint write (a
+        rank that exited earlier would make torchrun stop the others mid-write)."""
+        if world_size > 1:
+            dist.barrier()
         signum = self.signum if self.signum is not None else signal.SIGTERM
         name = SIGNAL_NAMES.get(signum, f"signal {signum}") if self.signum is not None else "a signal to another rank"
         return Stopped(f"stopped by {name} at step {step}: saved {path}; run the same command to resume",
@@ -129,7 +136,7 @@ def stop_with_launcher():
     log_dir. SIGTERM takes the graceful path: save, then exit. Returns whether it was set."""
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
-    parent = os.getppid()
+    parent = os.getppid()  # read before the call: if the launcher dies in between, this is already 1
     try:
         ok = ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
     except OSError:

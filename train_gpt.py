@@ -277,6 +277,7 @@ def restart_advice(env=os.environ):
 
 def setup_runtime(s):
     """Read torchrun's environment, pick the device, start the process group."""
+    run_guard.stop_with_launcher()  # under torchrun: a SIGKILLed launcher must not leave its workers running
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device_type = s.device
@@ -302,7 +303,6 @@ def setup_runtime(s):
         if "MASTER_ADDR" not in os.environ:  # plain `python train_gpt.py --fsdp`: a group of one
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         init_process_group(backend, device if device_type == "cuda" else None, s.collective_timeout)
-        run_guard.stop_with_launcher()  # a SIGKILLed torchrun must not leave its workers running
     if s.dtype == "auto":
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
     if s.dtype not in ("float32", "bfloat16"):
@@ -638,7 +638,9 @@ def check_weights_finite(s, rt, raw_model, step, lr):
     need a copy of every weight and moment. One max-abs pass over the weights; its read comes
     with the step's own host sync."""
     weights = [p.to_local() if hasattr(p, "to_local") else p for p in raw_model.parameters()]
-    bad = (~torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=float("inf")))).float()
+    weights = [w for w in weights if w.numel()]  # an FSDP rank may hold an empty shard
+    bad = (~torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=float("inf")))).float() if weights \
+        else torch.zeros((), device=rt.device)
     if s.fsdp and rt.world_size > 1:  # each rank holds a shard
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
@@ -792,7 +794,7 @@ def train(s, stop=None):
             path = save_checkpoint(s, rt, step, raw_model, optimizer, loader,
                                    dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
             if stopping and not last:
-                raise stop.stopped(step, path)
+                raise stop.stopped(step, path, rt.world_size)
     return raw_model
 
 

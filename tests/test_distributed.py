@@ -262,8 +262,8 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exac
     log_dir = str(tmp_path / "log")
     code, out = torchrun(["SIGTERM", "1", "7", *tiny_args(shards, log_dir, **STEPS)], script=(signal_script,))
     assert code != 0, out[-3000:]  # the workers exit 143: stopped before the end
-    assert "stopped by SIGTERM at step 7" in out and "stopped by a signal to another rank at step 7" in out, out[-3000:]
-    assert "Traceback" not in out
+    assert "stopped by SIGTERM at step 7: saved" in out and out.count("at step 7: saved") == 2, out[-3000:]
+    assert 'train_gpt.py", line' not in out  # no traceback from the workers (torchrun prints its own)
     assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [7, 5]
     out = run_ok(tiny_args(shards, log_dir, **STEPS))
     assert "resumed from" in out and "ckpt_0000007.pt" in out
@@ -280,8 +280,9 @@ def test_workers_of_a_killed_launcher_save_and_stop(shards, tmp_path, signal_scr
     code, out = torchrun(["KILL_PARENT", "0", "3", *tiny_args(shards, log_dir, **STEPS)], script=(signal_script,),
                          timeout=120)  # returns when the workers have closed their output: ended
     assert code == -signal.SIGKILL
-    assert "stopped by SIGTERM at step 3" in out, out[-3000:]
-    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [3]
+    stops = re.findall(r"stopped by SIGTERM at step (\d+): saved", out)
+    assert len(stops) == 2 and stops[0] == stops[1], out[-3000:]  # both ranks, after the same step
+    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [int(stops[0])] and int(stops[0]) < 10
     assert time.time() - t0 < 100
 
 
