@@ -173,6 +173,16 @@ def test_a_failed_write_leaves_nothing_behind_and_names_the_disk(tmp_path):
     assert os.listdir(tmp_path) == []  # no .tmp left
 
 
+def test_a_checkpoint_without_its_checksum_file_loads_only_when_named(shards, run_dir, one_thread):
+    """As a version before checksums wrote it: loaded, with a warning, when given as --resume=PATH."""
+    newest = os.path.join(run_dir, "ckpt_0000004.pt")
+    os.remove(newest + checkpoint.CHECKSUM_SUFFIX)
+    run(tiny_args(shards, run_dir, resume=newest, **STEPS))
+    text = log_text(run_dir)
+    assert "ckpt_0000004.pt has no checksum" in text and "loading it unverified" in text
+    assert "resumed from " + newest in text and steps_in(run_dir)[0] == 6
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. the NaN guard and its advice
 
