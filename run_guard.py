@@ -75,8 +75,8 @@ class StopOnSignal:
             raise Stopped(f"stopped by a second {name}: quit without saving (the newest checkpoint is "
                           f"intact; a partial one is removed at the next save)", 128 + signum)
         self.signum = signum
-        print(f"{name}: stopping after this step with a checkpoint (send it again to quit without saving)",
-              file=sys.stderr, flush=True)
+        again = " (Ctrl-C again to quit without saving)" if signum == signal.SIGINT else ""
+        print(f"{name}: stopping after this step with a checkpoint{again}", file=sys.stderr, flush=True)
 
     def ride(self, value, world_size):
         """All-reduce (sum) a scalar tensor with this rank's stop flag in the same message."""
