@@ -276,6 +276,25 @@ def test_ctrl_c_finishes_the_step_saves_and_prints_one_line(shards, reference, t
     assert train_losses(log_dir) == train_losses(reference)
 
 
+def test_signal_rules_before_training_repeated_sigterm_and_a_second_ctrl_c():
+    previous = signal.getsignal(signal.SIGTERM)
+    with run_guard.StopOnSignal() as stop:
+        with pytest.raises(run_guard.Stopped) as e:  # nothing to save yet: stop at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert e.value.code == 143 and "before training started" in e.value.message
+        stop.armed = True
+        for _ in range(2):  # the second SIGTERM is ignored
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        assert stop.agreed()
+        with pytest.raises(run_guard.Stopped) as e:  # an impatient Ctrl-C: quit without saving
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert e.value.code == 130 and "quit without saving" in e.value.message
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards, tmp_path, one_thread):
     log_dir = str(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_guard\n"
