@@ -136,8 +136,12 @@ def write_failure_message(path, error):
         room = f"{usage.free / 1e9:.2f} GB free of {usage.total / 1e9:.2f} GB"
     except OSError:
         room = "free space unknown"
-    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
-    what = "the disk is full" if full else f"{type(error).__name__}: {error}"
+    cause = error  # torch reports a failed write of its own, with the OSError as its context
+    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    cause = cause if isinstance(cause, OSError) else error
+    full = getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    what = f"the disk is full ({cause})" if full else f"{type(cause).__name__}: {cause}"
     return (f"could not write checkpoint {path}: {what} (the disk holding it is mounted at {mount}: {room}); "
             f"the partial file was removed")
 
