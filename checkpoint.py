@@ -1,12 +1,21 @@
-"""Checkpoints: atomic files of plain dicts and tensors, newest-good-first resume, keep the last K.
+"""Checkpoints: atomic, checksummed files of plain dicts and tensors, newest-good-first resume,
+keep the last K.
 
 A checkpoint loads with torch.load(..., weights_only=True): no pickled classes, so an untrusted
 file cannot run code. One process writes a file (`ckpt_0001000.pt`); with FSDP every rank writes
 its shards into a folder (`ckpt_0001000/`) through torch.distributed.checkpoint. Both appear
 under their final name only once complete, so a process killed mid-save leaves the previous
 checkpoint as the newest.
+
+Each checkpoint carries a SHA-256 of its bytes, written before the checkpoint gets its final
+name: a file's in a sidecar (`ckpt_0001000.pt.sha256`), a folder's in `manifest.json` inside
+it. A bit flipped on disk, a file overwritten in place or a folder missing a shard is found
+before the checkpoint is trusted (verify), instead of loading silently changed weights.
 """
 
+import errno
+import hashlib
+import json
 import os
 import random
 import re
@@ -16,10 +25,16 @@ import numpy as np
 import torch
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})(\.pt)?$")
+CHECKSUM_SUFFIX = ".sha256"  # beside a checkpoint file: {"sha256": hex digest, "bytes": size}
+MANIFEST = "manifest.json"  # inside a sharded folder: {"files": {name: {"sha256": ..., "bytes": ...}}}
 
 
 class CorruptCheckpoint(ValueError):
     pass
+
+
+class WriteFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); nothing of it was left behind."""
 
 
 def checkpoint_path(log_dir, step, sharded=False):
@@ -27,7 +42,8 @@ def checkpoint_path(log_dir, step, sharded=False):
 
 
 def list_checkpoints(log_dir):
-    """Finished checkpoints in log_dir as (step, path), newest first. Temporary files are ignored."""
+    """Checkpoints in log_dir as (step, path), newest first, whether readable or not. Temporary
+    files are ignored."""
     if not os.path.isdir(log_dir):
         return []
     found = []
@@ -38,6 +54,12 @@ def list_checkpoints(log_dir):
     return sorted(found, reverse=True)
 
 
+def checkpoint_step(path):
+    """The step in a checkpoint's name, or None for a path not named as checkpoints are."""
+    m = CKPT_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -46,20 +68,168 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def save_file(state, path):
-    """torch.save to a temporary name beside path, fsync, then rename: readers see the old file or
-    the whole new one, never half of it."""
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+class _HashingWriter:
+    """A file that hashes what torch.save writes through it, so the checksum costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.bytes += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _write_json(obj, path):
+    """A small JSON file, atomically: temporary name, fsync, rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
-def load_file(path):
-    """Load a checkpoint file safely (weights_only); a damaged file raises CorruptCheckpoint."""
+def save_file(state, path):
+    """torch.save to a temporary name beside path, fsync, write the checksum sidecar, then rename:
+    readers see the old file or the whole new one, never half of it, and never a file without its
+    checksum. A failed write (disk full...) leaves no temporary file and raises WriteFailed."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_json({"sha256": writer.sha256.hexdigest(), "bytes": writer.bytes}, path + CHECKSUM_SUFFIX)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
+    except BaseException as e:
+        _remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError
+            raise WriteFailed(write_failure_message(path, e)) from e
+        raise
+
+
+def write_failure_message(path, error):
+    """What failed, on which disk, and how much room it has."""
+    folder = os.path.dirname(os.path.abspath(path))
+    mount = folder
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        usage = shutil.disk_usage(folder)
+        room = f"{usage.free / 1e9:.2f} GB free of {usage.total / 1e9:.2f} GB"
+    except OSError:
+        room = "free space unknown"
+    cause = error  # torch reports a failed write of its own, with the OSError as its context
+    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    cause = cause if isinstance(cause, OSError) else error
+    full = getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    what = f"the disk is full ({cause})" if full else f"{type(cause).__name__}: {cause}"
+    return (f"could not write checkpoint {path}: {what} (the disk holding it is mounted at {mount}: {room}); "
+            f"the partial file was removed")
+
+
+def hash_file(path, chunk=1 << 24):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{what} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{what} is unreadable: {e}") from e
+
+
+def _check_file(path, expected):
+    """A reason the file does not match its recorded size and hash, or None."""
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    size = os.path.getsize(path)
+    if size != expected["bytes"]:
+        return f"{path} has {size} bytes, {expected['bytes']} were written (truncated or replaced)"
+    if hash_file(path) != expected["sha256"]:
+        return f"{path} does not match the checksum written with it (damaged or changed on disk)"
+    return None
+
+
+def verify_file(path):
+    """Raise CorruptCheckpoint unless the file's bytes match its checksum sidecar."""
+    expected = _read_json(path + CHECKSUM_SUFFIX, f"checkpoint {path}'s checksum file {path + CHECKSUM_SUFFIX}")
+    reason = _check_file(path, expected)
+    if reason:
+        raise CorruptCheckpoint(f"checkpoint {reason}")
+
+
+def folder_files(folder):
+    """The files of a sharded checkpoint folder (relative names), the manifest excluded."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names if name != MANIFEST)
+
+
+def verify_folder(folder, rank=0, world_size=1):
+    """Check a sharded folder against its manifest: every file present with its size; the hashes
+    of this rank's share of the files (every world_size-th), so ranks hash in parallel. Returns a
+    reason or None (on this rank: agree across ranks before acting on it)."""
+    try:
+        manifest = _read_json(os.path.join(folder, MANIFEST), f"sharded checkpoint {folder}'s {MANIFEST}")
+    except CorruptCheckpoint as e:
+        return str(e)
+    files = manifest["files"]
+    extra = set(folder_files(folder)) - set(files)
+    if extra:
+        return f"sharded checkpoint {folder} holds files its manifest does not list: {sorted(extra)[:3]}"
+    names = sorted(files)
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != files[name]["bytes"]:
+            return f"sharded checkpoint {folder}: {name} is missing or has the wrong size"
+    for name in names[rank::world_size]:
+        reason = _check_file(os.path.join(folder, name), files[name])
+        if reason:
+            return f"sharded checkpoint {reason}"
+    return None
+
+
+def looks_intact(path):
+    """Cheap check for pruning (no hashing): the checksum record is there and every size matches."""
+    try:
+        if os.path.isdir(path):
+            files = _read_json(os.path.join(path, MANIFEST), "manifest")["files"]
+            return all(os.path.getsize(os.path.join(path, n)) == v["bytes"] for n, v in files.items())
+        return os.path.getsize(path) == _read_json(path + CHECKSUM_SUFFIX, "checksum")["bytes"]
+    except (CorruptCheckpoint, OSError, KeyError, TypeError):
+        return False
+
+
+def load_file(path, verify=False):
+    """Load a checkpoint file safely (weights_only); with verify, its checksum is checked first.
+    A damaged file raises CorruptCheckpoint."""
+    if verify:
+        verify_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -67,15 +237,48 @@ def load_file(path):
                                 f"{type(e).__name__}: {e}") from e
 
 
-def prune(log_dir, keep):
-    """Delete all but the newest `keep` checkpoints (and stale temporary files). The newest is
-    always kept, whatever `keep` says."""
-    for _, path in list_checkpoints(log_dir)[max(keep, 1):]:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+def nonfinite_tensors(state, prefix=""):
+    """Names of the floating-point tensors in a nested dict/list that hold a NaN or Inf (of FSDP's
+    DTensors, this rank's shard)."""
+    named = []
+
+    def walk(obj, name):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}.{i}")
+        elif isinstance(obj, torch.Tensor):
+            t = obj.to_local() if hasattr(obj, "to_local") else obj
+            if t.is_floating_point() and t.numel():
+                named.append((name, t))
+
+    walk(state, prefix)
+    bad = []
+    for device in {t.device for _, t in named}:
+        group = [(n, t) for n, t in named if t.device == device]
+        # max |x| propagates NaN and Inf, in one pass without a mask the size of the tensor
+        maxabs = torch.stack([torch.linalg.vector_norm(t, float("inf")).float() for _, t in group])
+        finite = torch.isfinite(maxabs).tolist()  # one sync a device
+        bad += [n for (n, _), ok in zip(group, finite) if not ok]
+    return bad
+
+
+def prune(log_dir, keep, newest_step):
+    """Delete all but the newest `keep` intact checkpoints up to newest_step (the one just saved),
+    and stale temporary files. Only checkpoints whose checksum record is there and whose sizes
+    match take a keep slot or are deleted; unreadable ones and any of a higher step (rejected at
+    resume) are left to the user, so neither can push out the current run's newest good one."""
+    ours = [(step, path) for step, path in list_checkpoints(log_dir) if step <= newest_step and looks_intact(path)]
+    for _, path in ours[max(keep, 1):]:
+        _remove(path)
+        _remove(path + CHECKSUM_SUFFIX)
     for name in os.listdir(log_dir):
-        if ".tmp" in name and name.startswith("ckpt_"):
-            path = os.path.join(log_dir, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        path = os.path.join(log_dir, name)
+        if name.startswith("ckpt_") and (".tmp" in name or (  # a crash mid-save, or a sidecar left without its file
+                name.endswith(CHECKSUM_SUFFIX) and not os.path.exists(path[:-len(CHECKSUM_SUFFIX)]))):
+            _remove(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,23 +307,47 @@ def set_rng_state(state, device):
 # ----------------------------------------------------------------------------------------------
 # Sharded checkpoints (FSDP): torch.distributed.checkpoint, every rank writes its own shards
 
-def save_sharded(state, path, rank):
+def save_sharded(state, path, rank, world_size=None):
     """Every rank calls this. DCP writes each rank's shards of the tensors in `state` (model and
     optimizer from get_state_dict); plain values are written by rank 0 alone, into extra.pt.
-    The folder gets its final name only after every rank has finished."""
+    Then each rank hashes its share of the files and rank 0 writes the manifest. The folder gets
+    its final name only after every rank has finished."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    world_size = world_size or dist.get_world_size()
     tmp = f"{path}.tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    dist.barrier()
-    dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp)
-    if rank == 0:
-        extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
-        save_file(extra, os.path.join(tmp, "extra.pt"))
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(path) or ".")
-    dist.barrier()
+    try:
+        if rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        dist.barrier()
+        dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp)
+        if rank == 0:
+            extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            save_file(extra, os.path.join(tmp, "extra.pt"))
+        dist.barrier()
+        names = folder_files(tmp)
+        mine = {name: {"sha256": hash_file(os.path.join(tmp, name)), "bytes": os.path.getsize(os.path.join(tmp, name))}
+                for name in names[rank::world_size]}
+        shares = [None] * world_size
+        dist.all_gather_object(shares, mine)
+        if rank == 0:
+            _write_json({"files": {k: v for share in shares for k, v in share.items()}}, os.path.join(tmp, MANIFEST))
+            if os.path.exists(path):  # a stale folder of the same step (one rejected at resume)
+                old = f"{path}.tmp.old"
+                _remove(old)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path) or ".")
+        dist.barrier()
+    except BaseException as e:
+        if rank == 0:
+            _remove(tmp)
+        if isinstance(e, OSError) or type(e).__name__ == "CheckpointException":  # DCP's, naming each rank's error
+            raise WriteFailed(write_failure_message(path, e)) from e
+        raise
 
 
 def load_sharded(path, model_state, optimizer_state):

@@ -10,6 +10,7 @@ Every setting below can be given as --name=value; `python train_gpt.py --help` l
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import gc
 import json
 import math
@@ -27,6 +28,7 @@ import torch.distributed as dist
 import checkpoint
 import cli
 import evaluate
+import run_guard
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
 from model import GPT, PRESETS, ConfigError, configure_optimizers, flops_per_token, num_params, preset_config
 
@@ -40,7 +42,8 @@ class SettingsError(cli.UserError, ValueError):
 
 
 # What ends the program with one line (the message says what to do); anything else is a bug.
-USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.CorruptCheckpoint)
+USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.CorruptCheckpoint,
+               run_guard.Refused)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Settings:
     fsdp_unsharded_accumulation: bool = False  # FSDP: reduce-scatter once a step, not every micro step (full gradients per rank)
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
+    collective_timeout: float = 600  # seconds a collective waits for the other ranks before the job stops (a frozen or dead rank)
     seed: int = 1337  # initial weights, data order and samples
     demo: bool = False  # the offline CPU demo: tiny model on the embedded Wikipedia sample
 
@@ -350,7 +354,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def init_process_group(backend, device_id):
+def init_process_group(backend, device_id, timeout_s=600):
     """init_process_group from torchrun's environment (env://). torchrun keeps one store across
     --max-restarts, so a restarted process can read the address a peer of the crashed generation
     left there (torch issue 135712; seen here: gloo's connectFullMesh refused, or a hang, in 2
@@ -361,7 +365,8 @@ def init_process_group(backend, device_id):
     store, rank, world_size = next(dist.rendezvous("env://"))
     if os.environ.get("GROUP_WORLD_SIZE") == "1":
         store = dist.PrefixStore(f"train_gpt/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, device_id=device_id,
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def restart_advice(env=os.environ):
@@ -375,6 +380,7 @@ def restart_advice(env=os.environ):
 
 def setup_runtime(s):
     """Read torchrun's environment, pick the device, start the process group."""
+    run_guard.stop_with_launcher()  # under torchrun: a SIGKILLed launcher must not leave its workers running
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device_type = s.device
@@ -399,7 +405,7 @@ def setup_runtime(s):
     if world_size > 1 or s.fsdp:  # FSDP needs a process group, even of one
         if "MASTER_ADDR" not in os.environ:  # plain `python train_gpt.py --fsdp`: a group of one
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        init_process_group(backend, device if device_type == "cuda" else None)
+        init_process_group(backend, device if device_type == "cuda" else None, s.collective_timeout)
     if s.dtype == "auto":
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
     if s.dtype not in ("float32", "bfloat16"):
@@ -568,18 +574,44 @@ def model_and_optimizer_state(s, raw_model, optimizer):
 
 
 def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
+    """Write this step's checkpoint, then prune old ones. State holding a NaN/Inf is never written
+    (the run stops instead); a failed write (disk full) stops the run naming the disk."""
     model_state, optim_state = model_and_optimizer_state(s, raw_model, optimizer)
+    bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
+    if count_on_all_ranks(len(bad), rt, s.fsdp):
+        raise RunError(f"step {step}: {len(bad) or 'some'} weight or optimizer tensors hold NaN/Inf (e.g. "
+                       f"{bad[:3]}), so no checkpoint was written. The newest checkpoint in {s.log_dir} holds "
+                       f"no NaN: lower --max_lr or raise --warmup_tokens and resume from it.")
     state = {"model": model_state, "optimizer": optim_state, "step": step,
              "model_config": dataclasses.asdict(raw_model.config), "settings": dataclasses.asdict(s),
              "data": loader.state_dict(), "rng": rng_states(rt), **extra}
     path = checkpoint.checkpoint_path(s.log_dir, step, sharded=s.fsdp)
-    if s.fsdp:
-        checkpoint.save_sharded(state, path, rt.rank)
-    elif rt.is_main:
-        checkpoint.save_file(state, path)
+    try:
+        if s.fsdp:
+            checkpoint.save_sharded(state, path, rt.rank, rt.world_size)
+        elif rt.is_main:
+            checkpoint.save_file(state, path)
+    except checkpoint.WriteFailed as e:
+        raise RunError(f"{e}. Free space on that disk, or move --log_dir (with its checkpoints) to one with "
+                       f"room, then resume: the checkpoints written before are intact.") from e
     if rt.is_main:
-        checkpoint.prune(s.log_dir, s.keep_checkpoints)
+        checkpoint.prune(s.log_dir, s.keep_checkpoints, step)
         log(f"saved checkpoint {path}")
+    return path
+
+
+def count_on_all_ranks(n, rt, sharded):
+    """n summed over ranks when each holds its own shard (FSDP); otherwise every rank has it all."""
+    if sharded and rt.world_size > 1:
+        total = torch.tensor(float(n), device=rt.device)
+        dist.all_reduce(total)
+        return int(total.item())
+    return n
+
+
+def is_sharded_checkpoint(path):
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
+                                       for name in (checkpoint.MANIFEST, ".metadata", "extra.pt"))
 
 
 def rng_states(rt):
@@ -604,38 +636,112 @@ def restore_rng_state(states, rt, log):
 
 
 def resume_candidates(s):
+    """The checkpoints to try, newest first: log_dir's (auto), a given log folder's, or the one given."""
     if s.resume == "off":
         return []
     if s.resume == "auto":
         return [path for _, path in checkpoint.list_checkpoints(s.log_dir)]
+    if os.path.isdir(s.resume) and not is_sharded_checkpoint(s.resume):  # a log folder
+        found = checkpoint.list_checkpoints(s.resume)
+        if not found:
+            raise ValueError(f"--resume={s.resume} is a folder without checkpoints (ckpt_<step>.pt files or "
+                             f"ckpt_<step>/ folders): give a checkpoint, a log folder holding them, auto or off")
+        return [path for _, path in found]
     return [s.resume]
+
+
+def check_one_run_per_log_dir(s):
+    """A log_dir holds one run's checkpoints. Another run started there (fresh, or from another
+    checkpoint than its newest) would mix with them: pruning keeps the highest steps, whichever run
+    wrote them, and a later --resume=auto picks the highest. Refuse, with the choices."""
+    existing = checkpoint.list_checkpoints(s.log_dir)
+    if not existing or s.resume == "auto":
+        return
+    if s.resume != "off" and os.path.realpath(s.resume) in (os.path.realpath(s.log_dir),
+                                                            os.path.realpath(existing[0][1])):
+        return  # the log folder itself (as auto), or its newest checkpoint
+    what = "a fresh run (--resume=off)" if s.resume == "off" else f"a run from --resume={s.resume}"
+    raise RunError(f"{s.log_dir} already holds checkpoints of a run (the newest: {existing[0][1]}), and {what} "
+                   f"there would mix with them. Choose: continue that run (--resume=auto); start this one in "
+                   f"another --log_dir; or, to start over here, delete the old checkpoints first "
+                   f"(rm -r {os.path.join(s.log_dir, 'ckpt_')}*).")
 
 
 def load_resume_state(s, rt, raw_model, optimizer, log):
     """Restore the newest good checkpoint into model and optimizer; return its plain values (or
-    None to start fresh). Under --resume=auto a damaged checkpoint is reported and the one before
-    it tried."""
-    for path in resume_candidates(s):
+    None to start fresh). Good: its checksum matches, it loads, and no tensor is NaN/Inf. Under
+    --resume=auto (or a log folder) a bad one is reported and the one before it tried; if there
+    are checkpoints but none is good, the run stops instead of starting over on top of them."""
+    check_one_run_per_log_dir(s)
+    candidates = resume_candidates(s)
+    one_file = s.resume not in ("auto", "off") and candidates == [s.resume]
+    failures = []
+    for path in candidates:
         try:
-            if os.path.isdir(path):
-                from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-                model_state, optim_state = get_state_dict(raw_model, optimizer)
-                state = checkpoint.load_sharded(path, model_state, optim_state)
-                check_compatible(state, raw_model.config)
-                set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-            else:
-                state = checkpoint.load_file(path)
-                check_compatible(state, raw_model.config)
-                raw_model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
+            state = load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=one_file)
         except checkpoint.CorruptCheckpoint as e:
-            if s.resume != "auto":
+            if one_file:
                 raise
             log(f"warning: {e}; trying the checkpoint before it")
+            failures.append(path)
             continue
         log(f"resumed from {path} at step {state['step']}")
         return state
+    if failures:
+        folder = os.path.dirname(failures[0]) or "."
+        raise RunError(f"{folder} holds {len(failures)} checkpoints and none could be loaded (the reasons are "
+                       f"above), so the run does not start over on top of them. To start a new run, use another "
+                       f"--log_dir; to start over here, delete them first (rm -r {os.path.join(folder, 'ckpt_')}*); "
+                       f"to load one that only lacks its checksum file, give it as --resume=PATH.")
     return None
+
+
+def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False):
+    """Verify one checkpoint, load it into model and optimizer and check it holds no NaN/Inf;
+    every rank reaches the same verdict. Returns its plain values; raises CorruptCheckpoint."""
+    sharded = os.path.isdir(path)
+    record = os.path.join(path, checkpoint.MANIFEST) if sharded else path + checkpoint.CHECKSUM_SUFFIX
+    if unverified_ok and not os.path.exists(record):
+        log(f"warning: {path} has no checksum ({record} is missing: written before checksums?): loading it unverified")
+    else:
+        raise_if_any_rank(checkpoint.verify_folder(path, rt.rank, rt.world_size) if sharded else verify_reason(path), rt)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_state, optim_state = get_state_dict(raw_model, optimizer)
+        state = checkpoint.load_sharded(path, model_state, optim_state)
+    else:
+        state = checkpoint.load_file(path)
+        model_state, optim_state = state["model"], state["optimizer"]
+    check_compatible(state, raw_model.config)
+    bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
+    if count_on_all_ranks(len(bad), rt, sharded):
+        raise checkpoint.CorruptCheckpoint(f"checkpoint {path} holds NaN/Inf in {len(bad) or 'some'} tensors "
+                                           f"(e.g. {bad[:3]})")
+    if sharded:
+        set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    else:
+        raw_model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+    return state
+
+
+def verify_reason(path):
+    try:
+        checkpoint.verify_file(path)
+    except checkpoint.CorruptCheckpoint as e:
+        return str(e)
+    return None
+
+
+def raise_if_any_rank(reason, rt):
+    """Raise CorruptCheckpoint on every rank if any rank found a reason: the ranks must try the
+    same checkpoints in the same order."""
+    if rt.world_size > 1:
+        reasons = [None] * rt.world_size
+        dist.all_gather_object(reasons, reason)
+        reason = next((r for r in reasons if r), None)
+    if reason:
+        raise checkpoint.CorruptCheckpoint(reason)
 
 
 def check_compatible(state, config):
@@ -651,11 +757,33 @@ def check_compatible(state, config):
 # ----------------------------------------------------------------------------------------------
 # Training
 
-def all_reduce_mean(value, rt):
+def all_reduce_mean(value, rt, stop=None):
+    """The mean over ranks; with `stop`, its flag travels in the same all-reduce (run_guard)."""
     if rt.world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        if stop is not None:
+            value = stop.ride(value, rt.world_size)
+        else:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= rt.world_size
     return value
+
+
+def check_weights_finite(s, rt, raw_model, step, lr):
+    """After an update: a step with a finite loss and gradient can still push weights to NaN/Inf
+    (a learning rate far too high). Stop then, before anything is saved: undoing the update would
+    need a copy of every weight and moment. One max-abs pass over the weights; its read comes
+    with the step's own host sync."""
+    weights = [p.to_local() if hasattr(p, "to_local") else p for p in raw_model.parameters()]
+    weights = [w for w in weights if w.numel()]  # an FSDP rank may hold an empty shard
+    bad = (~torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=float("inf")))).float() if weights \
+        else torch.zeros((), device=rt.device)
+    if s.fsdp and rt.world_size > 1:  # each rank holds a shard
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise RunError(f"step {step}'s update made the weights NaN/Inf although its loss and gradient were finite: "
+                       f"the learning rate ({lr:.3g}) is far too high. Nothing was saved after it; the newest "
+                       f"checkpoint in {s.log_dir} (if any) holds no NaN: lower --max_lr (or raise --warmup_steps) "
+                       f"and resume from it (or start again if there is none).")
 
 
 def clip_gradients(params, optimizer, max_norm):
@@ -685,10 +813,11 @@ def clip_gradients(params, optimizer, max_norm):
     return norm
 
 
-def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
+def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None):
     """One optimizer step: accum micro steps of forward and backward on next_batch() batches,
     gradient clipping, then AdamW unless the loss or gradient is NaN/Inf. Returns (loss, grad
-    norm, finite): loss is the step's mean over micro batches and ranks. bench.py times this."""
+    norm, finite): loss is the step's mean over micro batches and ranks. A stop flag (run_guard)
+    rides on the loss's all-reduce. bench.py times this."""
     autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype and not s.fsdp \
         else contextlib.nullcontext
     model.train()
@@ -715,7 +844,7 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
         loss_accum += loss.detach()
         loss.backward()
     norm = clip_gradients(list(raw_model.parameters()), optimizer, s.grad_clip)
-    loss_accum = all_reduce_mean(loss_accum, rt)
+    loss_accum = all_reduce_mean(loss_accum, rt, stop)
     finite = bool(torch.isfinite(loss_accum) & torch.isfinite(norm))  # the step's one host sync
     if finite:
         optimizer.step()
@@ -723,7 +852,8 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
     return loss_accum, norm, finite
 
 
-def train(s):
+def train(s, stop=None):
+    stop = stop or run_guard.StopOnSignal()  # without handlers installed: never set
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
     check_batch_divisibility(s, rt.world_size)
@@ -747,7 +877,8 @@ def train(s):
     step, tokens_seen, bad_steps, last_val = 0, 0, 0, None
     state = load_resume_state(s, rt, raw_model, optimizer, log)
     if state is not None:
-        step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], state["bad_steps"], state["val_loss"]
+        # bad_steps restarts at 0: a resumed session may be the fix (a lower --max_lr)
+        step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], 0, state["val_loss"]
         loader.load_state_dict(state["data"])
         restore_rng_state(state["rng"], rt, log)
         if tokens_seen >= s.max_tokens:
@@ -773,6 +904,7 @@ def train(s):
     # The schedule's clock is tokens: the run ends once max_tokens are trained (the last step may
     # pass it by less than one step); --stop_step only ends this session.
     clock = TrainClock(session_done(step, tokens_seen, s), 1.0)
+    stop.armed = True  # from here a signal saves a checkpoint after the current step
     while tokens_seen < s.max_tokens and not (0 < s.stop_step <= step):
         accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
         step_tokens = accum * tokens_per_micro
@@ -780,8 +912,11 @@ def train(s):
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        loss_accum, norm, finite = train_step(s, rt, model, raw_model, optimizer, loader.next_batch, accum)
+        loss_accum, norm, finite = train_step(s, rt, model, raw_model, optimizer, loader.next_batch, accum, stop)
         bad_steps = 0 if finite else bad_steps + 1
+        if finite:
+            check_weights_finite(s, rt, raw_model, step, lr)
+        stopping = stop.agreed()
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -808,9 +943,11 @@ def train(s):
         last = tokens_seen >= s.max_tokens or step == s.stop_step
         val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
         last_val = last_val if val_loss is None else val_loss
-        if step % s.checkpoint_every == 0 or last:
-            save_checkpoint(s, rt, step, raw_model, optimizer, loader,
-                            dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
+        if step % s.checkpoint_every == 0 or last or stopping:
+            path = save_checkpoint(s, rt, step, raw_model, optimizer, loader,
+                                   dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
+            if stopping and not last:
+                raise stop.stopped(step, path, rt.world_size)
     return raw_model
 
 
@@ -935,9 +1072,21 @@ def main(argv=None):
         return
     try:
         s = parse_settings(argv)
-        train(s)
+        with run_guard.log_dir_lock(s.log_dir, int(os.environ.get("RANK", 0))), run_guard.StopOnSignal() as stop:
+            train(s, stop)
     except USER_ERRORS as e:
         sys.exit(f"train_gpt.py: error: {e}")
+    except run_guard.Stopped as e:  # SIGTERM / Ctrl-C: one line, the checkpoint saved
+        print(e.message, file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except RuntimeError as e:
+        message = run_guard.collective_timeout_message(e, s.collective_timeout) if dist.is_initialized() else None
+        if message is None:
+            raise
+        sys.exit(f"train_gpt.py: error: {message}")
     finally:
         if dist.is_initialized():
             # FSDP's modules hold the process group through reference cycles: collected first,

@@ -231,3 +231,82 @@ def test_relaunch_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_scr
     assert code != 0 and os.path.exists(tmp_path / "crashed")
     out = run_ok(tiny_args(shards, log_dir, **STEPS))
     assert_resumed_exactly(out, log_dir, ddp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping a job: signals, a dead launcher, a frozen rank (issue 13)
+
+SIGNAL_AT = """
+import os, signal, sys
+import model, train_gpt
+real_forward, calls = model.GPT.forward, [0]
+def forward(self, *args, **kwargs):
+    if self.training:
+        calls[0] += 1
+        if os.environ["RANK"] == sys.argv[2] and calls[0] == int(sys.argv[3]):
+            if sys.argv[1] == "KILL_PARENT":  # the launcher dies (torchrun SIGKILLed)
+                os.kill(os.getppid(), signal.SIGKILL)
+            else:
+                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real_forward(self, *args, **kwargs)
+model.GPT.forward = forward
+train_gpt.main(sys.argv[4:])
+"""
+
+
+@pytest.fixture
+def signal_script(tmp_path):
+    path = tmp_path / "signal_at.py"
+    path.write_text(SIGNAL_AT)
+    return str(path)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_and_resumes_exactly(shards, ddp, tmp_path,
+                                                                                   signal_script):
+    """Rank 1 alone gets SIGTERM in the middle of step 6: its flag rides on that step's loss
+    all-reduce, both ranks stop after it, the checkpoint of step 7 is written, and a relaunch
+    continues as if nothing had happened."""
+    log_dir = str(tmp_path / "log")
+    code, out = torchrun(["SIGTERM", "1", "7", *tiny_args(shards, log_dir, **STEPS)], script=(signal_script,))
+    assert code != 0, out[-3000:]  # the workers exit 143: stopped before the end
+    assert "stopped by SIGTERM at step 7: saved" in out and out.count("at step 7: saved") == 2, out[-3000:]
+    assert 'train_gpt.py", line' not in out  # no traceback from the workers (torchrun prints its own)
+    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [7, 5]
+    out = run_ok(tiny_args(shards, log_dir, **STEPS))
+    assert "resumed from" in out and "ckpt_0000007.pt" in out
+    assert train_losses(log_dir) == train_losses(ddp)
+    for k, v in weights(ddp).items():
+        assert torch.equal(v, weights(log_dir)[k])
+
+
+def test_workers_of_a_killed_launcher_save_and_stop(shards, tmp_path, signal_script):
+    """torchrun SIGKILLed during step 2: its workers get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+    and take the graceful path instead of training on into the log_dir."""
+    log_dir = str(tmp_path / "log")
+    t0 = time.time()
+    code, out = torchrun(["KILL_PARENT", "0", "3", *tiny_args(shards, log_dir, **STEPS)], script=(signal_script,),
+                         timeout=120)  # returns when the workers have closed their output: ended
+    assert code == -signal.SIGKILL
+    stops = re.findall(r"stopped by SIGTERM at step (\d+): saved", out)
+    assert len(stops) == 2 and stops[0] == stops[1], out[-3000:]  # both ranks, after the same step
+    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [int(stops[0])] and int(stops[0]) < 10
+    assert time.time() - t0 < 100
+
+
+def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(shards, tmp_path, signal_script):
+    """Rank 1 SIGSTOPs itself mid step 2: rank 0 waits in the step's all-reduce, gives up after
+    --collective_timeout and says why. Two processes started by hand, as torchrun would: under
+    torchrun the job then ends when torchrun kills the stopped worker (SIGTERM, 30 s, SIGKILL)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2")
+    args = [sys.executable, signal_script, "SIGSTOP", "1", "3",
+            *tiny_args(shards, str(tmp_path / "log"), collective_timeout=5, **STEPS)]
+    ranks = [start(args, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in (0, 1)]
+    try:
+        code, out = finish(ranks[0], timeout=150)  # without a timeout it would wait forever
+        assert code == 1, out[-3000:]
+        assert "--collective_timeout=5 s" in out and "another rank is frozen" in out, out[-3000:]
+        assert "Traceback" not in out
+    finally:
+        os.kill(ranks[1].pid, signal.SIGKILL)
+        finish(ranks[1])

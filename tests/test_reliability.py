@@ -1,0 +1,310 @@
+"""Never lose a run: each fault is caused here and the run must end with its newest good state
+kept and a message that says what to do (issue 13). Tiny model, a few steps."""
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import model as model_module
+import run_guard
+import train_gpt
+from conftest import ROOT, tiny_args, train_losses
+
+STEPS = dict(max_steps=6, checkpoint_every=2, val_every=0)
+
+
+def run(args):
+    train_gpt.main(args)
+
+
+def fail(args, *expected):
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(args)
+    message = str(e.value.code)
+    for text in expected:
+        assert text in message, message
+    return message
+
+
+def log_text(log_dir):
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return f.read()
+
+
+def steps_in(log_dir):
+    return [step for step, _ in checkpoint.list_checkpoints(log_dir)]
+
+
+def overwrite_middle(path, data=b"\x00\x11\x22\x33"):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(data)
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory, one_thread):
+    """6 uninterrupted steps."""
+    log_dir = str(tmp_path_factory.mktemp("reference"))
+    run(tiny_args(shards, log_dir, **STEPS))
+    return log_dir
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(shards, tmp_path_factory, one_thread):
+    """The same run stopped at step 4: checkpoints 2 and 4. Tests work on copies."""
+    log_dir = str(tmp_path_factory.mktemp("stopped_at_4"))
+    run(tiny_args(shards, log_dir, stop_step=4, **STEPS))
+    assert steps_in(log_dir) == [4, 2]
+    return log_dir
+
+
+@pytest.fixture
+def run_dir(stopped_at_4, tmp_path):
+    log_dir = str(tmp_path / "run")
+    shutil.copytree(stopped_at_4, log_dir)
+    return log_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. another run's checkpoints; pruning
+
+def test_a_new_run_in_a_used_log_dir_is_refused_with_the_choices(shards, run_dir, one_thread):
+    def checkpoints():
+        return {n: os.path.getmtime(os.path.join(run_dir, n)) for n in os.listdir(run_dir) if n.startswith("ckpt_")}
+
+    before = checkpoints()
+    message = fail(tiny_args(shards, run_dir, resume="off", **STEPS),
+                   "already holds checkpoints", "--resume=auto", "another --log_dir", "rm -r")
+    assert "ckpt_0000004.pt" in message
+    fail(tiny_args(shards, run_dir, resume=os.path.join(run_dir, "ckpt_0000002.pt"), **STEPS),
+         "already holds checkpoints")  # an older checkpoint of it: its newer ones would be overwritten
+    assert checkpoints() == before
+
+
+def test_prune_keeps_the_newest_good_checkpoint_and_gives_no_slot_to_unreadable_ones(tmp_path):
+    log_dir = str(tmp_path)
+    for step in (2, 4, 6):
+        checkpoint.save_file({"step": step, "w": torch.ones(3)}, checkpoint.checkpoint_path(log_dir, step))
+    os.mkdir(os.path.join(log_dir, "ckpt_0000099"))  # a stray unreadable folder
+    with open(os.path.join(log_dir, "ckpt_0000050.pt"), "wb") as f:  # and a file without its checksum
+        f.write(b"junk")
+    checkpoint.prune(log_dir, keep=1, newest_step=6)
+    assert steps_in(log_dir) == [99, 50, 6]  # the stray ones neither kept a slot nor were deleted
+    assert not os.path.exists(os.path.join(log_dir, "ckpt_0000004.pt.sha256"))  # removed with its file
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. verified checkpoints
+
+def test_checksum_is_written_atomically_with_the_file_and_catches_overwritten_bytes(tmp_path):
+    path = str(tmp_path / "ckpt_0000001.pt")
+    checkpoint.save_file({"w": torch.randn(256, 256), "step": 1}, path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000001.pt", "ckpt_0000001.pt.sha256"]
+    checkpoint.verify_file(path)
+    overwrite_middle(path)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="does not match the checksum"):
+        checkpoint.load_file(path, verify=True)
+    assert torch.load(path, weights_only=True)["step"] == 1  # torch alone would have loaded it
+
+
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(shards, reference, run_dir, one_thread):
+    overwrite_middle(os.path.join(run_dir, "ckpt_0000004.pt"))
+    run(tiny_args(shards, run_dir, **STEPS))
+    text = log_text(run_dir)
+    assert "warning: checkpoint" in text and "ckpt_0000004.pt does not match the checksum" in text
+    assert "resumed from" in text and "ckpt_0000002.pt at step 2" in text
+    assert train_losses(run_dir) == train_losses(reference)  # nothing of the damage reached training
+
+
+def test_a_checkpoint_holding_nan_is_never_loaded_as_good(shards, reference, run_dir, one_thread):
+    path = os.path.join(run_dir, "ckpt_0000004.pt")
+    state = torch.load(path, weights_only=True)
+    state["model"]["lm_head.weight"][3, 3] = float("nan")  # with a valid checksum: as an old version wrote it
+    checkpoint.save_file(state, path)
+    run(tiny_args(shards, run_dir, **STEPS))
+    text = log_text(run_dir)
+    assert "ckpt_0000004.pt holds NaN/Inf in" in text and "ckpt_0000002.pt at step 2" in text
+    assert train_losses(run_dir) == train_losses(reference)
+
+
+def test_sharded_folder_manifest_catches_damaged_and_missing_files(tmp_path):
+    """A sharded checkpoint as one process writes it (torch.distributed.checkpoint, gloo group of one)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        state = {"model": {"w": torch.randn(64, 64)}, "optimizer": {}, "step": 3}
+        path = str(tmp_path / "ckpt_0000003")
+        checkpoint.save_sharded(state, path, rank=0)
+    finally:
+        dist.destroy_process_group()
+    assert checkpoint.verify_folder(path) is None
+    shard = next(n for n in os.listdir(path) if n.endswith(".distcp"))
+    overwrite_middle(os.path.join(path, shard))
+    assert "does not match the checksum" in checkpoint.verify_folder(path)
+    os.remove(os.path.join(path, shard))
+    assert "missing" in checkpoint.verify_folder(path)
+    assert not checkpoint.looks_intact(path)
+
+
+def test_a_failed_write_leaves_nothing_behind_and_names_the_disk(tmp_path):
+    """A real write error from the kernel: RLIMIT_FSIZE makes writes past 64 KB fail (EFBIG), as
+    a full disk makes them fail with ENOSPC."""
+    path = str(tmp_path / "ckpt_0000001.pt")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))
+    try:
+        with pytest.raises(checkpoint.WriteFailed) as e:
+            checkpoint.save_file({"w": torch.randn(512, 512)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert f"could not write checkpoint {path}" in str(e.value) and "mounted at" in str(e.value)
+    assert "GB free" in str(e.value)
+    assert os.listdir(tmp_path) == []  # no .tmp left
+
+
+def test_a_checkpoint_without_its_checksum_file_loads_only_when_named(shards, run_dir, one_thread):
+    """As a version before checksums wrote it: loaded, with a warning, when given as --resume=PATH."""
+    newest = os.path.join(run_dir, "ckpt_0000004.pt")
+    os.remove(newest + checkpoint.CHECKSUM_SUFFIX)
+    run(tiny_args(shards, run_dir, resume=newest, **STEPS))
+    text = log_text(run_dir)
+    assert "ckpt_0000004.pt has no checksum" in text and "loading it unverified" in text
+    assert "resumed from " + newest in text and steps_in(run_dir)[0] == 6
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the NaN guard and its advice
+
+def test_weights_made_nonfinite_by_an_update_stop_the_run_before_any_save(shards, tmp_path, one_thread):
+    log_dir = str(tmp_path)
+    fail(tiny_args(shards, log_dir, max_lr=1e39, **STEPS), "step 0's update made the weights NaN/Inf",
+         "lower --max_lr")
+    assert steps_in(log_dir) == []
+
+
+def test_lower_lr_and_resume_works_as_the_advice_says(shards, run_dir, one_thread):
+    fail(tiny_args(shards, run_dir, max_lr=1e39, **STEPS), "step 4's update made the weights NaN/Inf")
+    assert steps_in(run_dir) == [4, 2]  # untouched, and finite
+    run(tiny_args(shards, run_dir, max_lr=1e-3, **STEPS))  # the advice, as written
+    assert "resumed from" in log_text(run_dir) and steps_in(run_dir)[0] == 6
+    weights = checkpoint.load_file(os.path.join(run_dir, "ckpt_0000006.pt"), verify=True)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_resumed_run_gets_a_fresh_allowance_of_bad_steps(shards, run_dir, monkeypatch, one_thread):
+    """A checkpoint saved within a streak of NaN steps: the resumed run must not stop at once."""
+    path = os.path.join(run_dir, "ckpt_0000004.pt")
+    state = torch.load(path, weights_only=True)
+    state["bad_steps"] = 2
+    checkpoint.save_file(state, path)
+    real_forward, calls = model_module.GPT.forward, [0]
+
+    def forward(self, *args, **kwargs):  # step 4's first micro batch gives a NaN loss
+        logits, loss = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls[0] += 1
+            loss = loss * float("nan") if calls[0] == 1 else loss
+        return logits, loss
+
+    monkeypatch.setattr(model_module.GPT, "forward", forward)
+    run(tiny_args(shards, run_dir, max_bad_steps=3, **STEPS))
+    assert steps_in(run_dir)[0] == 6 and "skipped" in log_text(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. none loads
+
+def test_checkpoints_that_all_fail_to_load_stop_the_run(shards, run_dir, one_thread):
+    for step in (2, 4):
+        overwrite_middle(os.path.join(run_dir, f"ckpt_{step:07d}.pt"))
+    fail(tiny_args(shards, run_dir, **STEPS), "holds 2 checkpoints and none could be loaded",
+         "another --log_dir", "rm -r")
+    assert steps_in(run_dir) == [4, 2]  # not started over on top of them
+
+
+def test_resume_from_a_log_folder(shards, run_dir, tmp_path, one_thread):
+    new_dir = str(tmp_path / "new")
+    run(tiny_args(shards, new_dir, resume=run_dir, **STEPS))
+    assert "ckpt_0000004.pt at step 4" in log_text(new_dir) and steps_in(new_dir) == [6]
+    os.makedirs(tmp_path / "empty")
+    fail(tiny_args(shards, str(tmp_path / "other"), resume=str(tmp_path / "empty"), **STEPS),
+         "is a folder without checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. SIGINT / SIGTERM
+
+SIGNAL_SELF = """
+import os, signal, sys
+import model, train_gpt
+real_forward, calls = model.GPT.forward, [0]
+def forward(self, *args, **kwargs):
+    if self.training:
+        calls[0] += 1
+        if os.environ.get("RANK", "0") == sys.argv[2] and calls[0] == int(sys.argv[3]):
+            if sys.argv[1] == "KILL_PARENT":  # the launcher dies (torchrun SIGKILLed)
+                os.kill(os.getppid(), signal.SIGKILL)
+            else:
+                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real_forward(self, *args, **kwargs)
+model.GPT.forward = forward
+train_gpt.main(sys.argv[4:])
+"""
+
+
+def test_ctrl_c_finishes_the_step_saves_and_prints_one_line(shards, reference, tmp_path):
+    log_dir = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_SELF, "SIGINT", "0", "5",  # mid step 2
+                           *tiny_args(shards, log_dir, **STEPS)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "stopped by SIGINT (Ctrl-C) at step 3: saved" in proc.stderr
+    assert steps_in(log_dir) == [3, 2]
+    run(tiny_args(shards, log_dir, **STEPS))
+    assert train_losses(log_dir) == train_losses(reference)
+
+
+def test_signal_rules_before_training_repeated_sigterm_and_a_second_ctrl_c():
+    previous = signal.getsignal(signal.SIGTERM)
+    with run_guard.StopOnSignal() as stop:
+        with pytest.raises(run_guard.Stopped) as e:  # nothing to save yet: stop at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert e.value.code == 143 and "before training started" in e.value.message
+        stop.armed = True
+        for _ in range(2):  # the second SIGTERM is ignored
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        assert stop.agreed()
+        with pytest.raises(run_guard.Stopped) as e:  # an impatient Ctrl-C: quit without saving
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        assert e.value.code == 130 and "quit without saving" in e.value.message
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards, tmp_path, one_thread):
+    log_dir = str(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_guard\n"
+                               "with run_guard.log_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(300)",
+                               log_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        fail(tiny_args(shards, log_dir, max_steps=1, warmup_steps=0), "is in use by another run (pid", "another --log_dir")
+    finally:
+        holder.kill()  # SIGKILL: no clean-up; the kernel releases the lock
+        holder.wait()
+    run(tiny_args(shards, log_dir, max_steps=1, warmup_steps=0))
+    assert steps_in(log_dir) == [1]
