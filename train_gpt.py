@@ -782,7 +782,7 @@ def check_weights_finite(s, rt, raw_model, step, lr):
     if bad.item():
         raise RunError(f"step {step}'s update made the weights NaN/Inf although its loss and gradient were finite: "
                        f"the learning rate ({lr:.3g}) is far too high. Nothing was saved after it; the newest "
-                       f"checkpoint in {s.log_dir} (if any) holds no NaN: lower --max_lr (or raise --warmup_steps) "
+                       f"checkpoint in {s.log_dir} (if any) holds no NaN: lower --max_lr (or raise --warmup_tokens) "
                        f"and resume from it (or start again if there is none).")
 
 
