@@ -644,7 +644,7 @@ def resume_candidates(s):
     if os.path.isdir(s.resume) and not is_sharded_checkpoint(s.resume):  # a log folder
         found = checkpoint.list_checkpoints(s.resume)
         if not found:
-            raise ValueError(f"--resume={s.resume} is a folder without checkpoints (ckpt_<step>.pt files or "
+            raise SettingsError(f"--resume={s.resume} is a folder without checkpoints (ckpt_<step>.pt files or "
                              f"ckpt_<step>/ folders): give a checkpoint, a log folder holding them, auto or off")
         return [path for _, path in found]
     return [s.resume]
