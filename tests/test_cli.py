@@ -97,7 +97,7 @@ def test_every_script_answers_help_and_a_bad_argument_in_one_line(main, own_opti
 # One line for a user's mistake, the traceback for a bug
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    def buggy_train(s):
+    def buggy_train(s, stop=None):
         raise ValueError("a bug deep inside")
     monkeypatch.setattr(train_gpt, "train", buggy_train)
     with pytest.raises(ValueError, match="a bug deep inside"):
