@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import checkpoint
 import evaluate
+import tracking
 from dataloader import DataLoader, ValidationData
 from model import GPT, PRESETS, configure_optimizers, flops_per_token, num_params, preset_config
 
@@ -69,6 +70,11 @@ class Settings:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto: the newest good checkpoint in log_dir, if any; a path; or off
+    # experiment tracking (optional: pip install -r requirements-extras.txt): metrics.jsonl's events, rank 0
+    wandb_project: str = ""  # log to this Weights & Biases project; "" = off (WANDB_MODE=offline: no account)
+    wandb_run_name: str = ""  # the W&B run's display name; "" = W&B picks one
+    wandb_run_id: str = ""  # the W&B run to log to; "" = the id saved in log_dir (a resume continues its run), or new
+    tensorboard: bool = False  # also write TensorBoard event files to log_dir (tensorboard --logdir=log_dir)
     # system
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # float32 or bfloat16 (autocast); auto: bfloat16 on CUDA and on CPUs with bf16 matmul units
@@ -363,11 +369,13 @@ def matmul_rate(a, b):
 
 class RunLog:
     """Rank 0 prints, and appends to log_dir/log.txt and log_dir/metrics.jsonl (never truncated,
-    so a resumed run continues the same files). Other ranks stay silent."""
+    so a resumed run continues the same files). Other ranks stay silent. Each metrics event also
+    goes to the trackers (tracking.py: W&B, TensorBoard), closed by close()."""
 
-    def __init__(self, log_dir, is_main):
+    def __init__(self, log_dir, is_main, trackers=()):
         self.is_main = is_main
         self.log_dir = log_dir
+        self.trackers = list(trackers) if is_main else []
         if is_main:
             os.makedirs(log_dir, exist_ok=True)
 
@@ -381,6 +389,25 @@ class RunLog:
         if self.is_main:
             with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(event) + "\n")
+            for tracker in self.trackers:
+                tracker.log(event)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+def open_trackers(s, rt):
+    """W&B and TensorBoard as the settings ask (tracking.py), on rank 0; the settings are the
+    runs' config. A missing package is an error before any work."""
+    if not rt.is_main:
+        return []
+    try:
+        return tracking.open_trackers(s.log_dir, dataclasses.asdict(s), s.wandb_project, s.wandb_run_name,
+                                      s.wandb_run_id, s.tensorboard, fresh=s.resume == "off")
+    except tracking.MissingPackage as e:
+        raise RunError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,7 +614,7 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum):
 def train(s):
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
-    log = RunLog(s.log_dir, rt.is_main)
+    log = RunLog(s.log_dir, rt.is_main, open_trackers(s, rt))
     advice = restart_advice()
     if advice:
         log(f"note: {advice}")
@@ -659,6 +686,7 @@ def train(s):
         if step % s.checkpoint_every == 0 or last:
             save_checkpoint(s, rt, step, raw_model, optimizer, loader,
                             dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
+    log.close()
     return raw_model
 
 
