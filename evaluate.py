@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -399,7 +400,10 @@ def main(argv=None):
     amp_dtype = pick_amp_dtype(args.dtype, device)
     if args.lm_eval:  # unknown task names are found before any work
         tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
-        manager = lm_harness.task_manager(tasks, args.lm_eval_include)
+        try:
+            manager = lm_harness.task_manager(tasks, args.lm_eval_include)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
     model = load_checkpoint_model(args.checkpoint, device) if args.checkpoint else gpt_from_hf(args.hf, device)
     results = {}
     if args.val:

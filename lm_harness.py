@@ -1,8 +1,8 @@
 """EleutherAI's lm-evaluation-harness on our models: the model is exported to a Hugging Face GPT-2
 folder (convert_hf.py, tokenizer files included), and the harness's own evaluator
-(lm_eval.simple_evaluate) scores it through the harness's Hugging Face model class (HFLM), exactly
-as `lm_eval --model hf --model_args pretrained=FOLDER` would. Optional: pip install -r
-requirements-extras.txt. The command line is evaluate.py's:
+(lm_eval.simple_evaluate) scores it through the harness's Hugging Face model class (HFLM, the one
+its `--model hf` uses). Optional: pip install -r requirements-extras.txt. The command line is
+evaluate.py's:
 
     python evaluate.py --checkpoint=log/ckpt_0019073.pt --lm_eval=hellaswag,arc_easy,piqa,lambada_openai
 
@@ -27,7 +27,7 @@ def installed():
 
 def task_manager(tasks, include_path=None):
     """The harness's TaskManager for these tasks. Indexing the harness's own tasks reads thousands
-    of YAML files (tens of seconds): when include_path (a folder of the user's task YAMLs) defines
+    of YAML files (seconds to minutes): when include_path (a folder of the user's task YAMLs) defines
     every task asked for, that index is skipped. Unknown names are an error here, before any work."""
     from lm_eval.tasks import TaskManager
     if include_path:

@@ -21,14 +21,14 @@ EXTRAS = "pip install -r requirements-extras.txt"
 WANDB_ID_FILE = "wandb_run_id"
 
 
-class MissingPackage(RuntimeError):
-    """A tracker was asked for and its package is not installed."""
+class TrackerError(RuntimeError):
+    """A tracker that was asked for cannot start: its package is missing, or W&B refused the run."""
 
 
 def require(package, pip_name, setting):
     if importlib.util.find_spec(package) is None:
-        raise MissingPackage(f"{setting} needs the {pip_name} package, which is not installed: {EXTRAS} "
-                             f"(or pip install {pip_name})")
+        raise TrackerError(f"{setting} needs the {pip_name} package, which is not installed: {EXTRAS} "
+                           f"(or pip install {pip_name})")
 
 
 def scalars(event):
@@ -72,8 +72,12 @@ class WandbTracker:
     def __init__(self, project, name, run_id, log_dir, config, fresh):
         import wandb
         run_id = run_id or saved_run_id(log_dir, fresh)  # None: W&B makes a new id
-        self.run = wandb.init(project=project, name=name or None, id=run_id, resume="allow",
-                              dir=None if os.environ.get("WANDB_DIR") else log_dir)
+        try:
+            self.run = wandb.init(project=project, name=name or None, id=run_id, resume="allow",
+                                  dir=None if os.environ.get("WANDB_DIR") else log_dir)
+        except wandb.errors.Error as e:  # not logged in, server unreachable, a bad id...
+            raise TrackerError(f"W&B could not start the run: {e} Log in (`wandb login`, or set WANDB_API_KEY), "
+                               f"or log offline with WANDB_MODE=offline and upload later with `wandb sync`") from e
         save_run_id(log_dir, self.run.id)
         # on a resume the settings may differ (--max_steps raised, say): the newest are recorded
         self.run.config.update(config, allow_val_change=True)

@@ -400,13 +400,13 @@ class RunLog:
 
 def open_trackers(s, rt):
     """W&B and TensorBoard as the settings ask (tracking.py), on rank 0; the settings are the
-    runs' config. A missing package is an error before any work."""
+    runs' config. A missing package or a W&B run that cannot start is an error before any work."""
     if not rt.is_main:
         return []
     try:
         return tracking.open_trackers(s.log_dir, dataclasses.asdict(s), s.wandb_project, s.wandb_run_name,
                                       s.wandb_run_id, s.tensorboard, fresh=s.resume == "off")
-    except tracking.MissingPackage as e:
+    except tracking.TrackerError as e:
         raise RunError(str(e)) from None
 
 

@@ -113,8 +113,8 @@ def lm_eval_run(tmp_path_factory):
         for line in f:
             sample = json.loads(line)
             samples.setdefault(sample["task"], {})[sample["doc_id"]] = sample
-    return dict(model=evaluate.load_checkpoint_model(ckpt), stem=stem, stdout=run.stdout, results=results,
-                samples=samples)
+    return dict(model=evaluate.load_checkpoint_model(ckpt), stem=stem, stdout=run.stdout, stderr=run.stderr,
+                results=results, samples=samples)
 
 
 def ending_logliks(model, items):
@@ -148,6 +148,7 @@ def test_lm_eval_command_runs_offline_and_saves_its_table(lm_eval_run):
         table = f.read()
     assert "hellaswag_local" in table and "hellaswag_harness_local" in table and "acc_norm" in table
     assert table.strip() in lm_eval_run["stdout"]  # the table printed is the table saved
+    assert "it/s" not in lm_eval_run["stderr"] and "export" not in lm_eval_run["stderr"]  # --quiet: no progress bars
     assert sorted(os.listdir(stem + "_hf")) == ["config.json", "merges.txt", "model.safetensors",
                                                 "tokenizer_config.json", "vocab.json"]
 
@@ -197,3 +198,10 @@ def test_local_tasks_skip_the_harness_index(tmp_path):
     assert lm_harness.task_manager(["mine"], str(tmp_path)).all_tasks == ["mine"]
     with pytest.raises(FileNotFoundError, match="no such folder"):
         lm_harness.task_manager(["mine"], str(tmp_path / "missing"))
+
+
+def test_lm_eval_without_the_harness_installed_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(lm_harness, "installed", lambda: False)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint=any.pt", "--lm_eval=hellaswag"])
+    assert "pip install -r requirements-extras.txt" in capsys.readouterr().err

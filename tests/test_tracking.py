@@ -18,6 +18,16 @@ HELLASWAG = [dict(ctx="The cat sat on the", endings=["mat.", "moon.", "sea.", "s
 TAGS = ("train_loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "val_loss", "hellaswag_acc", "hellaswag_acc_norm")
 
 
+@pytest.fixture
+def fresh_wandb():
+    """W&B reads its environment (WANDB_MODE, WANDB_DIR ...) once per process, at its first run:
+    each test starts and ends with a fresh W&B, so that the environment it sets is the one used."""
+    import wandb
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 def wandb_records(path):
     """The records of a .wandb file: W&B's log format (LevelDB's: 32 KiB blocks of chunks, each a
     7-byte header of crc32, length and type) holding wandb_internal_pb2.Record protos. wandb 0.31
@@ -62,7 +72,7 @@ def scalar_rows(events):
 
 
 def test_wandb_offline_and_tensorboard_get_every_event_and_a_resume_continues_them(shards, tmp_path, monkeypatch,
-                                                                                     one_thread):
+                                                                                     one_thread, fresh_wandb):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
@@ -115,3 +125,18 @@ def test_a_tracker_without_its_package_is_a_clear_error_before_training(shards, 
         assert not os.path.exists(os.path.join(log_dir, "metrics.jsonl"))  # stopped before any step
     with pytest.raises(SystemExit, match="give --wandb_project"):
         train_gpt.main(tiny_args(shards, str(tmp_path / "id")) + ["--wandb_run_id=abc"])
+
+
+def test_wandb_not_logged_in_is_a_clear_error_before_training(shards, tmp_path, monkeypatch, fresh_wandb):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there; never reached
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # no saved login
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    log_dir = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(tiny_args(shards, log_dir, wandb_project="p"))
+    message = str(e.value.code)
+    assert "W&B could not start the run" in message and "WANDB_MODE=offline" in message, message
+    assert not os.path.exists(os.path.join(log_dir, "metrics.jsonl"))
