@@ -7,6 +7,7 @@ Our parameter names are GPT-2's, so the mapping is one to one, except that
   extra rows are dead (never predicted), so export drops them and import adds zero rows.
 
     python convert_hf.py export log/ckpt_0019073.pt gpt2-ours/   # then GPT2LMHeadModel.from_pretrained("gpt2-ours")
+                                                                 # and AutoTokenizer.from_pretrained("gpt2-ours")
     python convert_hf.py import gpt2 gpt2.pt                     # a checkpoint training can start from
 """
 
@@ -14,11 +15,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import checkpoint
 import cli
@@ -71,10 +74,12 @@ def hf_config(config):
                       architectures=["GPT2LMHeadModel"])
 
 
-def export_hf(model_or_state_dict, config: GPTConfig, out_dir):
+def export_hf(model_or_state_dict, config: GPTConfig, out_dir, progress=False):
     """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that
-    GPT2LMHeadModel.from_pretrained(out_dir) loads, with our logits on the real ids. Takes a GPT
-    (also torch.compile'd) or its full state_dict (not a sharded one: gather it first)."""
+    GPT2LMHeadModel.from_pretrained(out_dir) loads, with our logits on the real ids, and the GPT-2
+    tokenizer's files, so AutoTokenizer.from_pretrained(out_dir) works offline too. Takes a GPT
+    (also torch.compile'd) or its full state_dict (not a sharded one: gather it first). progress:
+    a progress bar over the tensors."""
     model = getattr(model_or_state_dict, "_orig_mod", model_or_state_dict)
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     missing = [k for k in parameter_names(config) if k not in state]
@@ -85,9 +90,8 @@ def export_hf(model_or_state_dict, config: GPTConfig, out_dir):
         raise cli.BadInput("lm_head.weight differs from transformer.wte.weight; HF GPT-2 ties them, so the "
                          "export would change the model")
     tensors = {}
-    for name in parameter_names(config):
-        if name == "lm_head.weight":
-            continue  # tied to wte in HF too (tie_word_embeddings)
+    names = [name for name in parameter_names(config) if name != "lm_head.weight"]  # tied to wte in HF too
+    for name in tqdm(names, desc="export", unit="tensor", disable=not progress):
         t = state[name].detach().cpu()
         if name.endswith(TRANSPOSED):
             t = t.t()
@@ -99,7 +103,25 @@ def export_hf(model_or_state_dict, config: GPTConfig, out_dir):
         save_file(tensors, tmp, metadata={"format": "pt"})
     with replace_atomically(os.path.join(out_dir, "config.json")) as tmp:
         hf_config(config).to_json_file(tmp)
+    write_tokenizer_files(out_dir, config.block_size)
     return out_dir
+
+
+def write_tokenizer_files(out_dir, max_length):
+    """GPT-2's tokenizer for transformers: OpenAI's vocab.bpe and encoder.json (the files our
+    tokenizer is built from, fineweb.gpt2_tokenizer) under their Hugging Face names, merges.txt and
+    vocab.json, plus a tokenizer_config.json. <|endoftext|> is bos, eos and unk, as in the hub's gpt2."""
+    from fineweb import gpt2_tokenizer_files
+    vocab_bpe, encoder_json = gpt2_tokenizer_files()
+    for src, name in ((vocab_bpe, "merges.txt"), (encoder_json, "vocab.json")):
+        with replace_atomically(os.path.join(out_dir, name)) as tmp:
+            shutil.copyfile(src, tmp)
+    eot = "<|endoftext|>"
+    tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=max_length, bos_token=eot,
+                            eos_token=eot, unk_token=eot, add_prefix_space=False)
+    with replace_atomically(os.path.join(out_dir, "tokenizer_config.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(tokenizer_config, f, indent=2)
 
 
 def check_architecture(hf):
@@ -186,6 +208,7 @@ def main(argv=None):
     exp = sub.add_parser("export", help="checkpoint -> Hugging Face folder")
     exp.add_argument("checkpoint", help="a checkpoint file or sharded checkpoint folder from training")
     exp.add_argument("out_dir")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp = sub.add_parser("import", help="Hugging Face folder or hub name -> checkpoint file")
     imp.add_argument("hf_path", help="a folder with config.json + weights, or a hub name such as gpt2")
     imp.add_argument("out_checkpoint")
@@ -203,10 +226,8 @@ def convert(args):
         from evaluate import load_checkpoint_model  # evaluate imports this module: import here, not above
         print(f"reading {args.checkpoint}", flush=True)
         model = load_checkpoint_model(args.checkpoint, "cpu")
-        print(f"writing {args.out_dir}/ ({sum(p.numel() for p in model.parameters()) * 4 / 1e6:,.0f} MB in fp32)",
-              flush=True)
-        export_hf(model, model.config, args.out_dir)
-        print(f"wrote {args.out_dir}/config.json and model.safetensors")
+        export_hf(model, model.config, args.out_dir, progress=not args.quiet)
+        print(f"wrote {args.out_dir}/: config.json, model.safetensors and the GPT-2 tokenizer's files")
     else:
         print(f"reading {args.hf_path}" + ("" if os.path.isdir(args.hf_path) else
                                            " (from the Hugging Face Hub unless cached)"), flush=True)

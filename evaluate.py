@@ -9,6 +9,7 @@ rank must take part in every forward, so ranks with less work run dummy forwards
 
     python evaluate.py --checkpoint=log/ckpt_0019073.pt --val --data_dir=edu_fineweb10B --hellaswag --sample
     python evaluate.py --hf=gpt2 --hellaswag          # GPT-2 124M: acc_norm 0.2945
+    python evaluate.py --checkpoint=log/ckpt_0019073.pt --lm_eval=hellaswag,arc_easy,piqa,lambada_openai
 """
 
 import contextlib
@@ -27,6 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import convert_hf
+import lm_harness
 from convert_hf import gpt_from_hf, replace_atomically
 from dataloader import DataError, DataNotFound, ValidationData
 from fineweb import SOURCES, gpt2_tokenizer
@@ -379,16 +381,42 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="forward precision (weights stay fp32); auto: bfloat16 on GPUs that support it")
+    p.add_argument("--lm_eval", default="", metavar="TASKS",
+                   help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy,piqa,lambada_openai: "
+                        "the model is exported to Hugging Face format beside the checkpoint and scored by the "
+                        "harness (pip install -r requirements-extras.txt)")
+    p.add_argument("--lm_eval_include", default=None, metavar="DIR", help="a folder of your own task YAML files")
+    p.add_argument("--lm_eval_limit", type=int, default=None, help="score only the first N examples of each task")
+    p.add_argument("--lm_eval_fewshot", type=int, default=None, help="examples in each prompt (default: the task's, 0)")
+    p.add_argument("--lm_eval_samples", action="store_true", help="also save each example's scores (jsonl)")
+    p.add_argument("--out_dir", default=None, help="where --lm_eval writes its export and results: default "
+                                                   "the checkpoint's folder (for --hf, the current folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if not (args.val or args.hellaswag or args.sample):
-        p.error("nothing to do: pass --val, --hellaswag and/or --sample")
-    for name in ("val_tokens", "batch_size", "num_samples", "max_new_tokens", "top_k", "seq_len", "hellaswag_limit"):
+    if not (args.val or args.hellaswag or args.sample or args.lm_eval):
+        p.error("nothing to do: pass --val, --hellaswag, --sample and/or --lm_eval=TASKS")
+    if args.lm_eval and not lm_harness.installed():
+        p.error(f"--lm_eval needs lm-evaluation-harness (the lm-eval package): {lm_harness.INSTALL}")
+    for name in ("val_tokens", "batch_size", "num_samples", "max_new_tokens", "top_k", "seq_len", "hellaswag_limit",
+                 "lm_eval_limit"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     if args.temperature <= 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
     return args
+
+
+def lm_eval_stem(args):
+    """Where --lm_eval's files go: <stem>_hf/, <stem>_lm_eval.md and .json, with stem the checkpoint's
+    name less .pt (lm_eval_<name> for --hf), in --out_dir or else beside the checkpoint."""
+    if args.checkpoint:
+        path = args.checkpoint.rstrip("/")
+        name, folder = os.path.basename(path).removesuffix(".pt"), os.path.dirname(path)
+    else:
+        name, folder = "lm_eval_" + os.path.basename(args.hf.rstrip("/")), "."
+    folder = args.out_dir or folder or "."
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
 
 
 DEFAULT_DATA_DIR = "edu_fineweb10B"
@@ -431,6 +459,12 @@ def main(argv=None):
 def evaluate(args):
     device = pick_device(args.device)
     amp_dtype = pick_amp_dtype(args.dtype, device)
+    if args.lm_eval:  # unknown task names are found before any work
+        tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+        try:
+            manager = lm_harness.task_manager(tasks, args.lm_eval_include)
+        except (ValueError, FileNotFoundError) as e:
+            raise cli.BadInput(str(e)) from None
     progress = not args.quiet
     if args.checkpoint:
         model, trained_with = load_checkpoint(args.checkpoint, device)
@@ -456,6 +490,11 @@ def evaluate(args):
         for text in sample_text(model, gpt2_tokenizer(), args.prompt, args.num_samples, args.max_new_tokens,
                                 args.temperature, args.top_k, args.seed, amp_dtype=amp_dtype):
             print(f"sample: {text!r}")
+    if args.lm_eval:  # last: the model moves to the CPU for its export, and the harness loads the export
+        results["lm_eval"] = lm_harness.run(
+            model.cpu(), tasks, lm_eval_stem(args), manager, batch_size=args.batch_size,
+            device=device, dtype="bfloat16" if amp_dtype else "float32", limit=args.lm_eval_limit,
+            num_fewshot=args.lm_eval_fewshot, log_samples=args.lm_eval_samples, quiet=args.quiet)["results"]
     return results
 
 

@@ -29,6 +29,7 @@ import checkpoint
 import cli
 import evaluate
 import run_guard
+import tracking
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
 from model import GPT, PRESETS, ConfigError, configure_optimizers, flops_per_token, num_params, preset_config
 
@@ -85,6 +86,11 @@ class Settings:
     checkpoint_every: int = 5000  # a checkpoint every this many steps, and at the end
     keep_checkpoints: int = 3  # the newest this many are kept
     resume: str = "auto"  # auto: the newest good checkpoint in log_dir, if any; a path; or off
+    # experiment tracking (optional: pip install -r requirements-extras.txt): metrics.jsonl's events, rank 0
+    wandb_project: str = ""  # log to this Weights & Biases project; "" = off (WANDB_MODE=offline: no account)
+    wandb_run_name: str = ""  # the W&B run's display name; "" = W&B picks one
+    wandb_run_id: str = ""  # the W&B run to log to; "" = the id saved in log_dir (a resume continues its run), or new
+    tensorboard: bool = False  # also write TensorBoard event files to log_dir (tensorboard --logdir=log_dir)
     # system
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # float32 or bfloat16 (autocast); auto: bfloat16 on CUDA and on CPUs with bf16 matmul units
@@ -470,11 +476,13 @@ def matmul_rate(a, b):
 
 class RunLog:
     """Rank 0 prints, and appends to log_dir/log.txt and log_dir/metrics.jsonl (never truncated,
-    so a resumed run continues the same files). Other ranks stay silent."""
+    so a resumed run continues the same files). Other ranks stay silent. Each metrics event also
+    goes to the trackers (tracking.py: W&B, TensorBoard), closed by close()."""
 
-    def __init__(self, log_dir, is_main):
+    def __init__(self, log_dir, is_main, trackers=()):
         self.is_main = is_main
         self.log_dir = log_dir
+        self.trackers = list(trackers) if is_main else []
         if is_main:
             os.makedirs(log_dir, exist_ok=True)
 
@@ -488,6 +496,25 @@ class RunLog:
         if self.is_main:
             with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(event) + "\n")
+            for tracker in self.trackers:
+                tracker.log(event)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+
+def open_trackers(s, rt):
+    """W&B and TensorBoard as the settings ask (tracking.py), on rank 0; the settings are the
+    runs' config. A missing package or a W&B run that cannot start is an error before any work."""
+    if not rt.is_main:
+        return []
+    try:
+        return tracking.open_trackers(s.log_dir, dataclasses.asdict(s), s.wandb_project, s.wandb_run_name,
+                                      s.wandb_run_id, s.tensorboard, fresh=s.resume == "off")
+    except tracking.TrackerError as e:
+        raise RunError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -859,7 +886,7 @@ def train(s, stop=None):
     check_batch_divisibility(s, rt.world_size)
     if not s.demo:  # the demo makes its data below
         shard_paths(s.data_dir, "train")  # no data: said now, before the log folder is made
-    log = RunLog(s.log_dir, rt.is_main)  # bad settings have stopped the run before this point
+    log = RunLog(s.log_dir, rt.is_main, open_trackers(s, rt))  # bad settings have stopped the run before this point
     advice = restart_advice()
     if advice:
         log(f"note: {advice}")
@@ -948,6 +975,7 @@ def train(s, stop=None):
                                    dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
             if stopping and not last:
                 raise stop.stopped(step, path, rt.world_size)
+    log.close()
     return raw_model
 
 

@@ -55,7 +55,8 @@ def real_ids(n=2, t=24):
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     model = perturbed_model()
     convert_hf.export_hf(model, TINY, tmp_path / "hf")
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "merges.txt", "model.safetensors",
+                                                   "tokenizer_config.json", "vocab.json"]  # no temp files left
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     x = real_ids()
     with torch.no_grad():
@@ -164,3 +165,16 @@ def test_cli_import_then_export(tmp_path):
     back = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(back[k], original[k]) for k in back)
     assert sorted(os.listdir(tmp_path)) == ["gpt2.pt", "hf", "out"]  # no temp files left
+
+
+def test_export_holds_a_tokenizer_that_transformers_loads_offline(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+    from fineweb import gpt2_tokenizer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    convert_hf.write_tokenizer_files(str(tmp_path), max_length=64)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "Hello world, it's 2024!\n\n  Ünïcode   spaces\tand <|endoftext|> the end"
+    ours = gpt2_tokenizer().encode(text, allowed_special="all")
+    assert tokenizer.encode(text) == ours and tokenizer.decode(ours) == text
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == tokenizer.bos_token_id == 50256
+    assert tokenizer.model_max_length == 64
