@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import checkpoint
 import evaluate
+from activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
 from dataloader import DataLoader, ValidationData
 from model import GPT, PRESETS, configure_optimizers, flops_per_token, num_params, preset_config
 
@@ -75,6 +76,7 @@ class Settings:
     compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    activation_checkpointing: str = "none"  # recompute blocks in backward to save memory: none, selective (every other block) or full
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
     seed: int = 1337
@@ -149,6 +151,7 @@ def resolve_model_settings(s):
     for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
         if getattr(s, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(s, name)}")
+    checkpointed_blocks(config.n_layer, s.activation_checkpointing)  # a bad name fails here, early
     if not 0 <= s.warmup_steps <= s.max_steps:
         raise ValueError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
@@ -407,6 +410,7 @@ def build_model(s, config, rt):
     if s.init_from:
         raw_model.load_state_dict(load_init_state(s, config))
     raw_model.to(rt.device)
+    apply_activation_checkpointing(raw_model, s.activation_checkpointing)
     model = torch.compile(raw_model) if s.compile else raw_model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -433,6 +437,7 @@ def build_fsdp_model(s, config, rt):
     mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype or torch.float32, reduce_dtype=torch.float32)
     with torch.device("meta"):
         raw_model = GPT(config)
+    apply_activation_checkpointing(raw_model, s.activation_checkpointing)  # before compile and sharding
     for block in raw_model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
@@ -616,7 +621,8 @@ def train(s):
     peak = peak_flops(s, rt.device)
     log(f"model {s.model}: {num_params(raw_model):,} parameters, {flops_token / 1e6:.1f} MFLOPs/token; "
         f"device {rt.device} x {rt.world_size}, dtype {s.dtype}, compile {s.compile}, "
-        f"{'FSDP' if s.fsdp else 'DDP' if rt.world_size > 1 else 'single process'}; "
+        f"{'FSDP' if s.fsdp else 'DDP' if rt.world_size > 1 else 'single process'}, "
+        f"activation checkpointing {s.activation_checkpointing}; "
         f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
     log(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "
         f"{rt.world_size} ranks x {s.total_batch_size // tokens_per_micro} accumulation steps")
