@@ -137,6 +137,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    sparse_embedding_grad_on_cpu = True  # see forward; plan.py turns it off to plan a GPU on CPU kernels
+
     def __init__(self, config, seed=0):
         super().__init__()
         self.config = config
@@ -212,7 +214,8 @@ class GPT(nn.Module):
         # lm_head's dense one (a copy of the table plus those rows), and the sum is dense, as AdamW
         # needs: 40-75 -> 33 ms a step at gpt2 size, 2 cores. Not compiled (no sparse tensors there)
         # nor on GPUs, where the dense table costs microseconds.
-        sparse = targets is not None and idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        sparse = (self.sparse_embedding_grad_on_cpu and targets is not None and idx.device.type == "cpu"
+                  and not torch.compiler.is_compiling())
         h = self.hidden_states(idx, sparse_embedding_grad=sparse)
         if targets is None:
             return self.logits(h), None
