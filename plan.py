@@ -111,9 +111,8 @@ def build(config, setup, device, mesh):
         fully_shard(model, mesh=mesh, mp_policy=mp)
         model.to_empty(device=device)
     else:
-        with torch.device("meta"):
-            model = GPT(config)
-        model.to_empty(device=device)
+        with torch.device(device):
+            model = GPT(config)  # as train_gpt.build_model: whole, on the device
         model.sparse_embedding_grad_on_cpu = False
         apply_activation_checkpointing(model, setup.activation_checkpointing)
     optimizer = configure_optimizers(model, 0.1, 1e-4, "cuda", log=lambda m: None)
@@ -141,18 +140,28 @@ def _peak_of_two_steps(config, setup, device, mesh, T, amp):
     model, optimizer = build(config, setup, device, mesh)
     x = torch.randint(0, config.vocab_size, (setup.micro_batch_size, T), device=device)
     grad_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32, unsharded (DDP)
+    autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp and not setup.fsdp else contextlib.nullcontext
+
+    def forward_backward():
+        with autocast():
+            _, loss = model(x, x, return_logits=not setup.chunked_loss)
+        loss.backward()
+
+    # The first step, untracked, allocates the optimizer state; the second is tracked up to the
+    # optimizer's update. The update itself runs outside the tracker: under fake tensors torch's
+    # trackers count the global-size tensors that DTensor's sharding propagation makes for the
+    # optimizer's ops on sharded parameters (seen on torch 2.13: 2.4x the model's full state).
+    # Fused AdamW updates in place, with no temporaries, so the peak of the update is the memory
+    # held when backward ends, which the tracker has seen.
+    forward_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     tracker = _tracker(model, optimizer, setup.fsdp)
     if setup.fsdp:
         tracker.track_inputs((x,))
-    autocast = torch.autocast("cpu", dtype=amp) if amp and not setup.fsdp else contextlib.nullcontext()
     with tracker:
-        for i in range(2):
-            with autocast:
-                _, loss = model(x, x, return_logits=not setup.chunked_loss)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tracker.reset_mod_stats()  # per-module figures of the first step; the peak is kept
+        forward_backward()
+    optimizer.step()
     peak = _by_category(tracker.get_tracker_snapshot("peak")[device])
     if not setup.fsdp and setup.gpus > 1:
         # DDP copies every gradient into its all-reduce buckets (gradient_as_bucket_view=False,
@@ -160,6 +169,11 @@ def _peak_of_two_steps(config, setup, device, mesh, T, amp):
         peak["grads"] += grad_bytes
         peak["total"] += grad_bytes
     return peak
+
+
+def _local_bytes(t):
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
 
 
 def _tracker(model, optimizer, fsdp):
@@ -227,6 +241,42 @@ def measure_peak_bytes(fn, *holders):
         live += nbytes
         top = max(top, live)
     return start + top
+
+
+def measured_step_peak(setup):
+    """The same two training steps as fake_step_peak, on real CPU tensors over a real gloo
+    process group (run under torchrun with setup.gpus processes), measured by
+    measure_peak_bytes from the built model on: this rank's peak bytes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    config = preset_config(setup.model, n_layer=setup.n_layer)
+    T = setup.seq_len or config.block_size
+    amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
+    dist.init_process_group("gloo")
+    try:
+        if dist.get_world_size() != setup.gpus:
+            raise ValueError(f"--check runs under torchrun with --nproc_per_node={setup.gpus} (--gpus)")
+        mesh = init_device_mesh("cpu", (setup.gpus,))
+        gen = torch.Generator().manual_seed(dist.get_rank())
+        x = torch.randint(0, config.vocab_size, (setup.micro_batch_size, T), generator=gen)
+
+        model, optimizer = build(config, setup, torch.device("cpu"), mesh)
+        model.init_weights(0)  # initialization's temporaries are not the training step's
+
+        def two_steps():
+            train_model = model
+            if not setup.fsdp:  # DDP's buckets are made here, inside the measurement
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                train_model = DDP(model)
+            autocast = torch.autocast("cpu", dtype=amp) if amp and not setup.fsdp else contextlib.nullcontext()
+            for _ in range(2):
+                with autocast:
+                    _, loss = train_model(x, x, return_logits=not setup.chunked_loss)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return measure_peak_bytes(two_steps, model, optimizer)
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +492,13 @@ def main(argv=None):
     parser.add_argument("--tokens", type=float, default=None, help="tokens to train on; default the preset's budget")
     parser.add_argument("--mfu", type=float, default=None, help="MFU for the time estimate, e.g. 0.35")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
+                        "against the measured one, for --micro_batch_size and --activation_checkpointing")
+    parser.add_argument("--dtype", default="bfloat16", help="--check: float32 or bfloat16")
+    parser.add_argument("--chunked_loss", default="False", help="--check: the chunked loss (no full logits)")
     args = parser.parse_args(argv)
+    if args.check:
+        return check_against_measured(args)
     if args.activation_checkpointing not in ("auto", *MODES):
         parser.error(f"--activation_checkpointing={args.activation_checkpointing}: choose auto, {', '.join(MODES)}")
     t0 = time.time()
@@ -457,6 +513,20 @@ def main(argv=None):
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
           format_plan(plan) + f"\n  (planned in {time.time() - t0:.0f} s on this CPU: fake tensors, no GPU)")
     return plan
+
+
+def check_against_measured(args):
+    """Plan, then measure, the same setup on this CPU; prints both and their ratio (rank 0)."""
+    import os
+    setup = Setup(args.model, int(os.environ.get("WORLD_SIZE", 1)), int(args.micro_batch_size),
+                  args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
+                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype)
+    planned = peak_bytes(setup)["total"]
+    measured = measured_step_peak(setup)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(dict(setup=dataclasses.asdict(setup), planned=planned, measured=measured,
+                              ratio=planned / measured)))
+    return planned, measured
 
 
 if __name__ == "__main__":
