@@ -282,16 +282,17 @@ def measured_step_peak(setup):
 # ----------------------------------------------------------------------------------------------
 # From fake steps on a few layers to the whole model
 
-FEW_LAYERS = (2, 4)  # even, so "selective" checkpoints the same half of them as of the model
+FEW_LAYERS = (4, 6)  # even, so "selective" checkpoints the same half of them as of the model
 _peaks = {}
 
 
 def peak_bytes(setup):
-    """fake_step_peak for the whole model, from fake steps on 2 and 4 of its layers. Every figure
-    (sharded state, kept activations) is affine in the layer count, and the peak falls at the
-    same point of the step, so the two runs give it exactly for any depth (tests/test_plan.py
-    checks 12 layers against the direct run) at the cost of a 4-layer model: the fake step's
-    time grows with the number of operations, not their size."""
+    """fake_step_peak for the whole model, from fake steps on 4 and 6 of its layers. From 4 layers
+    on, FSDP's buffers in flight at the peak are the same (a block's gathered parameters, the next
+    block's prefetch, a gradient reduce: with 2 layers there is no prefetch yet), and what grows
+    with depth (sharded state, kept activations) grows by the same bytes a layer. So the two runs
+    give the peak for any depth (tests/test_plan.py checks 8 layers against the direct run) at the
+    cost of small models: the fake step's time grows with the number of operations, not their size."""
     key = dataclasses.astuple(setup)
     if key not in _peaks:
         n_layer = setup.n_layer or PRESETS[setup.model].n_layer
