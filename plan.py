@@ -361,9 +361,11 @@ class Plan:
 
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
-              micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, log=print):
+              micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
+              dtype="bfloat16", gpu_memory=None, log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
-    least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits."""
+    least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
+    gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own)."""
     if model not in PRESETS:
         raise ValueError(f"unknown --model={model!r}; choose one of: {', '.join(PRESETS)}")
     if gpu not in GPUS:
@@ -371,11 +373,13 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
     kind, preset = GPUS[gpu], PRESETS[model]
+    if gpu_memory:
+        kind = dataclasses.replace(kind, memory=int(gpu_memory))
     total_batch_size = total_batch_size or preset.batch_tokens
     budget = int(USABLE * kind.memory)
     plan = Plan(model, gpus, gpu, "FSDP2" if fsdp else "DDP", False, budget_gib=budget / GiB,
                 tokens=tokens or token_budget(model))
-    setup = Setup(model, gpus, 1, fsdp=fsdp)
+    setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -493,10 +497,11 @@ def main(argv=None):
     parser.add_argument("--tokens", type=float, default=None, help="tokens to train on; default the preset's budget")
     parser.add_argument("--mfu", type=float, default=None, help="MFU for the time estimate, e.g. 0.35")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--gpu_memory", type=float, default=None, help="GiB of one GPU; default the --gpu's")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (compute)")
+    parser.add_argument("--chunked_loss", default="False", help="True: the chunked loss (no full logits)")
     parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
                         "against the measured one, for --micro_batch_size and --activation_checkpointing")
-    parser.add_argument("--dtype", default="bfloat16", help="--check: float32 or bfloat16")
-    parser.add_argument("--chunked_loss", default="False", help="--check: the chunked loss (no full logits)")
     args = parser.parse_args(argv)
     if args.check:
         return check_against_measured(args)
@@ -508,6 +513,8 @@ def main(argv=None):
                          activation_checkpointing=args.activation_checkpointing,
                          micro_batch_size=args.micro_batch_size, total_batch_size=args.total_batch_size,
                          tokens=int(args.tokens) if args.tokens else None, mfu=args.mfu,
+                         chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
+                         gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
                          log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -49,7 +49,7 @@ class Settings:
     seq_len: Optional[int] = None  # None: block_size
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
-    micro_batch_size: int = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100)
+    micro_batch_size: Optional[int] = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100); auto: the largest that fits (plan.py)
     batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
     # optimization (GPT-3 paper recipe: AdamW, warmup then cosine decay to 10%)
     max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
@@ -149,7 +149,7 @@ def resolve_model_settings(s):
     if s.seq_len > config.block_size:
         raise ValueError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
     for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
-        if getattr(s, name) <= 0:
+        if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(s, name)}")
     checkpointed_blocks(config.n_layer, s.activation_checkpointing)  # a bad name fails here, early
     if not 0 <= s.warmup_steps <= s.max_steps:
@@ -157,6 +157,42 @@ def resolve_model_settings(s):
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise ValueError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
     return config
+
+
+def auto_micro_batch(s, rt, log):
+    """--micro_batch_size=auto: on a GPU, the largest micro batch that fits its memory and divides
+    each rank's share of the batch, from plan.py (a fake training step, run by rank 0 in a process
+    of its own: it needs a process group of its own); on the CPU, the largest divisor up to 16
+    (memory is rarely the limit there, and larger micro batches gain little speed)."""
+    per_rank = s.total_batch_size // (s.seq_len * rt.world_size)
+    if rt.device.type != "cuda":
+        choice = max((b for b in range(1, 17) if per_rank % b == 0), default=1)
+        log(f"micro batch: auto = {choice} ({rt.device.type}: the largest divisor of {per_rank} sequences up to 16)")
+        return choice
+    preset = PRESETS[s.model]
+    if (s.n_layer, s.n_head, s.n_embd, s.seq_len) != (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size):
+        raise ValueError("--micro_batch_size=auto plans the presets as they are; with n_layer, n_head, n_embd "
+                         "or seq_len changed, give a number")
+    answer = [None]
+    if rt.is_main:
+        import subprocess
+        memory = torch.cuda.get_device_properties(rt.device).total_memory / 2**30
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan.py"), "--json",
+               f"--model={s.model}", f"--gpus={rt.world_size}", f"--gpu_memory={memory}", f"--fsdp={s.fsdp}",
+               f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
+               f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        if done.returncode != 0:
+            raise RunError(f"--micro_batch_size=auto: plan.py failed: {done.stderr.strip()[-500:]}")
+        answer[0] = json.loads(done.stdout.strip().splitlines()[-1])
+    if rt.world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    plan = answer[0]
+    if not plan["fits"]:
+        raise RunError(f"--micro_batch_size=auto: {plan['reason']}")
+    log(f"micro batch: auto = {plan['micro_batch_size']} (plan.py: peak {plan['memory_gib']['total']:.1f} GiB "
+        f"of {plan['budget_gib']:.1f} usable on this GPU, an estimate for eager; compiled keeps less)")
+    return plan["micro_batch_size"]
 
 
 def check_batch_divisibility(s, world_size):
@@ -598,6 +634,8 @@ def train(s):
         log(f"note: {advice}")
     if s.demo:
         prepare_demo_data(s, rt, log)
+    if s.micro_batch_size is None:
+        s.micro_batch_size = auto_micro_batch(s, rt, log)
     tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
     check_batch_divisibility(s, rt.world_size)
 

@@ -65,3 +65,15 @@ def test_time_estimate_follows_the_flops():
     gpu = plan.GPUS["H100-80GB"]
     assert est.tokens_per_second == pytest.approx(gpu.peak_flops * 0.5 / flops_per_token(preset_config("tiny"), 256))
     assert est.days == pytest.approx(plan.token_budget("tiny") / est.tokens_per_second / 86400)
+
+
+def test_auto_micro_batch_on_the_cpu_is_the_largest_divisor_up_to_16(shards, tmp_path, one_thread):
+    import train_gpt
+    from conftest import read_metrics, tiny_args
+    log_dir = str(tmp_path / "auto")
+    # 1024 tokens a step: 32 sequences of 32 on one process -> 16, 2 accumulation steps
+    train_gpt.main(tiny_args(shards, log_dir, micro_batch_size="auto", total_batch_size=1024, max_steps=1, warmup_steps=1,
+                             val_every=0, checkpoint_every=100))
+    log = open(f"{log_dir}/log.txt").read()
+    assert "micro batch: auto = 16" in log and "= 16 x 32 x 1 ranks x 2 accumulation steps" in log
+    assert len(read_metrics(log_dir)) == 1
