@@ -5,6 +5,9 @@
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
 #   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names), and FSDP over NCCL with
 #      bf16 parameters, a sharded checkpoint and an exact resume.
+#   4. plan.py's peak memory against torch.cuda.max_memory_allocated (eager, two steps): gpt2 (DDP
+#      layout, one GPU) and gpt3-xl 1.3B (FSDP2, full activation checkpointing); then
+#      --micro_batch_size=auto and --activation_checkpointing=full in a compiled train_gpt.py run.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -36,4 +39,12 @@ for stop in 6 0; do
     | grep -E "loss|resumed|FSDP|error" | tee -a "$OUT/fsdp.log"
 done
 cp /tmp/log_fsdp/metrics.jsonl "$OUT/fsdp_metrics.jsonl" 2>/dev/null
+echo "== 4. plan vs measured peak memory (ratio = planned / measured; within 0.85-1.15 is the claim)"
+timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt2 --fsdp=False \
+  --activation_checkpointing=none --micro_batch_size=16 2>&1 | grep -E '^\{|rror' | tee "$OUT/plan_check.log"
+timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt3-xl --fsdp=True \
+  --activation_checkpointing=full --micro_batch_size=8 2>&1 | grep -E '^\{|rror' | tee -a "$OUT/plan_check.log"
+timeout 120 python3 train_gpt.py $TINY --log_dir=/tmp/log_auto --max_steps=4 --val_every=0 --sample_every=0 \
+  --checkpoint_every=100 --micro_batch_size=auto --activation_checkpointing=full --compile=True 2>&1 \
+  | grep -E "micro batch|batch:|step|error" | tail -n 6 | tee "$OUT/auto.log"
 echo "== done"

@@ -244,37 +244,45 @@ def measure_peak_bytes(fn, *holders):
 
 
 def measured_step_peak(setup):
-    """The same two training steps as fake_step_peak, on real CPU tensors over a real gloo
-    process group (run under torchrun with setup.gpus processes), measured by
-    measure_peak_bytes from the built model on: this rank's peak bytes."""
+    """The same two training steps as fake_step_peak, on real tensors over a real process group
+    (run under torchrun with setup.gpus processes): this rank's peak bytes from the built model
+    on. On a GPU (NCCL): torch.cuda.max_memory_allocated. On the CPU (gloo): measure_peak_bytes."""
     from torch.distributed.device_mesh import init_device_mesh
+    import os
     config = preset_config(setup.model, n_layer=setup.n_layer)
     T = setup.seq_len or config.block_size
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
-    dist.init_process_group("gloo")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     try:
         if dist.get_world_size() != setup.gpus:
             raise ValueError(f"--check runs under torchrun with --nproc_per_node={setup.gpus} (--gpus)")
-        mesh = init_device_mesh("cpu", (setup.gpus,))
+        mesh = init_device_mesh(device.type, (setup.gpus,))
         gen = torch.Generator().manual_seed(dist.get_rank())
-        x = torch.randint(0, config.vocab_size, (setup.micro_batch_size, T), generator=gen)
-
-        model, optimizer = build(config, setup, torch.device("cpu"), mesh)
+        x = torch.randint(0, config.vocab_size, (setup.micro_batch_size, T), generator=gen).to(device)
+        model, optimizer = build(config, setup, device, mesh)
         model.init_weights(0)  # initialization's temporaries are not the training step's
 
         def two_steps():
             train_model = model
-            if not setup.fsdp:  # DDP's buckets are made here, inside the measurement
+            if not setup.fsdp and setup.gpus > 1:  # DDP's buckets are made here, inside the measurement
                 from torch.nn.parallel import DistributedDataParallel as DDP
-                train_model = DDP(model)
-            autocast = torch.autocast("cpu", dtype=amp) if amp and not setup.fsdp else contextlib.nullcontext()
+                train_model = DDP(model, device_ids=[device.index] if cuda else None)
+            autocast = torch.autocast(device.type, dtype=amp) if amp and not setup.fsdp else contextlib.nullcontext()
             for _ in range(2):
                 with autocast:
                     _, loss = train_model(x, x, return_logits=not setup.chunked_loss)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        return measure_peak_bytes(two_steps, model, optimizer)
+        if not cuda:
+            return measure_peak_bytes(two_steps, model, optimizer)
+        torch.cuda.reset_peak_memory_stats(device)
+        two_steps()
+        return torch.cuda.max_memory_allocated(device)
     finally:
         dist.destroy_process_group()
 
@@ -497,6 +505,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=float, default=None, help="tokens to train on; default the preset's budget")
     parser.add_argument("--mfu", type=float, default=None, help="MFU for the time estimate, e.g. 0.35")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--table", default="", help="a README table row per GPT-3 preset for these comma-"
+                        "separated GPU counts, e.g. 8,64,512,1024 (with --gpu)")
     parser.add_argument("--gpu_memory", type=float, default=None, help="GiB of one GPU; default the --gpu's")
     parser.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (compute)")
     parser.add_argument("--chunked_loss", default="False", help="True: the chunked loss (no full logits)")
@@ -505,6 +515,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.check:
         return check_against_measured(args)
+    if args.table:
+        return print_table([int(n) for n in args.table.split(",")], args.gpu)
     if args.activation_checkpointing not in ("auto", *MODES):
         parser.error(f"--activation_checkpointing={args.activation_checkpointing}: choose auto, {', '.join(MODES)}")
     t0 = time.time()
@@ -521,6 +533,25 @@ def main(argv=None):
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
           format_plan(plan) + f"\n  (planned in {time.time() - t0:.0f} s on this CPU: fake tensors, no GPU)")
     return plan
+
+
+def print_table(counts, gpu):
+    """A markdown row per GPT-3 preset: for each GPU count, fits or not, micro batch, checkpointing, days."""
+    print(f"| preset | " + " | ".join(f"{n} x {gpu}" for n in counts) + " |")
+    print("| --- " * (len(counts) + 1) + "|")
+    for name in [m for m in PRESETS if m.startswith("gpt3")]:
+        cells = []
+        for n in counts:
+            p = make_plan(name, n, gpu, log=lambda m: None)
+            if p.fits:
+                cells.append(f"micro {p.micro_batch_size}, AC {p.activation_checkpointing}, ~{p.days:,.1f} days")
+            elif p.smallest_gpus_that_fit:
+                cells.append(f"no: {p.memory_gib['total']:.0f} GiB (fits from {p.smallest_gpus_that_fit})")
+            elif "split" in p.reason:
+                cells.append(f"no: {PRESETS[name].batch_tokens // PRESETS[name].block_size} sequences a step")
+            else:
+                cells.append("no")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def check_against_measured(args):
