@@ -148,6 +148,8 @@ def resolve(s):
     """Model config and micro steps per optimizer step. Without --total_batch_size a step is one
     micro batch: the speed of a micro step is what is measured, accumulation only repeats it."""
     one_micro_batch = s.total_batch_size is None
+    if s.micro_batch_size is None:
+        raise train_gpt.SettingsError("bench.py measures a given micro batch: --micro_batch_size=N, not auto")
     config = train_gpt.resolve_model_settings(s)
     if one_micro_batch:
         s.total_batch_size = s.micro_batch_size * s.seq_len

@@ -6,6 +6,9 @@
 #   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names, torch's clipping), FSDP over
 #      NCCL with bf16 parameters, a sharded checkpoint and an exact resume, and FSDP with its blocks
 #      compiled against DDP: the same losses.
+#   4. plan.py's peak memory against torch.cuda.max_memory_allocated (eager, two steps): gpt2 (DDP
+#      layout, one GPU) and gpt3-xl 1.3B (FSDP2, full activation checkpointing); then
+#      --micro_batch_size=auto and --activation_checkpointing=full in a compiled train_gpt.py run.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -49,4 +52,12 @@ def losses(d): return [json.loads(l)['train_loss'] for l in open(d + '/metrics.j
 a, b = losses('/tmp/log_fsdpTruecompileTrue'), losses('/tmp/log_fsdpFalsecompileFalse')
 print('FSDP+compile', a, 'DDP', b); print('same first losses:', len(a) == len(b) == 4 and all(abs(x - y) < 1e-2 for x, y in zip(a, b)))
 " 2>&1 | tee -a "$OUT/fsdp_compile.log"
+echo "== 4. plan vs measured peak memory (ratio = planned / measured; within 0.85-1.15 is the claim)"
+timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt2 --fsdp=False \
+  --activation_checkpointing=none --micro_batch_size=16 2>&1 | grep -E '^\{|rror' | tee "$OUT/plan_check.log"
+timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt3-xl --fsdp=True \
+  --activation_checkpointing=full --micro_batch_size=8 2>&1 | grep -E '^\{|rror' | tee -a "$OUT/plan_check.log"
+timeout 120 python3 train_gpt.py $TINY --log_dir=/tmp/log_auto --max_steps=4 --val_every=0 --sample_every=0 \
+  --checkpoint_every=100 --micro_batch_size=auto --activation_checkpointing=full --compile=True 2>&1 \
+  | grep -E "micro batch|batch:|step|error" | tail -n 6 | tee "$OUT/auto.log"
 echo "== done"

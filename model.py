@@ -153,6 +153,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+
     def __init__(self, config, seed=0):
         super().__init__()
         self.config = config

@@ -32,6 +32,7 @@ import run_guard
 import tracking
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
 from model import GPT, PRESETS, ConfigError, configure_optimizers, flops_per_token, num_params, preset_config
+from activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
 
 
 class RunError(cli.UserError, RuntimeError):
@@ -62,7 +63,7 @@ class Settings:
     seq_len: Optional[int] = None  # None: block_size
     # batch: total_batch_size tokens per optimizer step, reached by gradient accumulation
     total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
-    micro_batch_size: int = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100)
+    micro_batch_size: Optional[int] = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100); auto: the largest that fits (plan.py)
     batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
     # optimization (GPT-3 paper recipe: AdamW, LR warmup then cosine decay to 10%, clocked in tokens)
     max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
@@ -98,6 +99,7 @@ class Settings:
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     fsdp_unsharded_accumulation: bool = False  # FSDP: reduce-scatter once a step, not every micro step (full gradients per rank)
+    activation_checkpointing: str = "none"  # recompute blocks in backward to save memory: none, selective (every other block) or full
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
     collective_timeout: float = 600  # seconds a collective waits for the other ranks before the job stops (a frozen or dead rank)
@@ -181,8 +183,9 @@ def resolve_model_settings(s):
     if s.seq_len > config.block_size:
         raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
     for name in ("micro_batch_size", "seq_len", "total_batch_size"):
-        if getattr(s, name) <= 0:
+        if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise SettingsError(f"--{name} must be positive, got {getattr(s, name)}")
+    checkpointed_blocks(config.n_layer, s.activation_checkpointing)  # a bad name fails here, early
     resolve_token_schedule(s, preset)
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
@@ -212,11 +215,49 @@ def resolve_token_schedule(s, preset):
         raise SettingsError(f"--batch_warmup_tokens must not be negative, got {s.batch_warmup_tokens}")
 
 
+def auto_micro_batch(s, rt, log):
+    """--micro_batch_size=auto: on a GPU, the largest micro batch that fits its memory and divides
+    each rank's share of the batch, from plan.py (a fake training step, run by rank 0 in a process
+    of its own: it needs a process group of its own); on the CPU, the largest divisor up to 16
+    (memory is rarely the limit there, and larger micro batches gain little speed)."""
+    per_rank = s.total_batch_size // (s.seq_len * rt.world_size)
+    if rt.device.type != "cuda":
+        choice = max((b for b in range(1, 17) if per_rank % b == 0), default=1)
+        log(f"micro batch: auto = {choice} ({rt.device.type}: the largest divisor of {per_rank} sequences up to 16)")
+        return choice
+    preset = PRESETS[s.model]
+    if (s.n_layer, s.n_head, s.n_embd, s.seq_len) != (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size):
+        raise SettingsError("--micro_batch_size=auto plans the presets as they are; with n_layer, n_head, n_embd "
+                         "or seq_len changed, give a number")
+    answer = [None]
+    if rt.is_main:
+        import subprocess
+        memory = torch.cuda.get_device_properties(rt.device).total_memory / 2**30
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan.py"), "--json",
+               f"--model={s.model}", f"--gpus={rt.world_size}", f"--gpu_memory={memory}", f"--fsdp={s.fsdp}",
+               f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
+               f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        if done.returncode != 0:
+            raise RunError(f"--micro_batch_size=auto: plan.py failed: {done.stderr.strip()[-500:]}")
+        answer[0] = json.loads(done.stdout.strip().splitlines()[-1])
+    if rt.world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    plan = answer[0]
+    if not plan["fits"]:
+        raise RunError(f"--micro_batch_size=auto: {plan['reason']}")
+    log(f"micro batch: auto = {plan['micro_batch_size']} (plan.py: peak {plan['memory_gib']['total']:.1f} GiB "
+        f"of {plan['budget_gib']:.1f} usable on this GPU, an estimate for eager; compiled keeps less)")
+    return plan["micro_batch_size"]
+
+
 def check_batch_divisibility(s, world_size):
-    tokens_per_micro = s.micro_batch_size * s.seq_len * world_size
+    """Micro steps per optimizer step, or a SettingsError naming values that work. With
+    --micro_batch_size=auto (None), chosen later as a divisor, the batch must split into sequences."""
+    tokens_per_micro = (s.micro_batch_size or 1) * s.seq_len * world_size
     if s.total_batch_size % tokens_per_micro == 0:
         return s.total_batch_size // tokens_per_micro
-    micro_ok = [b for b in range(1, 2 * s.micro_batch_size + 1)
+    micro_ok = [b for b in range(1, 2 * (s.micro_batch_size or 1) + 1)
                 if s.total_batch_size % (b * s.seq_len * world_size) == 0]
     lower = s.total_batch_size // tokens_per_micro * tokens_per_micro
     totals = [t for t in (lower, lower + tokens_per_micro) if t > 0]
@@ -542,6 +583,7 @@ def build_model(s, config, rt):
         raw_model.load_state_dict(load_init_state(s, config))
     raw_model.to(rt.device)
     raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
+    apply_activation_checkpointing(raw_model, s.activation_checkpointing)
     model = torch.compile(raw_model) if s.compile else raw_model
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -578,6 +620,7 @@ def build_fsdp_model(s, config, rt):
     mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype or torch.float32, reduce_dtype=torch.float32)
     with torch.device("meta"):
         raw_model = GPT(config)
+    apply_activation_checkpointing(raw_model, s.activation_checkpointing)  # before compile and sharding
     for block in raw_model.transformer.h:
         if s.compile:
             block.compile()  # in place: the module and its parameter names stay as they are
@@ -892,6 +935,8 @@ def train(s, stop=None):
         log(f"note: {advice}")
     if s.demo:
         prepare_demo_data(s, rt, log)
+    if s.micro_batch_size is None:
+        s.micro_batch_size = auto_micro_batch(s, rt, log)
     tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
 
     raw_model, model = build_model(s, config, rt)
@@ -917,7 +962,8 @@ def train(s, stop=None):
     peak = peak_flops(s, rt.device)
     log(f"model {s.model}: {num_params(raw_model):,} parameters, {flops_token / 1e6:.1f} MFLOPs/token; "
         f"device {rt.device} x {rt.world_size}, dtype {s.dtype}, compile {s.compile}, "
-        f"{'FSDP' if s.fsdp else 'DDP' if rt.world_size > 1 else 'single process'}; "
+        f"{'FSDP' if s.fsdp else 'DDP' if rt.world_size > 1 else 'single process'}, "
+        f"activation checkpointing {s.activation_checkpointing}; "
         f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
     log(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "
         f"{rt.world_size} ranks x {s.total_batch_size // tokens_per_micro} accumulation steps")

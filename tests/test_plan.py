@@ -1,0 +1,79 @@
+"""plan.py: the fake training step's peak against a measured one, the extrapolation over layers,
+the micro batch search and the refusals. Fake steps cost a few seconds each (more on a busy
+machine), so the tests share one small setup and plan.peak_bytes' cache."""
+
+import dataclasses
+import json
+
+import pytest
+
+import plan
+from test_distributed import torchrun
+
+SMALL = plan.Setup("tiny", gpus=1, micro_batch_size=1, fsdp=True, seq_len=64, dtype="float32")
+
+
+def test_plan_is_within_15_percent_of_the_measured_peak_fsdp_with_checkpointing():
+    """2 gloo ranks, FSDP2, full checkpointing, full logits: the peak that torch's CPU allocator
+    records in the real step (plan.measure_peak_bytes) against the fake step's plan."""
+    code, out = torchrun(["--check", "--model=tiny", "--fsdp=True", "--activation_checkpointing=full",
+                          "--micro_batch_size=2", "--dtype=float32"], script=("plan.py",))
+    assert code == 0, out[-3000:]
+    result = json.loads(next(line for line in out.splitlines() if line.startswith('{"setup"')))
+    assert result["measured"] > 100 * 2**20  # a real measurement: the model's state alone is 130 MB
+    assert abs(result["ratio"] - 1) < 0.15, result
+
+
+def test_four_and_six_layers_give_the_peak_of_eight():
+    eight = dataclasses.replace(SMALL, n_layer=8, gpus=4)
+    direct = plan.fake_step_peak(eight)
+    extrapolated = plan.peak_bytes(eight)  # from 4 and 6 layers
+    assert direct["total"] > plan.peak_bytes(dataclasses.replace(eight, n_layer=6))["total"]
+    for key in direct:
+        assert extrapolated[key] == pytest.approx(direct[key], rel=1e-3, abs=4096), key
+
+
+def test_largest_micro_batch_is_the_largest_that_fits():
+    batch = 8 * 64  # 8 sequences of 64: micro batches 1, 2, 4, 8
+    peaks = {b: plan.peak_bytes(dataclasses.replace(SMALL, micro_batch_size=b))["total"] for b in (1, 2, 4)}
+    assert peaks[1] < peaks[2] < peaks[4]
+    budget = (peaks[2] + peaks[4]) // 2
+    b, peak = plan.largest_micro_batch(SMALL, batch, budget)
+    assert (b, peak["total"]) == (2, peaks[2])
+    assert plan.largest_micro_batch(SMALL, batch, peaks[1] - 1)[0] is None
+
+
+def test_impossible_plans_are_refused_with_the_reason(monkeypatch):
+    split = plan.make_plan("gpt3-175b", 1024, log=lambda m: None)  # 1536 sequences a step
+    assert not split.fits and "does not split evenly over 1024 GPUs" in split.reason and "512" in split.reason
+    monkeypatch.setitem(plan.GPUS, "small", plan.GPU(2**20, 1e12, None, ""))
+    ddp = plan.make_plan("tiny", 1, "small", fsdp=False, activation_checkpointing="full",
+                         micro_batch_size="1", log=lambda m: None)
+    assert not ddp.fits and "does not fit" in ddp.reason and "try --fsdp" in ddp.reason
+    assert ddp.memory_gib["total"] > ddp.budget_gib
+    with pytest.raises(ValueError, match="unknown --gpu"):
+        plan.make_plan("gpt2", 8, "H100")
+    with pytest.raises(ValueError, match="does not divide"):
+        plan.make_plan("gpt2", 8, micro_batch_size="3")
+
+
+def test_time_estimate_follows_the_flops():
+    from model import flops_per_token, preset_config
+    est = plan.make_plan("tiny", 1, activation_checkpointing="none", micro_batch_size="1", mfu=0.5,
+                         log=lambda m: None)
+    assert est.fits and est.accumulation_steps == 2**14 // 256
+    gpu = plan.GPUS["H100-80GB"]
+    assert est.tokens_per_second == pytest.approx(gpu.peak_flops * 0.5 / flops_per_token(preset_config("tiny"), 256))
+    assert est.days == pytest.approx(plan.token_budget("tiny") / est.tokens_per_second / 86400)
+
+
+def test_auto_micro_batch_on_the_cpu_is_the_largest_divisor_up_to_16(shards, tmp_path, one_thread):
+    import train_gpt
+    from conftest import read_metrics, tiny_args
+    log_dir = str(tmp_path / "auto")
+    # 1024 tokens a step: 32 sequences of 32 on one process -> 16, 2 accumulation steps
+    train_gpt.main(tiny_args(shards, log_dir, micro_batch_size="auto", total_batch_size=1024, max_steps=1, warmup_steps=1,
+                             val_every=0, checkpoint_every=100))
+    log = open(f"{log_dir}/log.txt").read()
+    assert "micro batch: auto = 16" in log and "= 16 x 32 x 1 ranks x 2 accumulation steps" in log
+    assert len(read_metrics(log_dir)) == 1
