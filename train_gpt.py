@@ -26,7 +26,8 @@ import torch.distributed as dist
 import checkpoint
 import evaluate
 from dataloader import DataLoader, ValidationData
-from model import GPT, PRESETS, configure_optimizers, flops_per_token, num_params, preset_config
+from model import (GPT, MUON_MIN_TORCH, PRESETS, MuonConfig, configure_optimizers, flops_per_token, num_params,
+                   preset_config)
 
 
 class RunError(RuntimeError):
@@ -59,6 +60,14 @@ class Settings:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = never
     max_bad_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient
+    optimizer: str = "adamw"  # adamw, or muon: torch.optim.Muon for the blocks' matrices, AdamW (max_lr) for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate; the schedule scales it as it scales max_lr
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (the lr-scaled kind, as AdamW's)
+    muon_adjust_lr: str = "original"  # Muon's lr per matrix shape: original (Keller Jordan's) or match_rms_adamw (Moonshot's)
+    schedule: str = "cosine"  # cosine (GPT-3: warmup, cosine to min_lr), or wsd: warmup, constant, linear decay at the end
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays linearly to min_lr
+    recipe: str = ""  # a named set of settings (RECIPES: fast); settings given on the command line still win
     # evaluation (steps counted as optimizer updates done)
     val_every: int = 250
     val_tokens: int = 10_485_760  # fixed validation budget; the whole split if smaller
@@ -86,6 +95,13 @@ class Settings:
 DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_size=2**13,
             micro_batch_size=16, warmup_steps=15, max_steps=150, val_every=50, val_tokens=2**16,
             hellaswag_every=0, sample_every=75, checkpoint_every=75, device="cpu")
+
+
+# Named recipes (--recipe=NAME): settings that replace the defaults (and the demo's); any setting
+# given on the command line still wins. The numbers come from compare.py's sweep (README).
+RECIPES = dict(
+    fast=dict(optimizer="muon", schedule="wsd"),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +144,10 @@ def parse_settings(argv):
             text = "True"
         given[name] = _parse_value(name, text, ftype)
     values = dict(DEMO) if given.get("demo") else {}
+    if given.get("recipe"):
+        if given["recipe"] not in RECIPES:
+            raise ValueError(f"unknown --recipe={given['recipe']!r}; choose one of: {', '.join(RECIPES)}")
+        values.update(RECIPES[given["recipe"]])
     values.update(given)
     return Settings(**values)
 
@@ -143,7 +163,7 @@ def resolve_model_settings(s):
     s.seq_len = s.seq_len or config.block_size
     s.total_batch_size = s.total_batch_size or preset.batch_tokens
     s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr
-    s.min_lr = s.min_lr if s.min_lr is not None else 0.1 * s.max_lr
+    s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
         raise ValueError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
     for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
@@ -153,7 +173,37 @@ def resolve_model_settings(s):
         raise ValueError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise ValueError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
+    check_optimizer_settings(s)
     return config
+
+
+def check_optimizer_settings(s):
+    """--optimizer, --schedule and their settings, checked before anything is built."""
+    if s.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"unknown --optimizer={s.optimizer!r}; choose adamw or muon")
+    if s.schedule not in ("cosine", "wsd"):
+        raise ValueError(f"unknown --schedule={s.schedule!r}; choose cosine or wsd")
+    if not 0 < s.decay_fraction <= 1:
+        raise ValueError(f"--decay_fraction={s.decay_fraction} must be in (0, 1]: the share of the run that decays")
+    if s.optimizer != "muon":
+        return
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"--optimizer=muon needs torch {MUON_MIN_TORCH} or newer (torch.optim.Muon); this is "
+                         f"torch {torch.__version__}. Upgrade torch, or use --optimizer=adamw.")
+    if s.fsdp:
+        raise ValueError("--optimizer=muon does not work with --fsdp: torch.optim.Muon would orthogonalize each "
+                         "rank's shard of a matrix instead of the whole matrix. Use DDP (no --fsdp) or --optimizer=adamw.")
+    if s.muon_adjust_lr not in ("original", "match_rms_adamw"):
+        raise ValueError(f"unknown --muon_adjust_lr={s.muon_adjust_lr!r}; choose original or match_rms_adamw")
+
+
+def muon_config(s, device):
+    """Muon's settings for model.configure_optimizers, or None for plain AdamW. On a CPU without
+    bf16 matmul units Muon orthogonalizes in float32 (model.Float32Muon): bf16 is ~20x slower there."""
+    if s.optimizer != "muon":
+        return None
+    return MuonConfig(lr=s.muon_lr, momentum=s.muon_momentum, weight_decay=s.muon_weight_decay,
+                      adjust_lr_fn=s.muon_adjust_lr, float32=device.type == "cpu" and not cpu_has_bf16())
 
 
 def check_batch_divisibility(s, world_size):
@@ -174,13 +224,29 @@ def check_batch_divisibility(s, world_size):
 # Schedules
 
 def lr_at(step, s):
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps (or, with
+    --schedule=wsd, warmup-stable-decay: see wsd_multiplier)."""
     if step < s.warmup_steps:
         return s.max_lr * (step + 1) / s.warmup_steps
+    if s.schedule == "wsd":
+        return s.min_lr + (s.max_lr - s.min_lr) * wsd_multiplier(step, s.warmup_steps, s.max_steps, s.decay_fraction)
     if step >= s.max_steps:
         return s.min_lr
     progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
     return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.max_lr - s.min_lr)
+
+
+def wsd_multiplier(position, warmup, total, decay_fraction):
+    """Warmup-stable-decay after the warmup: 1 (the peak) until the last decay_fraction of the run,
+    then linear down to 0 at total. Holding the peak and decaying only at the end trains as well
+    as cosine at its planned length (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations"). position, warmup and total are on one clock, steps or tokens."""
+    decay_start = max(warmup, total - decay_fraction * total)
+    if position <= decay_start:
+        return 1.0
+    if position >= total:
+        return 0.0
+    return (total - position) / (total - decay_start)
 
 
 def accum_steps_at(tokens_seen, s, tokens_per_micro):
@@ -491,6 +557,7 @@ def load_resume_state(s, rt, raw_model, optimizer, log):
             else:
                 state = checkpoint.load_file(path)
                 check_compatible(state, raw_model.config)
+                check_same_optimizer(state, s)
                 raw_model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
         except checkpoint.CorruptCheckpoint as e:
@@ -511,6 +578,14 @@ def check_compatible(state, config):
             raise ValueError(f"the checkpoint's model has {name}={saved.get(name)}, these settings give "
                              f"{value}: resume with the checkpoint's --{name} (or --model), or start a "
                              f"new --log_dir")
+
+
+def check_same_optimizer(state, s):
+    """A checkpoint's optimizer state only loads into the optimizer it was saved from."""
+    saved = state.get("settings", {}).get("optimizer", "adamw")
+    if saved != s.optimizer:
+        raise ValueError(f"the checkpoint was trained with --optimizer={saved}, these settings give "
+                         f"--optimizer={s.optimizer}: resume with --optimizer={saved}, or start a new --log_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,10 +618,13 @@ def clip_gradients(params, optimizer, max_norm):
         norm = torch.nn.utils.get_total_norm(grads)
     if max_norm <= 0:
         return norm
-    if optimizer.defaults.get("fused"):
-        optimizer.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    for part in getattr(optimizer, "optimizers", {"": optimizer}).values():  # model.CombinedOptimizer's parts
+        if part.defaults.get("fused"):
+            part.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
+        elif part is optimizer:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        else:  # Muon: its own parameters, scaled before it steps
+            torch.nn.utils.clip_grads_with_norm_([p for g in part.param_groups for p in g["params"]], max_norm, norm)
     return norm
 
 
@@ -597,7 +675,8 @@ def train(s):
     check_batch_divisibility(s, rt.world_size)
 
     raw_model, model = build_model(s, config, rt)
-    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log)
+    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log,
+                                     muon=muon_config(s, rt.device))
     loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log)
     val_data = ValidationData(s.data_dir, s.seq_len, s.val_tokens) if s.val_every > 0 else None
 
@@ -627,7 +706,7 @@ def train(s):
         accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
         lr = lr_at(step, s)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group has its own peak
         t0 = time.perf_counter()
         loss_accum, norm, finite = train_step(s, rt, model, raw_model, optimizer, loader.next_batch, accum)
         bad_steps = 0 if finite else bad_steps + 1
