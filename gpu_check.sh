@@ -4,7 +4,7 @@
 #   2. bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory; per micro batch, per
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
 #   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names), and FSDP over NCCL with
-#      bf16 parameters, a sharded checkpoint and an exact resume.
+#      bf16 parameters, a sharded checkpoint and an exact resume; a short Muon + WSD run, compiled, bf16.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -36,4 +36,8 @@ for stop in 6 0; do
     | grep -E "loss|resumed|FSDP|error" | tee -a "$OUT/fsdp.log"
 done
 cp /tmp/log_fsdp/metrics.jsonl "$OUT/fsdp_metrics.jsonl" 2>/dev/null
+echo "== 3c. Muon (torch.optim.Muon, bf16 Newton-Schulz) + WSD, compiled, bf16"
+timeout 60 python3 train_gpt.py $TINY --log_dir=/tmp/log_muon --max_steps=10 --val_every=5 --sample_every=0 \
+  --checkpoint_every=10 --compile=True --dtype=bfloat16 --optimizer=muon --schedule=wsd 2>&1 \
+  | grep -E "Muon|loss|error|Error" | tail -n 14 | tee "$OUT/muon.log"
 echo "== done"
