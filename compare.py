@@ -63,11 +63,11 @@ def parse_args(argv):
             raise ValueError(f"unexpected argument {arg!r}: settings are given as --name=value")
         if name in bench_fields:
             bench[name] = bench_fields[name](float(text)) if bench_fields[name] in (int, float) else text
-        elif name in train_fields - {"log_dir", "max_steps", "val_every", "recipe", "stop_step"}:
+        elif name in train_fields - {"log_dir", "max_steps", "max_tokens", "decay_tokens", "val_every", "recipe", "stop_step"}:
             shared[name] = text
         else:
             raise ValueError(f"unknown setting --{name}: compare.py takes {', '.join(bench_fields)} and "
-                             f"train_gpt's settings except log_dir, max_steps, val_every, recipe, stop_step")
+                             f"train_gpt's settings except log_dir, max_steps, max_tokens, decay_tokens, val_every, recipe, stop_step")
     return Bench(**bench), shared
 
 
@@ -100,7 +100,7 @@ def run_recipe(spec, steps, val_every, shared, log_dir):
     shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     args = [f"--{k}={v}" for k, v in shared.items()] + recipe_args(spec)
     args += [f"--max_steps={steps}", f"--val_every={val_every}", f"--checkpoint_every={steps}", f"--log_dir={log_dir}"]
-    if not any(a.startswith("--warmup_steps=") for a in args):
+    if not any(a.startswith(("--warmup_steps=", "--warmup_tokens=")) for a in args):
         args.append(f"--warmup_steps={max(1, steps // 10)}")
     print(f"\n== {spec}: python train_gpt.py {' '.join(args)}", flush=True)
     train_gpt.main(args)

@@ -56,6 +56,17 @@ class Preset:
     block_size: int
     max_lr: float
     batch_tokens: int  # tokens per optimizer step
+    train_tokens: int = 0  # the run's token budget
+    decay_tokens: int = 0  # the cosine decay reaches min_lr here (then it stays there); 0 = train_tokens
+    warmup_tokens: int = 375_000_000  # linear LR warmup (GPT-3: 375M tokens for every size)
+
+
+# GPT-2 sizes train on one epoch of FineWeb-EDU sample-10BT as the seed does: 19,073 steps of
+# 2**19 tokens (10B), LR warmup 715 steps (375M), decay over the whole run. GPT-3 sizes as the
+# paper (section 2.3 and appendix B): 300B tokens each, warmup over 375M, cosine decay to 10%
+# over 260B tokens, then the last 40B at 10%.
+GPT2_TOKENS = dict(train_tokens=19_073 * 2**19, warmup_tokens=715 * 2**19)
+GPT3_TOKENS = dict(train_tokens=300 * 10**9, decay_tokens=260 * 10**9)
 
 
 # GPT-2 sizes (Radford et al. 2019) use its 1024 context; their learning rates follow the GPT-3
@@ -64,20 +75,20 @@ class Preset:
 # width is not n_head * d_head: XL lists n_heads=24 with d_model=2048 and d_head=128, and 13B lists
 # d_model=5140 with 40 heads of 128. We keep d_head=128 and its products: 16 heads, and 5120 wide.
 PRESETS = {
-    "gpt2": Preset(12, 12, 768, 1024, 6e-4, 2**19),
-    "gpt2-medium": Preset(24, 16, 1024, 1024, 3e-4, 2**19),
-    "gpt2-large": Preset(36, 20, 1280, 1024, 2.5e-4, 2**19),
-    "gpt2-xl": Preset(48, 25, 1600, 1024, 2e-4, 2**19),
-    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19),
-    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19),
-    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19),
-    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20),
-    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20),
-    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21),
-    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21),
-    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048),
+    "gpt2": Preset(12, 12, 768, 1024, 6e-4, 2**19, **GPT2_TOKENS),
+    "gpt2-medium": Preset(24, 16, 1024, 1024, 3e-4, 2**19, **GPT2_TOKENS),
+    "gpt2-large": Preset(36, 20, 1280, 1024, 2.5e-4, 2**19, **GPT2_TOKENS),
+    "gpt2-xl": Preset(48, 25, 1600, 1024, 2e-4, 2**19, **GPT2_TOKENS),
+    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19, **GPT3_TOKENS),
+    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19, **GPT3_TOKENS),
+    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19, **GPT3_TOKENS),
+    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20, **GPT3_TOKENS),
+    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20, **GPT3_TOKENS),
+    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21, **GPT3_TOKENS),
+    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21, **GPT3_TOKENS),
+    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048, **GPT3_TOKENS),
     # A CPU-sized model for the offline demo and the tests: same architecture, tiny.
-    "tiny": Preset(4, 4, 256, 256, 1e-3, 2**14),
+    "tiny": Preset(4, 4, 256, 256, 1e-3, 2**14, train_tokens=150 * 2**14, warmup_tokens=15 * 2**14),
 }
 
 

@@ -51,12 +51,15 @@ class Settings:
     total_batch_size: Optional[int] = None  # None: the preset's (2**19 = 524,288 for gpt2)
     micro_batch_size: int = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100)
     batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
-    # optimization (GPT-3 paper recipe: AdamW, warmup then cosine decay to 10%)
+    # optimization (GPT-3 paper recipe: AdamW, LR warmup then cosine decay to 10%, clocked in tokens)
     max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
     min_lr: Optional[float] = None  # None: 10% of max_lr
-    warmup_steps: int = 715  # 375M tokens / 2**19, as GPT-3
-    max_steps: int = 19073  # 10B tokens / 2**19: one epoch of FineWeb-EDU sample-10BT
-    stop_step: int = 0  # end this session at this step (checkpointed), the schedule still aims at max_steps; 0 = off
+    max_tokens: Optional[int] = None  # the run's token budget; None: the preset's (gpt2: 19,073 x 2**19 = 10B)
+    warmup_tokens: Optional[int] = None  # linear LR warmup; None: the preset's (gpt2: 715 x 2**19 = 375M)
+    decay_tokens: Optional[int] = None  # cosine decay ends (min_lr after); None: max_tokens, or the preset's (GPT-3: 260B)
+    max_steps: Optional[int] = None  # instead of max_tokens: max_steps x total_batch_size tokens
+    warmup_steps: Optional[int] = None  # instead of warmup_tokens: warmup_steps x total_batch_size tokens
+    stop_step: int = 0  # end this session at this step (checkpointed), the schedule still aims at max_tokens; 0 = off
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = never
     max_bad_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient
@@ -66,7 +69,7 @@ class Settings:
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (the lr-scaled kind, as AdamW's)
     muon_adjust_lr: str = "original"  # Muon's lr per matrix shape: original (Keller Jordan's) or match_rms_adamw (Moonshot's)
     schedule: str = "cosine"  # cosine (GPT-3: warmup, cosine to min_lr), or wsd: warmup, constant, linear decay at the end
-    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps that decays linearly to min_lr
+    decay_fraction: float = 0.2  # wsd: the last fraction of the schedule (of decay_tokens) that decays linearly to min_lr
     recipe: str = ""  # a named set of settings (RECIPES: fast); settings given on the command line still win
     # evaluation (steps counted as optimizer updates done)
     val_every: int = 250
@@ -166,15 +169,37 @@ def resolve_model_settings(s):
     s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
         raise ValueError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
-    for name in ("micro_batch_size", "seq_len", "total_batch_size", "max_steps"):
+    for name in ("micro_batch_size", "seq_len", "total_batch_size"):
         if getattr(s, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(s, name)}")
-    if not 0 <= s.warmup_steps <= s.max_steps:
-        raise ValueError(f"warmup_steps={s.warmup_steps} must be between 0 and max_steps={s.max_steps}")
+    resolve_token_schedule(s, preset)
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise ValueError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
     check_optimizer_settings(s)
     return config
+
+
+def resolve_token_schedule(s, preset):
+    """Fill max_tokens, warmup_tokens and decay_tokens: given in tokens, or in steps of
+    total_batch_size tokens (--max_steps, --warmup_steps), or the preset's."""
+    for tokens, steps in (("max_tokens", "max_steps"), ("warmup_tokens", "warmup_steps")):
+        if getattr(s, steps) is not None:
+            if getattr(s, tokens) is not None:
+                raise ValueError(f"--{tokens} and --{steps} name the same thing: give one of them")
+            if getattr(s, steps) < 0:
+                raise ValueError(f"--{steps} must not be negative, got {getattr(s, steps)}")
+            setattr(s, tokens, getattr(s, steps) * s.total_batch_size)
+    budget_given = s.max_tokens is not None
+    s.max_tokens = s.max_tokens if budget_given else preset.train_tokens
+    s.warmup_tokens = s.warmup_tokens if s.warmup_tokens is not None else preset.warmup_tokens
+    if s.decay_tokens is None:  # a budget of one's own decays over itself, as the seed's does
+        s.decay_tokens = s.max_tokens if budget_given or not preset.decay_tokens else preset.decay_tokens
+    if s.max_tokens <= 0:
+        raise ValueError(f"--max_tokens must be positive, got {s.max_tokens}")
+    if not 0 <= s.warmup_tokens <= s.decay_tokens:
+        raise ValueError(f"warmup_tokens={s.warmup_tokens:,} must be between 0 and decay_tokens={s.decay_tokens:,}")
+    if s.batch_warmup_tokens < 0:
+        raise ValueError(f"--batch_warmup_tokens must not be negative, got {s.batch_warmup_tokens}")
 
 
 def check_optimizer_settings(s):
@@ -223,17 +248,27 @@ def check_batch_divisibility(s, world_size):
 # ----------------------------------------------------------------------------------------------
 # Schedules
 
-def lr_at(step, s):
-    """Linear warmup to max_lr over warmup_steps, then cosine decay to min_lr at max_steps (or, with
-    --schedule=wsd, warmup-stable-decay: see wsd_multiplier)."""
-    if step < s.warmup_steps:
-        return s.max_lr * (step + 1) / s.warmup_steps
+def lr_at(tokens, step_tokens, s):
+    """The LR of the step that trains tokens .. tokens + step_tokens (tokens: trained before it).
+    GPT-3's schedule, clocked in tokens: linear warmup to max_lr, reached by the step that ends at
+    or past warmup_tokens (so the first step's LR is not 0), then a decay from max_lr to min_lr
+    between warmup_tokens and decay_tokens, and min_lr after. With steps of total_batch_size this
+    is the seed's schedule in steps: warmup (step + 1) / warmup_steps, cosine over the rest.
+    --schedule=wsd replaces the cosine by warmup-stable-decay (wsd_multiplier)."""
+    if tokens < s.warmup_tokens:
+        return s.max_lr * min(1.0, (tokens + step_tokens) / s.warmup_tokens)
     if s.schedule == "wsd":
-        return s.min_lr + (s.max_lr - s.min_lr) * wsd_multiplier(step, s.warmup_steps, s.max_steps, s.decay_fraction)
-    if step >= s.max_steps:
-        return s.min_lr
-    progress = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
-    return s.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (s.max_lr - s.min_lr)
+        return s.min_lr + wsd_multiplier(tokens, s.warmup_tokens, s.decay_tokens, s.decay_fraction) * (s.max_lr - s.min_lr)
+    return s.min_lr + cosine_decay(tokens, s.warmup_tokens, s.decay_tokens) * (s.max_lr - s.min_lr)
+
+
+def cosine_decay(tokens, warmup_tokens, decay_tokens):
+    """The decay's shape: 1 at warmup_tokens, falling as a half cosine to 0 at decay_tokens, then 0."""
+    progress = min(1.0, (tokens - warmup_tokens) / max(1, decay_tokens - warmup_tokens))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+BATCH_WARMUP_START = 2**15  # GPT-3's batch-size warmup starts at 32K tokens a step
 
 
 def wsd_multiplier(position, warmup, total, decay_fraction):
@@ -250,14 +285,49 @@ def wsd_multiplier(position, warmup, total, decay_fraction):
 
 
 def accum_steps_at(tokens_seen, s, tokens_per_micro):
-    """Micro steps this optimizer step. With GPT-3's batch-size warmup the step grows linearly
-    from 32K tokens to total_batch_size over the first batch_warmup_tokens tokens."""
+    """Micro steps this optimizer step (tokens_per_micro: one global micro batch, every rank's).
+    With GPT-3's batch-size warmup the step grows linearly from 32K tokens (or one global micro
+    batch, where that is more) to total_batch_size over the first batch_warmup_tokens tokens, in
+    whole global micro batches; it never shrinks."""
     full = s.total_batch_size // tokens_per_micro
     if s.batch_warmup_tokens <= 0 or tokens_seen >= s.batch_warmup_tokens:
         return full
-    start = min(2**15, s.total_batch_size)
+    start = min(BATCH_WARMUP_START, s.total_batch_size)
     target = start + (s.total_batch_size - start) * tokens_seen / s.batch_warmup_tokens
     return max(1, min(full, round(target / tokens_per_micro)))
+
+
+def plan_steps(s, tokens_per_micro, until=None):
+    """The optimizer steps that train `until` tokens (default max_tokens), as (tokens before the
+    step, tokens in it): the schedule alone, no training. The last step may pass the target by
+    less than one step."""
+    until = s.max_tokens if until is None else until
+    tokens = 0
+    while tokens < until:
+        step_tokens = accum_steps_at(tokens, s, tokens_per_micro) * tokens_per_micro
+        yield tokens, step_tokens
+        tokens += step_tokens
+
+
+def count_steps(s, tokens_per_micro, until):
+    """len(list(plan_steps(...))), without walking the steps after the batch-size warmup."""
+    steps, tokens = 0, 0
+    for tokens, step_tokens in plan_steps(s, tokens_per_micro, min(until, s.batch_warmup_tokens)):
+        steps += 1
+    tokens = tokens + step_tokens if steps else 0
+    return steps + max(0, -(-(until - tokens) // s.total_batch_size))
+
+
+def describe_plan(s, tokens_per_micro):
+    """One line: the run's tokens, LR warmup and decay, and the steps they take at this batch."""
+    ramp = (f"; the batch ramps from {accum_steps_at(0, s, tokens_per_micro) * tokens_per_micro:,} tokens "
+            f"over the first {s.batch_warmup_tokens:,}" if s.batch_warmup_tokens > 0 else "")
+    after = "" if s.decay_tokens >= s.max_tokens else ", then min_lr"
+    return (f"plan: {s.max_tokens:,} tokens in {count_steps(s, tokens_per_micro, s.max_tokens):,} steps of "
+            f"{s.total_batch_size:,}{ramp}; LR warmup over {s.warmup_tokens:,} tokens "
+            f"({count_steps(s, tokens_per_micro, s.warmup_tokens):,} steps), "
+            f"{'cosine decay' if s.schedule == 'cosine' else f'constant, then (wsd) linear decay over the last {s.decay_fraction:g}'} to min_lr at "
+            f"{s.decay_tokens:,} tokens ({count_steps(s, tokens_per_micro, s.decay_tokens):,} steps){after}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -686,9 +756,9 @@ def train(s):
         step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], state["bad_steps"], state["val_loss"]
         loader.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"], rt.device)
-        if step >= s.max_steps:
-            log(f"{s.log_dir} already holds a finished run ({step} of {s.max_steps} steps). To train "
-                f"again use another --log_dir, or raise --max_steps to continue it.")
+        if tokens_seen >= s.max_tokens:
+            log(f"{s.log_dir} already holds a finished run ({tokens_seen:,} of {s.max_tokens:,} tokens, "
+                f"{step} steps). To train again use another --log_dir, or raise --max_tokens to continue it.")
     else:
         log(f"settings: {json.dumps(dataclasses.asdict(s))}")
     flops_token = flops_per_token(config, s.seq_len)
@@ -699,12 +769,19 @@ def train(s):
         f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
     log(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "
         f"{rt.world_size} ranks x {s.total_batch_size // tokens_per_micro} accumulation steps")
+    if 0 < s.batch_warmup_tokens and tokens_per_micro > min(BATCH_WARMUP_START, s.total_batch_size):
+        log(f"note: the batch-size warmup starts at one global micro batch, {tokens_per_micro:,} tokens "
+            f"({s.micro_batch_size} x {s.seq_len} x {rt.world_size} ranks), not {BATCH_WARMUP_START:,}: "
+            f"a smaller --micro_batch_size starts it lower")
+    log(describe_plan(s, tokens_per_micro))
     hellaswag_data = load_hellaswag(s, rt, log)
 
-    end = min(s.max_steps, s.stop_step) if s.stop_step > 0 else s.max_steps
-    while step < end:
+    # The schedule's clock is tokens: the run ends once max_tokens are trained (the last step may
+    # pass it by less than one step); --stop_step only ends this session.
+    while tokens_seen < s.max_tokens and not (0 < s.stop_step <= step):
         accum = accum_steps_at(tokens_seen, s, tokens_per_micro)
-        lr = lr_at(step, s)
+        step_tokens = accum * tokens_per_micro
+        lr = lr_at(tokens_seen, step_tokens, s)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group has its own peak
         t0 = time.perf_counter()
@@ -713,16 +790,15 @@ def train(s):
         if rt.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        step_tokens = accum * tokens_per_micro
         tokens_seen += step_tokens
         tps = step_tokens / dt
         mfu = model_flops_utilization(tps, flops_token, peak, rt.world_size)
         loss_value, norm_value = loss_accum.item(), norm.item()  # one copy to the host each
         if finite:
             log(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | "
-                f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)}")
-            log.metrics(step=step, train_loss=loss_value, lr=lr, grad_norm=norm_value,
-                        tokens_per_sec=tps, ms=dt * 1000, mfu=mfu, tokens=tokens_seen)
+                f"{step_tokens:,} tokens | {dt * 1000:.0f} ms | {tps:,.0f} tok/s | {mfu_label(mfu, s, rt)}")
+            log.metrics(step=step, train_loss=loss_value, lr=lr, grad_norm=norm_value, tokens_per_sec=tps,
+                        ms=dt * 1000, mfu=mfu, tokens=tokens_seen, step_tokens=step_tokens)
         else:
             log(f"step {step:5d} | skipped: loss {loss_value} grad norm {norm_value} is not finite "
                 f"({bad_steps} in a row; stopping at {s.max_bad_steps})")
@@ -730,9 +806,9 @@ def train(s):
             if bad_steps >= s.max_bad_steps:
                 raise RunError(
                     f"{bad_steps} steps in a row had a NaN/Inf loss or gradient; stopping. The newest checkpoint "
-                    f"in {s.log_dir} holds no NaN: lower --max_lr or raise --warmup_steps and resume from it.")
+                    f"in {s.log_dir} holds no NaN: lower --max_lr or raise --warmup_tokens and resume from it.")
         step += 1
-        last = step == end
+        last = tokens_seen >= s.max_tokens or step == s.stop_step
         val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
         last_val = last_val if val_loss is None else val_loss
         if step % s.checkpoint_every == 0 or last:

@@ -141,17 +141,19 @@ def test_ddp_with_muon_equals_one_process(shards, tmp_path):
 
 
 def test_wsd_lr_at_its_boundaries():
-    s = Settings(max_lr=1e-3, min_lr=0.0, warmup_steps=10, max_steps=100, schedule="wsd", decay_fraction=0.2)
-    assert lr_at(0, s) == pytest.approx(1e-4)  # warmup as cosine's
-    assert lr_at(9, s) == pytest.approx(1e-3)
-    assert lr_at(10, s) == lr_at(50, s) == lr_at(80, s) == 1e-3  # stable up to the decay's start
-    assert lr_at(81, s) == pytest.approx(1e-3 * 19 / 20)
-    assert lr_at(90, s) == pytest.approx(0.5e-3)
-    assert lr_at(99, s) == pytest.approx(1e-3 / 20)
-    assert lr_at(100, s) == 0.0 and lr_at(150, s) == 0.0
+    # on the token clock; one token a step here, so tokens read as steps
+    s = Settings(max_lr=1e-3, min_lr=0.0, warmup_tokens=10, max_tokens=100, decay_tokens=100, schedule="wsd",
+                 decay_fraction=0.2)
+    assert lr_at(0, 1, s) == pytest.approx(1e-4)  # warmup as cosine's
+    assert lr_at(9, 1, s) == pytest.approx(1e-3)
+    assert lr_at(10, 1, s) == lr_at(50, 1, s) == lr_at(80, 1, s) == 1e-3  # stable up to the decay's start
+    assert lr_at(81, 1, s) == pytest.approx(1e-3 * 19 / 20)
+    assert lr_at(90, 1, s) == pytest.approx(0.5e-3)
+    assert lr_at(99, 1, s) == pytest.approx(1e-3 / 20)
+    assert lr_at(100, 1, s) == 0.0 and lr_at(150, 1, s) == 0.0
     s.min_lr = 1e-4
-    assert lr_at(90, s) == pytest.approx(0.55e-3) and lr_at(100, s) == pytest.approx(1e-4)
-    # on any clock (tokens here), and a decay longer than the run after warmup starts at the warmup's end
+    assert lr_at(90, 1, s) == pytest.approx(0.55e-3) and lr_at(100, 1, s) == pytest.approx(1e-4)
+    # a decay longer than the run after warmup starts at the warmup's end
     assert wsd_multiplier(750_000, 0, 1_000_000, 0.5) == 0.5
     assert wsd_multiplier(30, 20, 100, 1.0) == pytest.approx(70 / 80)
 

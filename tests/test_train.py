@@ -58,24 +58,79 @@ def test_clip_gradients_zero_means_never():
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
 
 
-def test_lr_schedule():
-    s = Settings(max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073)
-    assert lr_at(0, s) == pytest.approx(6e-4 / 715)
-    assert lr_at(357, s) == pytest.approx(6e-4 * 358 / 715)
-    assert lr_at(715, s) == pytest.approx(6e-4)  # peak right after warmup
-    mid = 715 + (19073 - 715) // 2
-    assert lr_at(mid, s) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
-    assert lr_at(19073, s) == pytest.approx(6e-5)
-    assert lr_at(19072, s) == pytest.approx(6e-5, rel=1e-3)
+def resolved(*args):
+    s = parse_settings(list(args))
+    train_gpt.resolve_model_settings(s)
+    return s
+
+
+def seed_lr(step, max_lr=6e-4, min_lr=6e-5, warmup_steps=715, max_steps=19073):
+    """The seed's schedule in steps, as this project had it before the clock became tokens."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def test_lr_schedule_in_tokens_is_the_seeds_in_steps():
+    s = resolved()
+    B = 2**19
+    assert (s.max_tokens, s.warmup_tokens, s.decay_tokens) == (19073 * B, 715 * B, 19073 * B)
+    for step in (0, 1, 357, 714, 715, 716, 9000, 19072, 19073):
+        assert lr_at(step * B, B, s) == seed_lr(step, min_lr=s.min_lr), step  # the same floats, not approximately
+    assert lr_at(0, B, s) == pytest.approx(6e-4 / 715)
+    assert lr_at(714 * B, B, s) == 6e-4 and lr_at(715 * B, B, s) == pytest.approx(6e-4, rel=1e-15)  # the peak
+    assert lr_at(19072 * B, B, s) == pytest.approx(6e-5, rel=1e-3)
+    assert lr_at(19073 * B, B, s) == pytest.approx(6e-5, rel=1e-15)
+    assert sum(1 for _ in train_gpt.plan_steps(s, 32 * 1024)) == 19073
+
+
+def test_steps_convert_to_tokens_and_the_presets_plan_gpt3s_schedule():
+    s = resolved("--max_steps=100", "--warmup_steps=10", "--total_batch_size=65536", "--micro_batch_size=8")
+    assert (s.max_tokens, s.warmup_tokens, s.decay_tokens) == (100 * 65536, 10 * 65536, 100 * 65536)
+    g3 = resolved("--model=gpt3-xl")
+    assert (g3.max_tokens, g3.warmup_tokens, g3.decay_tokens) == (300 * 10**9, 375 * 10**6, 260 * 10**9)
+    assert g3.total_batch_size == 2**20
+    assert lr_at(270 * 10**9, 2**20, g3) == g3.min_lr  # past 260B: at 10%
+    own = resolved("--model=gpt3-xl", "--max_tokens=20e9")
+    assert (own.max_tokens, own.decay_tokens) == (20 * 10**9, 20 * 10**9)  # one's own budget decays over itself
+    plan = train_gpt.describe_plan(g3, 2**20)
+    assert "300,000,000,000 tokens in 286,103 steps of 1,048,576" in plan and "(358 steps)" in plan, plan
+    with pytest.raises(ValueError, match="give one of them"):
+        resolved("--max_steps=100", "--max_tokens=1e9")
+    with pytest.raises(ValueError, match="warmup_tokens"):
+        resolved("--warmup_tokens=2e10")
+
+
+@pytest.mark.parametrize("ranks", [1, 8])
+def test_batch_warmup_trains_the_budget_with_gpt3s_lr_warmup(ranks):
+    """GPT-2's schedule with a 4B-token batch-size warmup, at 1 x 32 and 8 x 32 micro batches of
+    1024, from the schedule functions alone: the budget is trained, the LR warms up over 375M
+    tokens and ends at min_lr, the step grows from the smallest allowed and never shrinks."""
+    s = resolved("--batch_warmup_tokens=4e9")
+    per_micro = 32 * 1024 * ranks
+    steps = list(train_gpt.plan_steps(s, per_micro))
+    sizes = [n for _, n in steps]
+    trained = steps[-1][0] + sizes[-1]
+    assert s.max_tokens <= trained < s.max_tokens + sizes[-1]
+    assert sizes[0] == max(2**15, per_micro) and sizes[-1] == 2**19
+    assert all(a <= b for a, b in zip(sizes, sizes[1:]))
+    assert len(set(sizes)) == 2**19 // per_micro  # every multiple of a global micro batch on the way
+    lrs = [lr_at(t, n, s) for t, n in steps]
+    peak = next(i for i, lr in enumerate(lrs) if lr == s.max_lr)
+    assert steps[peak][0] < 715 * 2**19 <= steps[peak][0] + sizes[peak]  # warmup ends in this step
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert lr_at(trained, 2**19, s) == s.min_lr and lrs[-1] == pytest.approx(s.min_lr, rel=1e-3)
+    assert train_gpt.count_steps(s, per_micro, s.max_tokens) == len(steps)
 
 
 def test_defaults_are_the_seed_recipe():
-    s = parse_settings([])
-    train_gpt.resolve_model_settings(s)
+    s = resolved()
     assert (s.total_batch_size, s.seq_len, s.max_lr, s.min_lr) == (2**19, 1024, 6e-4, pytest.approx(6e-5))
-    assert (s.warmup_steps, s.max_steps, s.weight_decay, s.grad_clip) == (715, 19073, 0.1, 1.0)
-    g3 = parse_settings(["--model=gpt3-xl"])
-    train_gpt.resolve_model_settings(g3)
+    assert (s.warmup_tokens // 2**19, s.max_tokens // 2**19, s.weight_decay, s.grad_clip) == (715, 19073, 0.1, 1.0)
+    g3 = resolved("--model=gpt3-xl")
     assert (g3.seq_len, g3.total_batch_size, g3.max_lr) == (2048, 2**20, 2e-4)
     assert parse_settings(["--model=gpt3-xl", "--max_lr=1e-3", "--compile=False"]).max_lr == 1e-3
 
@@ -160,3 +215,24 @@ def test_init_from_a_checkpoint_or_a_hugging_face_folder(shards, tmp_path):
         for k, v in trained["model"].items():
             assert torch.equal(start[k], v), (source, k)
     fail(tiny_args(shards, str(tmp_path / "c"), n_layer=3, init_from=hf_dir), "pick the matching --model")
+
+
+def test_resume_mid_batch_warmup_is_exact(shards, tmp_path, monkeypatch, one_thread):
+    """A batch-size ramp (from one micro batch of 128 tokens: GPT-3's 32K start scaled to the tiny
+    model) stopped and resumed in the middle gives the uninterrupted run's losses, bit for bit,
+    and trains the token budget."""
+    monkeypatch.setattr(train_gpt, "BATCH_WARMUP_START", 128)
+    ramp = dict(total_batch_size=4 * 32 * 4, batch_warmup_tokens=1500, max_tokens=2500, max_steps=None,
+                warmup_tokens=500, warmup_steps=None, val_every=0, checkpoint_every=100)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run([a for a in tiny_args(shards, a, **ramp) if not a.endswith("=None")])
+    events = [e for e in read_metrics(a) if "train_loss" in e]
+    sizes = [e["step_tokens"] for e in events]
+    assert sizes[0] == 128 and sizes[-1] == 512 and sorted(sizes) == sizes and len(set(sizes)) == 4
+    assert 2500 <= events[-1]["tokens"] < 2500 + 512
+    stop = sizes.index(256) + 1  # a step in the middle of the ramp
+    args = [a for a in tiny_args(shards, b, **ramp) if not a.endswith("=None")]
+    run(args + [f"--stop_step={stop}"])
+    run(args)
+    assert train_losses(b) == train_losses(a)
+    assert [e["step_tokens"] for e in read_metrics(b) if "train_loss" in e] == sizes
