@@ -101,7 +101,7 @@ DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_
 
 
 # Named recipes (--recipe=NAME): settings that replace the defaults (and the demo's); any setting
-# given on the command line still wins. The numbers come from compare.py's sweep (README).
+# given on the command line still wins. fast: public defaults (Muon's, WSD to 0), not yet tuned by compare.py (README).
 RECIPES = dict(
     fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.02),
 )
