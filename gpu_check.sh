@@ -5,7 +5,7 @@
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
 #   3. train_gpt.py compiled on the GPU (val, sample, checkpoint names, torch's clipping), FSDP over
 #      NCCL with bf16 parameters, a sharded checkpoint and an exact resume, and FSDP with its blocks
-#      compiled against DDP: the same losses.
+#      compiled against DDP: the same losses; a short Muon + WSD run, compiled, bf16.
 #   4. plan.py's peak memory against torch.cuda.max_memory_allocated (eager, two steps): gpt2 (DDP
 #      layout, one GPU) and gpt3-xl 1.3B (FSDP2, full activation checkpointing); then
 #      --micro_batch_size=auto and --activation_checkpointing=full in a compiled train_gpt.py run.
@@ -52,6 +52,10 @@ def losses(d): return [json.loads(l)['train_loss'] for l in open(d + '/metrics.j
 a, b = losses('/tmp/log_fsdpTruecompileTrue'), losses('/tmp/log_fsdpFalsecompileFalse')
 print('FSDP+compile', a, 'DDP', b); print('same first losses:', len(a) == len(b) == 4 and all(abs(x - y) < 1e-2 for x, y in zip(a, b)))
 " 2>&1 | tee -a "$OUT/fsdp_compile.log"
+echo "== 3d. Muon (torch.optim.Muon, bf16 Newton-Schulz) + WSD, compiled, bf16"
+timeout 60 python3 train_gpt.py $TINY --log_dir=/tmp/log_muon --max_steps=10 --val_every=5 --sample_every=0 \
+  --checkpoint_every=10 --compile=True --dtype=bfloat16 --optimizer=muon --schedule=wsd 2>&1 \
+  | grep -E "Muon|loss|error|Error" | tail -n 14 | tee "$OUT/muon.log"
 echo "== 4. plan vs measured peak memory (ratio = planned / measured; within 0.85-1.15 is the claim)"
 timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt2 --fsdp=False \
   --activation_checkpointing=none --micro_batch_size=16 2>&1 | grep -E '^\{|rror' | tee "$OUT/plan_check.log"

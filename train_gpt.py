@@ -31,7 +31,8 @@ import evaluate
 import run_guard
 import tracking
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
-from model import GPT, PRESETS, ConfigError, configure_optimizers, flops_per_token, num_params, preset_config
+from model import (GPT, MUON_MIN_TORCH, PRESETS, ConfigError, MuonConfig, configure_optimizers, flops_per_token,
+                   num_params, preset_config)
 from activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
 
 
@@ -77,6 +78,14 @@ class Settings:
     weight_decay: float = 0.1  # AdamW weight decay on matmul weights and embeddings
     grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = never
     max_bad_steps: int = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient
+    optimizer: str = "adamw"  # adamw, or muon: torch.optim.Muon for the blocks' matrices, AdamW (max_lr) for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate; the schedule scales it as it scales max_lr
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay (the lr-scaled kind, as AdamW's)
+    muon_adjust_lr: str = "original"  # Muon's lr per matrix shape: original (Keller Jordan's) or match_rms_adamw (Moonshot's)
+    schedule: str = "cosine"  # cosine (GPT-3: warmup, cosine to min_lr), or wsd: warmup, constant, linear decay at the end
+    decay_fraction: float = 0.2  # wsd: the last fraction of the schedule (of decay_tokens) that decays linearly to min_lr
+    recipe: str = ""  # a named set of settings (RECIPES: fast); settings given on the command line still win
     # evaluation (steps counted as optimizer updates done)
     val_every: int = 250  # validation loss every this many steps and at the end; 0 = never
     val_tokens: int = 10_485_760  # fixed validation budget; the whole split if smaller
@@ -112,6 +121,13 @@ class Settings:
 DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_size=2**13,
             micro_batch_size=16, warmup_steps=15, max_steps=150, val_every=50, val_tokens=2**16,
             hellaswag_every=0, sample_every=75, checkpoint_every=75, device="cpu")
+
+
+# Named recipes (--recipe=NAME): settings that replace the defaults (and the demo's); any setting
+# given on the command line still wins. fast: public defaults (Muon's, WSD to 0), not yet tuned by compare.py (README).
+RECIPES = dict(
+    fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.02),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +180,10 @@ def parse_settings(argv):
             text = "True"
         given[name] = _parse_value(name, text, ftype)
     values = dict(DEMO) if given.get("demo") else {}
+    if given.get("recipe"):
+        if given["recipe"] not in RECIPES:
+            raise SettingsError(f"unknown --recipe={given['recipe']!r}; choose one of: {', '.join(RECIPES)}")
+        values.update(RECIPES[given["recipe"]])
     values.update(given)
     return Settings(**values)
 
@@ -179,7 +199,7 @@ def resolve_model_settings(s):
     s.seq_len = s.seq_len or config.block_size
     s.total_batch_size = s.total_batch_size or preset.batch_tokens
     s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr
-    s.min_lr = s.min_lr if s.min_lr is not None else 0.1 * s.max_lr
+    s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
         raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
     for name in ("micro_batch_size", "seq_len", "total_batch_size"):
@@ -189,6 +209,7 @@ def resolve_model_settings(s):
     resolve_token_schedule(s, preset)
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
+    check_optimizer_settings(s)
     return config
 
 
@@ -251,6 +272,35 @@ def auto_micro_batch(s, rt, log):
     return plan["micro_batch_size"]
 
 
+def check_optimizer_settings(s):
+    """--optimizer, --schedule and their settings, checked before anything is built."""
+    if s.optimizer not in ("adamw", "muon"):
+        raise SettingsError(f"unknown --optimizer={s.optimizer!r}; choose adamw or muon")
+    if s.schedule not in ("cosine", "wsd"):
+        raise SettingsError(f"unknown --schedule={s.schedule!r}; choose cosine or wsd")
+    if not 0 < s.decay_fraction <= 1:
+        raise SettingsError(f"--decay_fraction={s.decay_fraction} must be in (0, 1]: the share of the run that decays")
+    if s.optimizer != "muon":
+        return
+    if not hasattr(torch.optim, "Muon"):
+        raise SettingsError(f"--optimizer=muon needs torch {MUON_MIN_TORCH} or newer (torch.optim.Muon); this is "
+                         f"torch {torch.__version__}. Upgrade torch, or use --optimizer=adamw.")
+    if s.fsdp:
+        raise SettingsError("--optimizer=muon does not work with --fsdp: torch.optim.Muon would orthogonalize each "
+                         "rank's shard of a matrix instead of the whole matrix. Use DDP (no --fsdp) or --optimizer=adamw.")
+    if s.muon_adjust_lr not in ("original", "match_rms_adamw"):
+        raise SettingsError(f"unknown --muon_adjust_lr={s.muon_adjust_lr!r}; choose original or match_rms_adamw")
+
+
+def muon_config(s, device):
+    """Muon's settings for model.configure_optimizers, or None for plain AdamW. On a CPU without
+    bf16 matmul units Muon orthogonalizes in float32 (model.Float32Muon): bf16 is ~20x slower there."""
+    if s.optimizer != "muon":
+        return None
+    return MuonConfig(lr=s.muon_lr, momentum=s.muon_momentum, weight_decay=s.muon_weight_decay,
+                      adjust_lr_fn=s.muon_adjust_lr, float32=device.type == "cpu" and not cpu_has_bf16())
+
+
 def check_batch_divisibility(s, world_size):
     """Micro steps per optimizer step, or a SettingsError naming values that work. With
     --micro_batch_size=auto (None), chosen later as a divisor, the batch must split into sequences."""
@@ -277,9 +327,12 @@ def lr_at(tokens, step_tokens, s):
     GPT-3's schedule, clocked in tokens: linear warmup to max_lr, reached by the step that ends at
     or past warmup_tokens (so the first step's LR is not 0), then a decay from max_lr to min_lr
     between warmup_tokens and decay_tokens, and min_lr after. With steps of total_batch_size this
-    is the seed's schedule in steps: warmup (step + 1) / warmup_steps, cosine over the rest."""
+    is the seed's schedule in steps: warmup (step + 1) / warmup_steps, cosine over the rest.
+    --schedule=wsd replaces the cosine by warmup-stable-decay (wsd_multiplier)."""
     if tokens < s.warmup_tokens:
         return s.max_lr * min(1.0, (tokens + step_tokens) / s.warmup_tokens)
+    if s.schedule == "wsd":
+        return s.min_lr + wsd_multiplier(tokens, s.warmup_tokens, s.decay_tokens, s.decay_fraction) * (s.max_lr - s.min_lr)
     return s.min_lr + cosine_decay(tokens, s.warmup_tokens, s.decay_tokens) * (s.max_lr - s.min_lr)
 
 
@@ -290,6 +343,19 @@ def cosine_decay(tokens, warmup_tokens, decay_tokens):
 
 
 BATCH_WARMUP_START = 2**15  # GPT-3's batch-size warmup starts at 32K tokens a step
+
+
+def wsd_multiplier(position, warmup, total, decay_fraction):
+    """Warmup-stable-decay after the warmup: 1 (the peak) until the last decay_fraction of the run,
+    then linear down to 0 at total. Holding the peak and decaying only at the end trains as well
+    as cosine at its planned length (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations"). position, warmup and total are on one clock, steps or tokens."""
+    decay_start = max(warmup, total - decay_fraction * total)
+    if position <= decay_start:
+        return 1.0
+    if position >= total:
+        return 0.0
+    return (total - position) / (total - decay_start)
 
 
 def accum_steps_at(tokens_seen, s, tokens_per_micro):
@@ -331,7 +397,8 @@ def describe_plan(s, tokens_per_micro):
     after = "" if s.decay_tokens >= s.max_tokens else ", then min_lr"
     return (f"plan: {s.max_tokens:,} tokens in {count_steps(s, tokens_per_micro, s.max_tokens):,} steps of "
             f"{s.total_batch_size:,}{ramp}; LR warmup over {s.warmup_tokens:,} tokens "
-            f"({count_steps(s, tokens_per_micro, s.warmup_tokens):,} steps), cosine decay to min_lr at "
+            f"({count_steps(s, tokens_per_micro, s.warmup_tokens):,} steps), "
+            f"{'cosine decay' if s.schedule == 'cosine' else f'constant, then (wsd) linear decay over the last {s.decay_fraction:g}'} to min_lr at "
             f"{s.decay_tokens:,} tokens ({count_steps(s, tokens_per_micro, s.decay_tokens):,} steps){after}")
 
 
@@ -748,7 +815,8 @@ def load_resume_state(s, rt, raw_model, optimizer, log):
     failures = []
     for path in candidates:
         try:
-            state = load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=one_file)
+            state = load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=one_file,
+                                    optimizer_name=s.optimizer)
         except checkpoint.CorruptCheckpoint as e:
             if one_file:
                 raise
@@ -766,7 +834,7 @@ def load_resume_state(s, rt, raw_model, optimizer, log):
     return None
 
 
-def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False):
+def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, optimizer_name="adamw"):
     """Verify one checkpoint, load it into model and optimizer and check it holds no NaN/Inf;
     every rank reaches the same verdict. Returns its plain values; raises CorruptCheckpoint."""
     sharded = os.path.isdir(path)
@@ -783,6 +851,7 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False):
         state = checkpoint.load_file(path)
         model_state, optim_state = state["model"], state["optimizer"]
     check_compatible(state, raw_model.config)
+    check_same_optimizer(state, optimizer_name)
     bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
     if count_on_all_ranks(len(bad), rt, sharded):
         raise checkpoint.CorruptCheckpoint(f"checkpoint {path} holds NaN/Inf in {len(bad) or 'some'} tensors "
@@ -822,6 +891,14 @@ def check_compatible(state, config):
             raise SettingsError(f"the checkpoint's model has {name}={saved.get(name)}, these settings give "
                              f"{value}: resume with the checkpoint's --{name} (or --model), or start a "
                              f"new --log_dir")
+
+
+def check_same_optimizer(state, optimizer_name):
+    """A checkpoint's optimizer state only loads into the optimizer it was saved from."""
+    saved = state.get("settings", {}).get("optimizer", "adamw")
+    if saved != optimizer_name:
+        raise SettingsError(f"the checkpoint was trained with --optimizer={saved}, these settings give "
+                            f"--optimizer={optimizer_name}: resume with --optimizer={saved}, or start a new --log_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,10 +953,13 @@ def clip_gradients(params, optimizer, max_norm):
     norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     if max_norm <= 0:
         return norm
-    if optimizer.defaults.get("fused"):
-        optimizer.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    for part in getattr(optimizer, "optimizers", {"": optimizer}).values():  # model.CombinedOptimizer's parts
+        if part.defaults.get("fused"):
+            part.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
+        elif part is optimizer:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        else:  # Muon: its own parameters, scaled before it steps
+            torch.nn.utils.clip_grads_with_norm_([p for g in part.param_groups for p in g["params"]], max_norm, norm)
     return norm
 
 
@@ -940,7 +1020,8 @@ def train(s, stop=None):
     tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
 
     raw_model, model = build_model(s, config, rt)
-    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log)
+    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log,
+                                     muon=muon_config(s, rt.device))
     loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed, log=log,
                         vocab_size=config.vocab_size)
     val_data = (ValidationData(s.data_dir, s.seq_len, s.val_tokens, vocab_size=config.vocab_size)
@@ -983,7 +1064,7 @@ def train(s, stop=None):
         step_tokens = accum * tokens_per_micro
         lr = lr_at(tokens_seen, step_tokens, s)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group has its own peak
         t0 = time.perf_counter()
         loss_accum, norm, finite = train_step(s, rt, model, raw_model, optimizer, loader.next_batch, accum, stop)
         bad_steps = 0 if finite else bad_steps + 1

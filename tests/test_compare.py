@@ -1,0 +1,60 @@
+import os
+
+import pytest
+
+import compare
+from conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = {100: 5.0, 200: 4.0, 300: 3.0}
+    assert compare.tokens_to_reach(curve, 3.5) == pytest.approx(250)
+    assert compare.tokens_to_reach(curve, 5.5) == 100
+    assert compare.tokens_to_reach(curve, 3.0) == 300
+    assert compare.tokens_to_reach(curve, 2.9) is None
+
+
+def test_results_table_ratio_and_short_runs():
+    curves = {"gpt3": {100: 5.0, 200: 4.0}, "fast": {100: 4.5, 200: 3.5}}
+    table = compare.results_table(curves, {"fast": {120: 3.9}}, 0.6)
+    assert "| 100 | 5.0000 | 4.5000 |" in table
+    assert "| fast | 3.5000 | 150 | 0.75 |" in table  # 4.0 reached halfway between 100 and 200
+    assert "| gpt3 | 4.0000 | 200 | 1.00 |" in table
+    assert "| fast | 120 | 3.9000 | yes (-0.1000) |" in table
+
+
+def test_recipes_and_settings_are_checked():
+    assert compare.recipe_args("gpt3") == []
+    assert compare.recipe_args("fast:muon_lr=0.04:max_lr=2e-3") == ["--recipe=fast", "--muon_lr=0.04", "--max_lr=2e-3"]
+    with pytest.raises(ValueError, match="unknown recipe 'slow'"):
+        compare.recipe_args("slow")
+    with pytest.raises(ValueError, match="name=value"):
+        compare.recipe_args("fast:muon_lr")
+    bench, shared = compare.parse_args(["--tokens=1e6", "--n_embd=384"])
+    assert bench.tokens == 1e6 and shared["n_embd"] == "384" and shared["model"] == "tiny"
+    with pytest.raises(ValueError, match="--max_steps"):
+        compare.parse_args(["--max_steps=5"])
+
+
+def test_compare_trains_recipes_side_by_side(shards, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    sizes = {k: v for k, v in TINY.items() if k in ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size",
+                                                    "total_batch_size", "dtype")}
+    args = [f"--{k}={v}" for k, v in sizes.items()] + [
+        f"--data_dir={shards}", f"--out_dir={out}", "--tokens=2048", "--evals=2", "--short=0.5",
+        "--val_tokens=2048", "--recipes=gpt3,fast:muon_lr=0.05"]
+    curves, short = compare.main(args)
+    assert list(curves) == ["gpt3", "fast:muon_lr=0.05"]
+    assert sorted(curves["gpt3"]) == sorted(curves["fast:muon_lr=0.05"]) == [1024, 2048]  # the same token counts
+    assert max(short["fast:muon_lr=0.05"]) == 1024
+    printed = capsys.readouterr().out
+    assert "under one epoch" in printed and "ratio to baseline" in printed
+    assert os.path.getsize(os.path.join(out, "val_loss.png")) > 1000
+    assert "tokens to reach it" in open(os.path.join(out, "results.md")).read()
+
+
+def test_a_budget_over_one_epoch_is_said():
+    assert "under one epoch" in compare.epoch_note(1000, 1000, "d")
+    assert "MORE than one epoch of d's 999 train tokens" in compare.epoch_note(1000, 999, "d")

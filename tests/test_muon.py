@@ -1,0 +1,184 @@
+"""--optimizer=muon (torch.optim.Muon for the blocks' matrices, AdamW for the rest) and --schedule=wsd."""
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import read_metrics, tiny_args, train_losses
+from model import GPT, CombinedOptimizer, Float32Muon, GPTConfig, MuonConfig, configure_optimizers
+from train_gpt import Settings, clip_gradients, lr_at, parse_settings, wsd_multiplier
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=16))
+
+
+def with_grads(model, scale=1.0):
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(x, x)[1].mul(scale).backward()
+    return model
+
+
+def muon_optimizer(model, **kwargs):
+    return configure_optimizers(model, 0.1, 1e-3, "cpu", log=lambda msg: None, muon=MuonConfig(**kwargs))
+
+
+def test_muon_trains_the_block_matrices_and_adamw_the_rest():
+    model = small_model()
+    opt = muon_optimizer(model, lr=0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.optimizers["muon"].param_groups for p in g["params"]}
+    adamw = [{names[id(p)] for p in g["params"]} for g in opt.optimizers["adamw"].param_groups]
+    assert muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert adamw[0] == {"transformer.wte.weight", "transformer.wpe.weight"}  # wte is the tied lm_head
+    assert adamw[1] and all(n.endswith(".bias") or ".ln_" in n for n in adamw[1])
+    assert set(names.values()) == muon | adamw[0] | adamw[1]  # every tensor in exactly one group
+    assert [g["weight_decay"] for g in opt.optimizers["adamw"].param_groups] == [0.1, 0.0]
+    # one schedule drives both: Muon's peak is its own lr, as a multiple of the schedule's
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0, pytest.approx(20.0)]
+    assert isinstance(opt.optimizers["adamw"], torch.optim.AdamW)
+
+
+def test_float32_muon_is_torch_muon_without_the_bf16_rounding():
+    grads = []
+    for cls in (torch.optim.Muon, Float32Muon):
+        w = torch.nn.Parameter(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)))
+        w.grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+        before = w.detach().clone()
+        cls([w], lr=0.1).step()
+        grads.append((before - w.detach()) / 0.1)  # the orthogonalized update
+    bf16, fp32 = grads
+    torch.testing.assert_close(fp32, bf16, atol=0.03, rtol=0.03)
+    assert not torch.equal(fp32, bf16)
+    assert fp32.dtype == torch.float32 and fp32.float().ne(fp32.bfloat16().float()).any()  # not bf16 values
+
+
+def test_clipping_with_muon_equals_torch_clip_then_step():
+    ref, model = with_grads(small_model(), 50.0), with_grads(small_model(), 50.0)
+    ref_opt, opt = muon_optimizer(ref), muon_optimizer(model)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    ref_opt.step()
+    norm = clip_gradients(list(model.parameters()), opt, 1.0)
+    opt.step()
+    assert ref_norm.item() > 10
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=name)
+    muon_state = opt.optimizers["muon"].state
+    ref_state = ref_opt.optimizers["muon"].state
+    for p, r in zip(opt.optimizers["muon"].param_groups[0]["params"], ref_opt.optimizers["muon"].param_groups[0]["params"]):
+        torch.testing.assert_close(muon_state[p]["momentum_buffer"], ref_state[r]["momentum_buffer"])
+
+
+def test_combined_state_dict_round_trip_and_a_mismatch_is_refused():
+    model = with_grads(small_model())
+    opt = muon_optimizer(model)
+    opt.step()
+    state = opt.state_dict()
+    assert set(state) == {"adamw", "muon"}
+    other = muon_optimizer(small_model())
+    other.load_state_dict(state)
+    for name in ("adamw", "muon"):
+        a, b = opt.optimizers[name].state_dict()["state"], other.optimizers[name].state_dict()["state"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k][f], b[k][f]) for k in a for f in a[k] if torch.is_tensor(a[k][f]))
+    with pytest.raises(ValueError, match="--optimizer"):
+        CombinedOptimizer(adamw=torch.optim.AdamW(small_model().parameters())).load_state_dict(state)
+
+
+def fail(args, match):
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(args)
+    assert match in str(e.value.code), e.value.code
+
+
+def test_clear_errors(shards, tmp_path, monkeypatch):
+    log = str(tmp_path / "log")
+    fail(tiny_args(shards, log, optimizer="sgd"), "choose adamw or muon")
+    fail(tiny_args(shards, log, schedule="linear"), "choose cosine or wsd")
+    fail(tiny_args(shards, log, schedule="wsd", decay_fraction=0), "--decay_fraction=0")
+    fail(tiny_args(shards, log, recipe="slow"), "unknown --recipe='slow'")
+    fail(tiny_args(shards, log, optimizer="muon", fsdp=True), "does not work with --fsdp")
+    fail(tiny_args(shards, log, optimizer="muon", muon_adjust_lr="x"), "choose original or match_rms_adamw")
+    # an AdamW checkpoint does not resume as a Muon run
+    train_gpt.main(tiny_args(shards, log, max_steps=5, val_every=0))
+    fail(tiny_args(shards, log, optimizer="muon", max_steps=6), "trained with --optimizer=adamw")
+    monkeypatch.delattr(torch.optim, "Muon")
+    fail(tiny_args(shards, str(tmp_path / "old"), optimizer="muon"), "needs torch 2.9 or newer")
+    with pytest.raises(ValueError, match="needs torch 2.9"):
+        muon_optimizer(small_model())
+
+
+def test_muon_trains_and_resumes_exactly(shards, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    args = dict(optimizer="muon", schedule="wsd", muon_lr=0.05, max_steps=6, checkpoint_every=3, val_every=3)
+    train_gpt.main(tiny_args(shards, straight, **args))
+    train_gpt.main(tiny_args(shards, resumed, **args, stop_step=3))
+    train_gpt.main(tiny_args(shards, resumed, **args))
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(a) == list(range(6)) and a == b  # bit for bit
+    vals = [e["val_loss"] for e in read_metrics(straight) if "val_loss" in e]
+    assert vals[-1] < vals[0] < 10.9  # it learns
+    ckpt = torch.load(f"{straight}/ckpt_0000006.pt", weights_only=True)
+    assert set(ckpt["optimizer"]) == {"adamw", "muon"}
+    assert all("momentum_buffer" in v for v in ckpt["optimizer"]["muon"]["state"].values())
+    # wsd: the last 20% of 6 x 256 tokens decay; the step starting at 1280 tokens is inside it
+    lrs = {e["step"]: e["lr"] for e in read_metrics(straight) if "lr" in e}
+    assert lrs[1] == lrs[4] == 3e-3 and lrs[5] == pytest.approx(3e-3 * (1536 - 1280) / (0.2 * 1536))
+
+
+def test_ddp_with_muon_equals_one_process(shards, tmp_path):
+    from test_distributed import run_ok
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    args = dict(optimizer="muon", max_steps=6, checkpoint_every=6, val_every=6)
+    train_gpt.main(tiny_args(shards, single, **args))
+    out = run_ok(tiny_args(shards, ddp, **args))
+    assert "DDP" in out and "Muon for 8 block matrices" in out
+    la, lb = train_losses(single), train_losses(ddp)
+    assert sorted(la) == sorted(lb) == list(range(6))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], abs=1e-5), step
+    wa = torch.load(f"{single}/ckpt_0000006.pt", weights_only=True)["model"]
+    wb = torch.load(f"{ddp}/ckpt_0000006.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+
+
+def test_wsd_lr_at_its_boundaries():
+    # on the token clock; one token a step here, so tokens read as steps
+    s = Settings(max_lr=1e-3, min_lr=0.0, warmup_tokens=10, max_tokens=100, decay_tokens=100, schedule="wsd",
+                 decay_fraction=0.2)
+    assert lr_at(0, 1, s) == pytest.approx(1e-4)  # warmup as cosine's
+    assert lr_at(9, 1, s) == pytest.approx(1e-3)
+    assert lr_at(10, 1, s) == lr_at(50, 1, s) == lr_at(80, 1, s) == 1e-3  # stable up to the decay's start
+    assert lr_at(81, 1, s) == pytest.approx(1e-3 * 19 / 20)
+    assert lr_at(90, 1, s) == pytest.approx(0.5e-3)
+    assert lr_at(99, 1, s) == pytest.approx(1e-3 / 20)
+    assert lr_at(100, 1, s) == 0.0 and lr_at(150, 1, s) == 0.0
+    s.min_lr = 1e-4
+    assert lr_at(90, 1, s) == pytest.approx(0.55e-3) and lr_at(100, 1, s) == pytest.approx(1e-4)
+    # a decay longer than the run after warmup starts at the warmup's end
+    assert wsd_multiplier(750_000, 0, 1_000_000, 0.5) == 0.5
+    assert wsd_multiplier(30, 20, 100, 1.0) == pytest.approx(70 / 80)
+
+
+def test_wsd_defaults_to_decay_to_zero_and_the_default_recipe_is_unchanged():
+    s = parse_settings(["--model=tiny", "--schedule=wsd"])
+    train_gpt.resolve_model_settings(s)
+    assert s.min_lr == 0.0 and s.optimizer == "adamw"
+    d = parse_settings([])
+    train_gpt.resolve_model_settings(d)
+    assert (d.optimizer, d.schedule, d.min_lr) == ("adamw", "cosine", pytest.approx(6e-5))
+
+
+def test_fast_recipe_and_the_command_line_wins():
+    s = parse_settings(["--recipe=fast"])
+    for name, value in train_gpt.RECIPES["fast"].items():
+        assert getattr(s, name) == value
+    assert s.optimizer == "muon"
+    assert parse_settings(["--recipe=fast", "--optimizer=adamw"]).optimizer == "adamw"
+    demo = parse_settings(["--demo", "--recipe=fast"])
+    assert demo.model == "tiny" and demo.optimizer == "muon"
