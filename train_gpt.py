@@ -1003,12 +1003,21 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None)
 
 
 def train(s, stop=None):
+    """Check the settings, then train with log_dir locked to this run (run_guard: one writer per
+    folder). Bad settings stop here, before the log folder is made."""
     stop = stop or run_guard.StopOnSignal()  # without handlers installed: never set
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
     check_batch_divisibility(s, rt.world_size)
     if not s.demo:  # the demo makes its data below
         shard_paths(s.data_dir, "train")  # no data: said now, before the log folder is made
+    with run_guard.log_dir_lock(s.log_dir, rt.rank):
+        return train_run(s, rt, config, stop)
+
+
+def train_run(s, rt, config, stop):
+    """The recipe: model, optimizer, data, resume, then the training loop with its evaluations
+    and checkpoints."""
     log = RunLog(s.log_dir, rt.is_main, open_trackers(s, rt))  # bad settings have stopped the run before this point
     advice = restart_advice()
     if advice:
@@ -1227,7 +1236,7 @@ def main(argv=None):
         return
     try:
         s = parse_settings(argv)
-        with run_guard.log_dir_lock(s.log_dir, int(os.environ.get("RANK", 0))), run_guard.StopOnSignal() as stop:
+        with run_guard.StopOnSignal() as stop:
             train(s, stop)
     except USER_ERRORS as e:
         sys.exit(f"train_gpt.py: error: {e}")
