@@ -458,9 +458,9 @@ def configure_muon(model, weight_decay, learning_rate, muon, fused, log=print):
         f"(lr={muon.lr}, momentum={muon.momentum}, weight_decay={muon.weight_decay}, {muon.adjust_lr_fn}); "
         f"AdamW for {len(rest)} tensors (embeddings, biases, gains), {sum(p.numel() for p in rest):,} parameters")
     adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-    muon_opt = (Float32Muon if muon.float32 else torch.optim.Muon)([{"params": matrices, "lr_scale": muon.lr / learning_rate}], lr=muon.lr,
-                                momentum=muon.momentum, weight_decay=muon.weight_decay,
-                                adjust_lr_fn=muon.adjust_lr_fn)
+    muon_class = Float32Muon if muon.float32 else torch.optim.Muon
+    muon_opt = muon_class([{"params": matrices, "lr_scale": muon.lr / learning_rate}], lr=muon.lr,
+                          momentum=muon.momentum, weight_decay=muon.weight_decay, adjust_lr_fn=muon.adjust_lr_fn)
     return CombinedOptimizer(adamw=adamw, muon=muon_opt)
 
 

@@ -33,7 +33,7 @@ import tracking
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
 from model import (GPT, MUON_MIN_TORCH, PRESETS, ConfigError, MuonConfig, configure_optimizers, flops_per_token,
                    num_params, preset_config)
-from activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
+from activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING, apply_activation_checkpointing
 
 
 class RunError(cli.UserError, RuntimeError):
@@ -205,7 +205,9 @@ def resolve_model_settings(s):
     for name in ("micro_batch_size", "seq_len", "total_batch_size"):
         if getattr(s, name) is not None and getattr(s, name) <= 0:
             raise SettingsError(f"--{name} must be positive, got {getattr(s, name)}")
-    checkpointed_blocks(config.n_layer, s.activation_checkpointing)  # a bad name fails here, early
+    if s.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise SettingsError(f"--activation_checkpointing={s.activation_checkpointing!r}: choose one of "
+                            f"{', '.join(ACTIVATION_CHECKPOINTING)}")
     resolve_token_schedule(s, preset)
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")

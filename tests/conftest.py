@@ -79,3 +79,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# A training run that signals itself: python -c SIGNAL_AT SIGNAL RANK CALL ARGS... sends SIGNAL (a
+# name such as SIGTERM, or KILL_PARENT: SIGKILL to its launcher) from rank RANK in its CALL-th
+# training forward (counted from 1), then trains on as the signal lets it.
+SIGNAL_AT = """
+import os, signal, sys
+import model, train_gpt
+real_forward, calls = model.GPT.forward, [0]
+def forward(self, *args, **kwargs):
+    if self.training:
+        calls[0] += 1
+        if os.environ.get("RANK", "0") == sys.argv[2] and calls[0] == int(sys.argv[3]):
+            if sys.argv[1] == "KILL_PARENT":  # the launcher dies (torchrun SIGKILLed)
+                os.kill(os.getppid(), signal.SIGKILL)
+            else:
+                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real_forward(self, *args, **kwargs)
+model.GPT.forward = forward
+train_gpt.main(sys.argv[4:])
+"""

@@ -164,7 +164,7 @@ def test_cli_import_then_export(tmp_path):
     original = load_file(tmp_path / "hf" / "model.safetensors")
     back = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(back[k], original[k]) for k in back)
-    assert sorted(os.listdir(tmp_path)) == ["gpt2.pt", "hf", "out"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["gpt2.pt", "gpt2.pt.sha256", "hf", "out"]  # no temp files left
 
 
 def test_export_holds_a_tokenizer_that_transformers_loads_offline(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 from train_gpt import free_port
 
 import checkpoint
-from conftest import ROOT, tiny_args, train_losses
+from conftest import ROOT, SIGNAL_AT, tiny_args, train_losses
 
 STEPS = dict(max_steps=10, checkpoint_every=5, val_every=5)
 CRASH = """
@@ -236,22 +236,6 @@ def test_relaunch_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_scr
 # ----------------------------------------------------------------------------------------------
 # Stopping a job: signals, a dead launcher, a frozen rank (issue 13)
 
-SIGNAL_AT = """
-import os, signal, sys
-import model, train_gpt
-real_forward, calls = model.GPT.forward, [0]
-def forward(self, *args, **kwargs):
-    if self.training:
-        calls[0] += 1
-        if os.environ["RANK"] == sys.argv[2] and calls[0] == int(sys.argv[3]):
-            if sys.argv[1] == "KILL_PARENT":  # the launcher dies (torchrun SIGKILLed)
-                os.kill(os.getppid(), signal.SIGKILL)
-            else:
-                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-    return real_forward(self, *args, **kwargs)
-model.GPT.forward = forward
-train_gpt.main(sys.argv[4:])
-"""
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import checkpoint
 import model as model_module
 import run_guard
 import train_gpt
-from conftest import ROOT, tiny_args, train_losses
+from conftest import ROOT, SIGNAL_AT, tiny_args, train_losses
 
 STEPS = dict(max_steps=6, checkpoint_every=2, val_every=0)
 
@@ -245,27 +245,11 @@ def test_resume_from_a_log_folder(shards, run_dir, tmp_path, one_thread):
 # ----------------------------------------------------------------------------------------------
 # 5. SIGINT / SIGTERM
 
-SIGNAL_SELF = """
-import os, signal, sys
-import model, train_gpt
-real_forward, calls = model.GPT.forward, [0]
-def forward(self, *args, **kwargs):
-    if self.training:
-        calls[0] += 1
-        if os.environ.get("RANK", "0") == sys.argv[2] and calls[0] == int(sys.argv[3]):
-            if sys.argv[1] == "KILL_PARENT":  # the launcher dies (torchrun SIGKILLed)
-                os.kill(os.getppid(), signal.SIGKILL)
-            else:
-                os.kill(os.getpid(), getattr(signal, sys.argv[1]))
-    return real_forward(self, *args, **kwargs)
-model.GPT.forward = forward
-train_gpt.main(sys.argv[4:])
-"""
 
 
 def test_ctrl_c_finishes_the_step_saves_and_prints_one_line(shards, reference, tmp_path):
     log_dir = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_SELF, "SIGINT", "0", "5",  # mid step 2
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, "SIGINT", "0", "5",  # mid step 2
                            *tiny_args(shards, log_dir, **STEPS)], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 130, proc.stderr[-2000:]
