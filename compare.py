@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import cli
 import train_gpt
 from plot import read_metrics
 
@@ -168,9 +169,22 @@ def plot_curves(curves, short, out_png):
     return out_png
 
 
+def compare_help():
+    """--help: compare.py's own options, then what it passes on to train_gpt.py."""
+    return (f"usage: python compare.py [--name=value ...]\n{cli.summary(__doc__)}\n\n"
+            f"compare.py's own options:\n{cli.settings_help(Bench)}\n\n"
+            f"Every other --name=value is a train_gpt.py setting shared by all runs (`python train_gpt.py "
+            f"--help`), except log_dir, max_steps, max_tokens, decay_tokens, val_every, recipe and stop_step, "
+            f"which compare.py sets. Shared defaults: {', '.join(f'{k}={v}' for k, v in SHARED.items())}.")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(compare_help())
+        return None
     try:
-        bench, shared = parse_args(sys.argv[1:] if argv is None else argv)
+        bench, shared = parse_args(argv)
         batch = int(float(shared["total_batch_size"]))
         steps = int(bench.tokens) // batch
         if steps < bench.evals or bench.evals < 1:
@@ -180,7 +194,7 @@ def main(argv=None):
         if have == 0:
             raise ValueError(f"no *_train_* shards in {shared['data_dir']}: prepare it (python fineweb.py --source wiki)")
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"compare.py: error: {e}")
     note = epoch_note(steps * batch, have, shared["data_dir"])
     print(note, flush=True)
     specs = bench.recipes.split(",")
@@ -193,7 +207,7 @@ def main(argv=None):
         for i, spec in enumerate(specs[1:], 1):
             short[spec] = run_recipe(spec, short_steps, max(1, short_steps // 4), shared,
                                      os.path.join(bench.out_dir, f"run{i}_short"))
-    header = (f"compare.py {' '.join(sys.argv[1:] if argv is None else argv)}\n\n"
+    header = (f"compare.py {' '.join(argv)}\n\n"
               f"settings: {', '.join(f'{k}={v}' for k, v in shared.items())}; {steps} steps\n\n{note}\n")
     table = header + "\n" + results_table(curves, short, bench.short)
     with open(os.path.join(bench.out_dir, "results.md"), "w") as f:

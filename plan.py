@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+import cli
 from activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 from model import GPT, PRESETS, configure_optimizers, flops_per_token, preset_config
 
@@ -491,7 +492,8 @@ def format_plan(plan):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="a preset of model.PRESETS")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the cluster (data-parallel ranks)")
     parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
@@ -526,7 +528,7 @@ def main(argv=None):
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
                          log=(lambda m: None) if args.json else print)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"plan.py: error: {e}")
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
           format_plan(plan) + f"\n  (planned in {time.time() - t0:.0f} s on this CPU: fake tensors, no GPU)")
     return plan

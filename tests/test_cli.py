@@ -13,9 +13,11 @@ import torch
 
 import bench
 import cli
+import compare
 import convert_hf
 import evaluate
 import fineweb
+import plan
 import plot
 import train_gpt
 from conftest import ROOT, tiny_args
@@ -80,9 +82,19 @@ def test_bench_help_lists_its_own_options(capsys):
     assert "unknown setting --stepz" in exit_message(bench.main, ["--stepz=3"])
 
 
+def test_compare_help_lists_its_own_options(capsys):
+    compare.main(["--help"])
+    out = capsys.readouterr().out
+    for field in dataclasses.fields(compare.Bench):
+        assert f"--{field.name}={cli.default_text(field)}" in out
+    assert "python train_gpt.py --help" in out
+    message = exit_message(compare.main, ["--stepz=3"])
+    assert message.startswith("compare.py: error: unknown setting --stepz") and "\n" not in message
+
+
 @pytest.mark.parametrize("main, own_option", [
     (evaluate.main, "--hellaswag_limit"), (convert_hf.main, "export"), (plot.main, "--labels"),
-    (fineweb.main, "--shard-size")])
+    (fineweb.main, "--shard-size"), (plan.main, "--gpu_memory")])
 def test_every_script_answers_help_and_a_bad_argument_in_one_line(main, own_option, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
