@@ -59,9 +59,9 @@ def losses(d): return [json.loads(l)['train_loss'] for l in open(d + '/metrics.j
 a, b = losses('/tmp/log_fsdpTruecompileTrue'), losses('/tmp/log_fsdpFalsecompileFalse')
 print('FSDP+compile', a, 'DDP', b); print('same first losses:', len(a) == len(b) == 4 and all(abs(x - y) < 1e-2 for x, y in zip(a, b)))
 " 2>&1 | tee -a "$OUT/fsdp_compile.log"
-echo "== 3d. Muon (torch.optim.Muon, bf16 Newton-Schulz) + WSD, compiled, bf16"
+echo "== 3d. --recipe=fast: Muon (torch.optim.Muon, bf16 Newton-Schulz) + WSD, compiled, bf16"
 timeout 60 python3 train_gpt.py $TINY --log_dir=/tmp/log_muon --max_steps=10 --val_every=5 --sample_every=0 \
-  --checkpoint_every=10 --compile=True --dtype=bfloat16 --optimizer=muon --schedule=wsd 2>&1 \
+  --checkpoint_every=10 --compile=True --dtype=bfloat16 --recipe=fast 2>&1 \
   | grep -E "Muon|loss|error|Error" | tail -n 14 | tee "$OUT/muon.log"
 fi
 if want 4; then

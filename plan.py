@@ -2,6 +2,7 @@
 
     python plan.py --model=gpt3-175b --gpus=512 --gpu=H100-80GB
     python plan.py --model=gpt3-13b --gpus=8 --activation_checkpointing=none --micro_batch_size=2
+    python plan.py --model=gpt3-13b --gpus=64 --fsdp_shard_size=8    # hybrid: shard in a node, replicate across
 
 The memory figures are not a formula: the real model is built, checkpointed and sharded as
 train_gpt.py does it (FSDP2 per block, then the root; or DDP's full replicas), and the real
@@ -77,6 +78,7 @@ class Setup:
     chunked_loss: bool = False  # the CUDA default: full logits
     dtype: str = "bfloat16"  # bf16 compute (FSDP: bf16 parameters gathered; DDP: autocast)
     n_layer: Optional[int] = None  # None: the preset's; set to run the fake step on fewer layers
+    shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +130,11 @@ def fake_step_peak(setup):
     device = torch.device("cpu")
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
     from torch.distributed.device_mesh import init_device_mesh
-    with fake_process_group(setup.gpus):
-        mesh = init_device_mesh(device.type, (setup.gpus,))  # before fake mode: it reads real values
+    # A rank's memory depends only on how many ranks share its shards: with HSDP, one group of
+    # shard_size ranks (the replicas' all-reduce of gradient shards adds no lasting memory).
+    ranks = setup.shard_size or setup.gpus
+    with fake_process_group(ranks):
+        mesh = init_device_mesh(device.type, (ranks,))  # before fake mode: it reads real values
         with FakeTensorMode():
             return _peak_of_two_steps(config, setup, device, mesh, T, amp)
 
@@ -368,7 +373,7 @@ class Plan:
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
-              dtype="bfloat16", gpu_memory=None, log=print):
+              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
     gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own)."""
@@ -378,14 +383,19 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         raise ValueError(f"unknown --gpu={gpu!r}; choose one of: {', '.join(GPUS)}")
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if fsdp_shard_size and (not fsdp or gpus % fsdp_shard_size):
+        raise ValueError(f"--fsdp_shard_size={fsdp_shard_size} needs --fsdp=True and must divide --gpus={gpus}")
+    hybrid = fsdp_shard_size and fsdp_shard_size < gpus
     kind, preset = GPUS[gpu], PRESETS[model]
     if gpu_memory:
         kind = dataclasses.replace(kind, memory=int(gpu_memory))
     total_batch_size = total_batch_size or preset.batch_tokens
     budget = int(USABLE * kind.memory)
-    plan = Plan(model, gpus, gpu, "FSDP2" if fsdp else "DDP", False, budget_gib=budget / GiB,
-                tokens=tokens or token_budget(model))
-    setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype)
+    sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
+        "FSDP2" if fsdp else "DDP"
+    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model))
+    setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
+                  shard_size=fsdp_shard_size if hybrid else None)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -415,7 +425,9 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         plan.reason = (f"does not fit: {peak['total'] / GiB:.1f} GiB a GPU at micro batch "
                        f"{micro_batch_size if micro_batch_size != 'auto' else 1} with {mode} checkpointing, "
                        f"over the {budget / GiB:.1f} GiB usable ({USABLE:.0%} of {gpu})")
-        if fsdp:
+        if hybrid:
+            plan.reason += "; shard over more ranks: a larger --fsdp_shard_size (or plain FSDP)"
+        elif fsdp:
             plan.smallest_gpus_that_fit = smallest_gpus(setup, total_batch_size, budget, dataclasses.replace(
                 setup, micro_batch_size=1))
         else:
@@ -498,6 +510,8 @@ def main(argv=None):
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the cluster (data-parallel ranks)")
     parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
     parser.add_argument("--fsdp", default="True", help="True: FSDP2 (train_gpt --fsdp); False: DDP")
+    parser.add_argument("--fsdp_shard_size", type=int, default=0, help="HSDP: shard within groups of this many "
+                        "GPUs (a node), replicate across groups; 0: shard over all")
     parser.add_argument("--activation_checkpointing", default="auto", help="auto, none, selective or full")
     parser.add_argument("--micro_batch_size", default="auto", help="auto: the largest that fits; or a number")
     parser.add_argument("--total_batch_size", type=int, default=None, help="tokens a step; default the preset's")
@@ -526,7 +540,7 @@ def main(argv=None):
                          tokens=int(args.tokens) if args.tokens else None, mfu=args.mfu,
                          chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
-                         log=(lambda m: None) if args.json else print)
+                         fsdp_shard_size=args.fsdp_shard_size or None, log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
     print(json.dumps(dataclasses.asdict(plan)) if args.json else

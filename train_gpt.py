@@ -67,7 +67,8 @@ class Settings:
     micro_batch_size: Optional[int] = 32  # sequences per forward pass on each process (32 beat 64 by 4% on an H100); auto: the largest that fits (plan.py)
     batch_warmup_tokens: int = 0  # GPT-3 batch-size warmup: ramp from 32K tokens/step over this many tokens; 0 = off
     # optimization (GPT-3 paper recipe: AdamW, LR warmup then cosine decay to 10%, clocked in tokens)
-    max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2)
+    max_lr: Optional[float] = None  # None: the preset's (6e-4 for gpt2) x max_lr_scale
+    max_lr_scale: float = 1.0  # scales the preset's max_lr when --max_lr is not given (recipes stay relative to the model)
     min_lr: Optional[float] = None  # None: 10% of max_lr
     max_tokens: Optional[int] = None  # the run's token budget; None: the preset's (gpt2: 19,073 x 2**19 = 10B)
     warmup_tokens: Optional[int] = None  # linear LR warmup; None: the preset's (gpt2: 715 x 2**19 = 375M)
@@ -85,7 +86,7 @@ class Settings:
     muon_adjust_lr: str = "original"  # Muon's lr per matrix shape: original (Keller Jordan's) or match_rms_adamw (Moonshot's)
     schedule: str = "cosine"  # cosine (GPT-3: warmup, cosine to min_lr), or wsd: warmup, constant, linear decay at the end
     decay_fraction: float = 0.2  # wsd: the last fraction of the schedule (of decay_tokens) that decays linearly to min_lr
-    recipe: str = ""  # a named set of settings (RECIPES: fast); settings given on the command line still win
+    recipe: str = ""  # a named set of settings (RECIPES: gpt3, fast); settings given on the command line still win
     # evaluation (steps counted as optimizer updates done)
     val_every: int = 250  # validation loss every this many steps and at the end; 0 = never
     val_tokens: int = 10_485_760  # fixed validation budget; the whole split if smaller
@@ -107,6 +108,7 @@ class Settings:
     compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    fsdp_shard_size: int = 0  # FSDP: shard within groups of this many ranks (a node's GPUs), replicate across groups (HSDP); 0 = all ranks
     fsdp_unsharded_accumulation: bool = False  # FSDP: reduce-scatter once a step, not every micro step (full gradients per rank)
     activation_checkpointing: str = "none"  # recompute blocks in backward to save memory: none, selective (every other block) or full
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
@@ -124,9 +126,12 @@ DEMO = dict(model="tiny", data_dir="data/wiki", log_dir="log/demo", total_batch_
 
 
 # Named recipes (--recipe=NAME): settings that replace the defaults (and the demo's); any setting
-# given on the command line still wins. fast: public defaults (Muon's, WSD to 0), not yet tuned by compare.py (README).
+# given on the command line still wins. fast: Muon for the blocks' matrices, 3x the preset's AdamW
+# LR for the rest (embeddings, head, gains), warmup-stable-decay to 0: chosen by compare.py's LR
+# sweep (README: Faster recipes). LRs are relative (max_lr_scale) so the recipe follows the preset.
 RECIPES = dict(
-    fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.02),
+    gpt3=dict(),  # the defaults: GPT-3's AdamW, warmup and cosine decay to 10%
+    fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.04, max_lr_scale=3.0),
 )
 
 
@@ -180,10 +185,11 @@ def parse_settings(argv):
             text = "True"
         given[name] = _parse_value(name, text, ftype)
     values = dict(DEMO) if given.get("demo") else {}
-    if given.get("recipe"):
-        if given["recipe"] not in RECIPES:
-            raise SettingsError(f"unknown --recipe={given['recipe']!r}; choose one of: {', '.join(RECIPES)}")
-        values.update(RECIPES[given["recipe"]])
+    recipe = given.get("recipe", values.get("recipe", ""))
+    if recipe:
+        if recipe not in RECIPES:
+            raise SettingsError(f"unknown --recipe={recipe!r}; choose one of: {', '.join(RECIPES)}")
+        values.update(RECIPES[recipe])
     values.update(given)
     return Settings(**values)
 
@@ -198,7 +204,9 @@ def resolve_model_settings(s):
     s.n_layer, s.n_head, s.n_embd, s.block_size = config.n_layer, config.n_head, config.n_embd, config.block_size
     s.seq_len = s.seq_len or config.block_size
     s.total_batch_size = s.total_batch_size or preset.batch_tokens
-    s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr
+    if s.max_lr_scale <= 0:
+        raise SettingsError(f"--max_lr_scale must be positive, got {s.max_lr_scale:g}")
+    s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr * s.max_lr_scale
     s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
         raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
@@ -258,6 +266,7 @@ def auto_micro_batch(s, rt, log):
         memory = torch.cuda.get_device_properties(rt.device).total_memory / 2**30
         cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan.py"), "--json",
                f"--model={s.model}", f"--gpus={rt.world_size}", f"--gpu_memory={memory}", f"--fsdp={s.fsdp}",
+               f"--fsdp_shard_size={s.fsdp_shard_size}",
                f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
                f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}"]
         done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
@@ -319,6 +328,32 @@ def check_batch_divisibility(s, world_size):
         f"total_batch_size={s.total_batch_size} is not divisible by micro_batch_size x seq_len x "
         f"world_size = {s.micro_batch_size} x {s.seq_len} x {world_size} = {tokens_per_micro}. "
         f"Values that work: {', or '.join(fixes)}.")
+
+
+def check_sharding(s, world_size):
+    """--fsdp_shard_size: it needs --fsdp and must split the ranks into equal groups."""
+    if s.fsdp_shard_size == 0:
+        return
+    if not s.fsdp:
+        raise SettingsError(f"--fsdp_shard_size={s.fsdp_shard_size} shards the model within groups of ranks: "
+                            f"it needs --fsdp")
+    if s.fsdp_shard_size < 0 or world_size % s.fsdp_shard_size:
+        sizes = [n for n in range(1, world_size + 1) if world_size % n == 0]
+        raise SettingsError(f"--fsdp_shard_size={s.fsdp_shard_size} does not divide the {world_size} ranks into "
+                            f"equal groups: choose one of {sizes} (usually the GPUs of one node)")
+
+
+def fsdp_mesh(s, rt):
+    """The ranks FSDP2 shards over. With --fsdp_shard_size (hybrid sharding, HSDP) a 2-D mesh:
+    each group of fsdp_shard_size ranks (one node) holds one sharded copy of the model, and the
+    groups are replicas of each other. The per-micro-step gathers and reduce-scatters then stay on
+    the fast links inside a node; across nodes only one all-reduce of each gradient shard per step
+    runs, at the price of a memory per GPU of sharding over one node, not over all."""
+    from torch.distributed.device_mesh import init_device_mesh
+    shard = s.fsdp_shard_size or rt.world_size
+    if shard == rt.world_size:
+        return init_device_mesh(rt.device.type, (rt.world_size,))
+    return init_device_mesh(rt.device.type, (rt.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,9 +718,8 @@ def build_fsdp_model(s, config, rt):
     as torchtitan does (activation checkpointing, then compile, then fully_shard, block by
     block): FSDP's gathers and reduce-scatters stay between the compiled blocks, where they
     overlap with compute, instead of being traced into one whole-model graph."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    mesh = fsdp_mesh(s, rt)  # 2-D with --fsdp_shard_size: fully_shard then shards on one dim, replicates on the other
     mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype or torch.float32, reduce_dtype=torch.float32)
     with torch.device("meta"):
         raw_model = GPT(config)
@@ -703,6 +737,12 @@ def build_fsdp_model(s, config, rt):
         set_model_state_dict(raw_model, load_init_state(s, config),
                              options=StateDictOptions(full_state_dict=True))
     return raw_model, raw_model
+
+
+def describe_parallelism(s, rt):
+    if s.fsdp and s.fsdp_shard_size and s.fsdp_shard_size < rt.world_size:
+        return f"HSDP ({rt.world_size // s.fsdp_shard_size} replicas x {s.fsdp_shard_size}-way FSDP)"
+    return "FSDP" if s.fsdp else "DDP" if rt.world_size > 1 else "single process"
 
 
 def model_and_optimizer_state(s, raw_model, optimizer):
@@ -1013,6 +1053,7 @@ def train(s, stop=None):
     rt = setup_runtime(s)
     config = resolve_model_settings(s)
     check_batch_divisibility(s, rt.world_size)
+    check_sharding(s, rt.world_size)
     if not s.demo:  # the demo makes its data below
         shard_paths(s.data_dir, "train")  # no data: said now, before the log folder is made
     with run_guard.log_dir_lock(s.log_dir, rt.rank):
@@ -1056,7 +1097,7 @@ def train_run(s, rt, config, stop):
     peak = peak_flops(s, rt.device)
     log(f"model {s.model}: {num_params(raw_model):,} parameters, {flops_token / 1e6:.1f} MFLOPs/token; "
         f"device {rt.device} x {rt.world_size}, dtype {s.dtype}, compile {s.compile}, "
-        f"{'FSDP' if s.fsdp else 'DDP' if rt.world_size > 1 else 'single process'}, "
+        f"{describe_parallelism(s, rt)}, "
         f"activation checkpointing {s.activation_checkpointing}; "
         f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
     log(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "

@@ -277,3 +277,11 @@ def test_the_fineweb_reference_line_is_drawn_only_near_the_curves():
 def test_tests_write_their_temporary_files_under_pytests_folder(tmp_path_factory):
     assert tempfile.gettempdir().startswith(str(tmp_path_factory.getbasetemp()))
     assert os.environ["TMPDIR"] == tempfile.gettempdir()
+
+
+def test_hybrid_sharding_settings_are_checked_at_start():
+    with pytest.raises(train_gpt.SettingsError, match="it needs --fsdp"):
+        train_gpt.check_sharding(train_gpt.parse_settings(["--fsdp_shard_size=2"]), 4)
+    with pytest.raises(train_gpt.SettingsError, match=r"choose one of \[1, 2, 3, 6\]"):
+        train_gpt.check_sharding(train_gpt.parse_settings(["--fsdp", "--fsdp_shard_size=4"]), 6)
+    train_gpt.check_sharding(train_gpt.parse_settings(["--fsdp", "--fsdp_shard_size=2"]), 4)  # 2 x 2: fine

@@ -22,11 +22,11 @@ def test_results_table_ratio_and_short_runs():
     assert "| 100 | 5.0000 | 4.5000 |" in table
     assert "| fast | 3.5000 | 150 | 0.75 |" in table  # 4.0 reached halfway between 100 and 200
     assert "| gpt3 | 4.0000 | 200 | 1.00 |" in table
-    assert "| fast | 120 | 3.9000 | yes (-0.1000) |" in table
+    assert "| fast | 120 (0.60x) | 3.9000 | yes (-0.1000) |" in table
 
 
 def test_recipes_and_settings_are_checked():
-    assert compare.recipe_args("gpt3") == []
+    assert compare.recipe_args("gpt3") == ["--recipe=gpt3"]
     assert compare.recipe_args("fast:muon_lr=0.04:max_lr=2e-3") == ["--recipe=fast", "--muon_lr=0.04", "--max_lr=2e-3"]
     with pytest.raises(ValueError, match="unknown recipe 'slow'"):
         compare.recipe_args("slow")

@@ -174,6 +174,18 @@ def test_fsdp_resumes_exactly(shards, ddp, tmp_path):
     assert_close_runs(ddp, log_dir)
 
 
+def test_hybrid_sharding_2x2_equals_ddp_and_resumes(shards, ddp, tmp_path):
+    """HSDP: 4 processes as 2 replicas x 2-way FSDP (--fsdp_shard_size=2), 2 sequences each: the
+    same 8 sequences a step as DDP's 2 x 4. Stopped at step 5 and resumed from its sharded checkpoint."""
+    log_dir = str(tmp_path)
+    args = tiny_args(shards, log_dir, fsdp=True, fsdp_shard_size=2, micro_batch_size=2, **STEPS)
+    out = run_ok(args + ["--stop_step=5"], nproc=4)
+    assert "HSDP (2 replicas x 2-way FSDP)" in out
+    out = run_ok(args, nproc=4)
+    assert "resumed from" in out
+    assert_close_runs(ddp, log_dir)
+
+
 def test_a_dead_rank_stops_the_job_quickly(shards, tmp_path, crash_script):
     t0 = time.time()
     code, out = torchrun([str(tmp_path / "crashed"), *tiny_args(shards, str(tmp_path / "log"), **STEPS)],

@@ -182,3 +182,14 @@ def test_fast_recipe_and_the_command_line_wins():
     assert parse_settings(["--recipe=fast", "--optimizer=adamw"]).optimizer == "adamw"
     demo = parse_settings(["--demo", "--recipe=fast"])
     assert demo.model == "tiny" and demo.optimizer == "muon"
+
+
+def test_max_lr_scale_scales_the_presets_lr_unless_max_lr_is_given():
+    fast = parse_settings(["--recipe=fast", "--model=tiny"])
+    train_gpt.resolve_model_settings(fast)
+    assert fast.max_lr == pytest.approx(train_gpt.RECIPES["fast"]["max_lr_scale"] * 1e-3)  # tiny's preset: 1e-3
+    given = parse_settings(["--recipe=fast", "--model=gpt2", "--max_lr=1e-4"])
+    train_gpt.resolve_model_settings(given)
+    assert given.max_lr == 1e-4 and given.min_lr == 0.0  # the command line wins; wsd decays to 0
+    with pytest.raises(train_gpt.SettingsError, match="--max_lr_scale must be positive"):
+        train_gpt.resolve_model_settings(parse_settings(["--max_lr_scale=0"]))

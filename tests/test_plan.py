@@ -77,3 +77,15 @@ def test_auto_micro_batch_on_the_cpu_is_the_largest_divisor_up_to_16(shards, tmp
     log = open(f"{log_dir}/log.txt").read()
     assert "micro batch: auto = 16" in log and "= 16 x 32 x 1 ranks x 2 accumulation steps" in log
     assert len(read_metrics(log_dir)) == 1
+
+
+def test_hybrid_sharding_plans_the_memory_of_one_shard_group():
+    """HSDP over 4 GPUs as 2 x 2 holds what 2-way FSDP holds per GPU, more than 4-way FSDP."""
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
+    hybrid = plan.make_plan("tiny", 4, fsdp_shard_size=2, **kw)
+    assert hybrid.fits and hybrid.sharding == "HSDP (2 replicas x 2-way FSDP2)"
+    assert hybrid.accumulation_steps == 2**14 // (256 * 4)  # the batch still splits over all 4 GPUs
+    assert hybrid.memory_gib == plan.make_plan("tiny", 2, **kw).memory_gib
+    assert hybrid.memory_gib["params"] > plan.make_plan("tiny", 4, **kw).memory_gib["params"]
+    with pytest.raises(ValueError, match="must divide --gpus=4"):
+        plan.make_plan("tiny", 4, fsdp_shard_size=3, **kw)
