@@ -180,8 +180,10 @@ def test_fast_recipe_and_the_command_line_wins():
         assert getattr(s, name) == value
     assert s.optimizer == "muon"
     assert parse_settings(["--recipe=fast", "--optimizer=adamw"]).optimizer == "adamw"
-    demo = parse_settings(["--demo", "--recipe=fast"])
-    assert demo.model == "tiny" and demo.optimizer == "muon"
+    demo = parse_settings(["--demo"])  # the demo trains with the recipe that won its budget
+    assert demo.model == "tiny" and demo.recipe == "fast" and demo.optimizer == "muon" and demo.schedule == "wsd"
+    seed_recipe = parse_settings(["--demo", "--recipe=gpt3"])
+    assert (seed_recipe.optimizer, seed_recipe.schedule, seed_recipe.max_lr_scale) == ("adamw", "cosine", 1.0)
 
 
 def test_max_lr_scale_scales_the_presets_lr_unless_max_lr_is_given():
