@@ -102,12 +102,28 @@ class StopOnSignal:
                        128 + signum)
 
 
+class _Lock:
+    """The lock file of a log_dir, held; claim() writes who holds it."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def claim(self):
+        if self.f is not None:
+            self.f.truncate(0)
+            self.f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                         f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+            self.f.flush()
+
+
 @contextlib.contextmanager
 def log_dir_lock(log_dir, rank=0):
     """One run per log_dir: rank 0 holds an flock on log_dir/run.lock while the run lives. The
-    kernel releases it when the process dies, however it dies, so a crash never leaves it stuck."""
+    kernel releases it when the process dies, however it dies, so a crash never leaves it stuck.
+    Yields the lock; its claim() records this process as the holder, once the run is sure to
+    start (a run refused at start leaves the file as it was)."""
     if rank != 0:
-        yield
+        yield _Lock(None)
         return
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, "run.lock")
@@ -121,11 +137,7 @@ def log_dir_lock(log_dir, rank=0):
             raise Refused(f"{log_dir} is in use by another run ({holder}): two runs in one log_dir would "
                           f"overwrite each other's checkpoints and logs. Wait for it to end (or stop it), or "
                           f"give this run another --log_dir.") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-        f.flush()
-        yield
+        yield _Lock(f)
     finally:
         f.close()  # releases the lock
 

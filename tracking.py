@@ -106,16 +106,22 @@ def save_run_id(log_dir, run_id):
             f.write(run_id + "\n")
 
 
-def open_trackers(log_dir, config, wandb_project="", wandb_run_name="", wandb_run_id="", tensorboard=False,
-                  fresh=False):
-    """The trackers asked for (a list, maybe empty). Call on rank 0 only. fresh: a run that starts
-    over (--resume=off) gets a new W&B run instead of the one saved in log_dir."""
+def check_trackers(wandb_project="", wandb_run_name="", wandb_run_id="", tensorboard=False):
+    """The trackers' settings and packages, checked before any work (TrackerError names the fix)."""
     if (wandb_run_name or wandb_run_id) and not wandb_project:
         raise TrackerError("--wandb_run_name and --wandb_run_id name a W&B run: give --wandb_project=NAME too")
     if wandb_project:
         require("wandb", "wandb", "--wandb_project")
     if tensorboard:
         require("tensorboard", "tensorboard", "--tensorboard")
+
+
+def open_trackers(log_dir, config, wandb_project="", wandb_run_name="", wandb_run_id="", tensorboard=False,
+                  fresh=False):
+    """The trackers asked for (a list, maybe empty). Call on rank 0 only, once the run is sure to
+    start: a W&B run opened here writes log_dir/wandb_run_id and its config. fresh: a run that
+    starts over (--resume=off) gets a new W&B run instead of the one saved in log_dir."""
+    check_trackers(wandb_project, wandb_run_name, wandb_run_id, tensorboard)
     os.makedirs(log_dir, exist_ok=True)
     trackers = []
     if tensorboard:

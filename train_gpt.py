@@ -191,12 +191,22 @@ def parse_settings(argv):
         if recipe not in RECIPES:
             raise SettingsError(f"unknown --recipe={recipe!r}; choose one of: {', '.join(RECIPES)}")
         values.update(RECIPES[recipe])
+    for pair in SAME_THING:  # a setting given wins over the demo's (or a recipe's) name for the same thing
+        if any(name in given for name in pair):
+            for name in pair:
+                if name not in given:
+                    values.pop(name, None)
     values.update(given)
     return Settings(**values)
 
 
+# Settings that name one value in two units: give one of each pair (resolve_token_schedule).
+SAME_THING = (("max_tokens", "max_steps"), ("warmup_tokens", "warmup_steps"))
+
+
 def resolve_model_settings(s):
-    """Fill the settings that follow the model preset, and check the model dimensions."""
+    """Fill the settings that follow the model preset, and check every setting's value: a bad one
+    stops the run here, before any work, with the fix named."""
     if s.model not in PRESETS:
         raise SettingsError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[s.model]
@@ -208,7 +218,8 @@ def resolve_model_settings(s):
     if s.max_lr_scale <= 0:
         raise SettingsError(f"--max_lr_scale must be positive, got {s.max_lr_scale:g}")
     s.max_lr = s.max_lr if s.max_lr is not None else preset.max_lr * s.max_lr_scale
-    s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
+    min_lr_given = s.min_lr is not None
+    s.min_lr = s.min_lr if min_lr_given else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
         raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
     for name in ("micro_batch_size", "seq_len", "total_batch_size"):
@@ -217,34 +228,78 @@ def resolve_model_settings(s):
     if s.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise SettingsError(f"--activation_checkpointing={s.activation_checkpointing!r}: choose one of "
                             f"{', '.join(ACTIVATION_CHECKPOINTING)}")
-    resolve_token_schedule(s, preset)
+    check_optimizer_settings(s)
+    resolve_token_schedule(s, preset, min_lr_given)
+    check_run_settings(s)
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
-    check_optimizer_settings(s)
     return config
 
 
-def resolve_token_schedule(s, preset):
+def resolve_token_schedule(s, preset, min_lr_given=True):
     """Fill max_tokens, warmup_tokens and decay_tokens: given in tokens, or in steps of
-    total_batch_size tokens (--max_steps, --warmup_steps), or the preset's."""
-    for tokens, steps in (("max_tokens", "max_steps"), ("warmup_tokens", "warmup_steps")):
+    total_batch_size tokens (--max_steps, --warmup_steps), or the preset's. Where the LR decays to
+    0 (wsd, or --min_lr=0) the decay ends with the run, so no step trains at LR 0."""
+    for tokens, steps in SAME_THING:
         if getattr(s, steps) is not None:
             if getattr(s, tokens) is not None:
                 raise SettingsError(f"--{tokens} and --{steps} name the same thing: give one of them")
-            if getattr(s, steps) < 0:
-                raise SettingsError(f"--{steps} must not be negative, got {getattr(s, steps)}")
+            if getattr(s, steps) < 0 or (steps == "max_steps" and getattr(s, steps) == 0):
+                raise SettingsError(f"--{steps} must be {'positive' if steps == 'max_steps' else 'at least 0'}, "
+                                    f"got {getattr(s, steps)}")
             setattr(s, tokens, getattr(s, steps) * s.total_batch_size)
     budget_given = s.max_tokens is not None
+    decay_given = s.decay_tokens is not None
     s.max_tokens = s.max_tokens if budget_given else preset.train_tokens
     s.warmup_tokens = s.warmup_tokens if s.warmup_tokens is not None else preset.warmup_tokens
-    if s.decay_tokens is None:  # a budget of one's own decays over itself, as the seed's does
-        s.decay_tokens = s.max_tokens if budget_given or not preset.decay_tokens else preset.decay_tokens
+    if not decay_given:
+        # a budget of one's own decays over itself, as the seed's does; GPT-3's preset decays over
+        # 260B of its 300B tokens and holds min_lr (10%) after: with a min_lr of 0 that hold would
+        # train 40B tokens at LR 0, so then the decay ends with the run
+        own = budget_given or not preset.decay_tokens or s.min_lr == 0
+        s.decay_tokens = s.max_tokens if own else preset.decay_tokens
     if s.max_tokens <= 0:
         raise SettingsError(f"--max_tokens must be positive, got {s.max_tokens}")
+    if s.decay_tokens <= 0:
+        raise SettingsError(f"--decay_tokens must be positive, got {s.decay_tokens}")
     if not 0 <= s.warmup_tokens <= s.decay_tokens:
         raise SettingsError(f"warmup_tokens={s.warmup_tokens:,} must be between 0 and decay_tokens={s.decay_tokens:,}")
+    if s.min_lr == 0 and s.decay_tokens < s.max_tokens and not (min_lr_given and decay_given):
+        raise SettingsError(
+            f"the LR reaches min_lr=0 at decay_tokens={s.decay_tokens:,}, before the run ends at "
+            f"max_tokens={s.max_tokens:,}: the last {s.max_tokens - s.decay_tokens:,} tokens would train at LR 0. "
+            f"Give --decay_tokens={s.max_tokens} (or leave it unset), or a --min_lr above 0.")
     if s.batch_warmup_tokens < 0:
         raise SettingsError(f"--batch_warmup_tokens must not be negative, got {s.batch_warmup_tokens}")
+
+
+def check_run_settings(s):
+    """The values of the settings that are not the model's, schedule's or optimizer's: each must
+    be in its range, or the run would fail late (a division by zero after the first step) or do
+    something other than was asked."""
+    at_least = dict(checkpoint_every=1, keep_checkpoints=1, max_bad_steps=1, val_every=0, hellaswag_every=0,
+                    sample_every=0, stop_step=0, seed=0, peak_flops=0, grad_clip=0)
+    for name, low in at_least.items():
+        if getattr(s, name) < low:
+            meaning = {0: "must not be negative", 1: "must be at least 1"}[low]
+            raise SettingsError(f"--{name} {meaning}, got {getattr(s, name)}" +
+                                (": a checkpoint is also written at the end and when stopped by a signal; "
+                                 "a large value checkpoints rarely" if name == "checkpoint_every" else ""))
+    if s.collective_timeout <= 0:
+        raise SettingsError(f"--collective_timeout must be positive (seconds), got {s.collective_timeout:g}")
+    if s.val_every > 0 and s.val_tokens < s.seq_len:
+        raise SettingsError(f"--val_tokens={s.val_tokens} is less than one sequence of seq_len={s.seq_len}: "
+                            f"give at least {s.seq_len}, or --val_every=0 for no validation")
+    if s.dtype not in ("auto", "float32", "bfloat16"):
+        raise SettingsError(f"--dtype={s.dtype}: choose float32 or bfloat16 (or auto)")
+    if s.backend not in ("auto", "nccl", "gloo"):
+        raise SettingsError(f"--backend={s.backend}: choose nccl (CUDA), gloo (CPU) or auto")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", s.device):
+        raise SettingsError(f"--device={s.device}: choose auto, cpu, cuda (or cuda:N) or mps")
+    try:
+        tracking.check_trackers(s.wandb_project, s.wandb_run_name, s.wandb_run_id, s.tensorboard)
+    except tracking.TrackerError as e:
+        raise SettingsError(str(e)) from None
 
 
 def auto_micro_batch(s, rt, log):
@@ -292,6 +347,12 @@ def check_optimizer_settings(s):
         raise SettingsError(f"unknown --schedule={s.schedule!r}; choose cosine or wsd")
     if not 0 < s.decay_fraction <= 1:
         raise SettingsError(f"--decay_fraction={s.decay_fraction} must be in (0, 1]: the share of the run that decays")
+    if s.max_lr < 0:
+        raise SettingsError(f"--max_lr must not be negative, got {s.max_lr:g}")
+    if not 0 <= s.min_lr <= s.max_lr:
+        raise SettingsError(f"--min_lr={s.min_lr:g} must be between 0 and max_lr={s.max_lr:g}")
+    if s.weight_decay < 0:
+        raise SettingsError(f"--weight_decay must not be negative, got {s.weight_decay:g}")
     if s.optimizer != "muon":
         return
     if not hasattr(torch.optim, "Muon"):
@@ -302,6 +363,15 @@ def check_optimizer_settings(s):
                          "rank's shard of a matrix instead of the whole matrix. Use DDP (no --fsdp) or --optimizer=adamw.")
     if s.muon_adjust_lr not in ("original", "match_rms_adamw"):
         raise SettingsError(f"unknown --muon_adjust_lr={s.muon_adjust_lr!r}; choose original or match_rms_adamw")
+    if s.muon_lr <= 0:
+        raise SettingsError(f"--muon_lr must be positive, got {s.muon_lr:g}")
+    if s.max_lr == 0:
+        raise SettingsError("--max_lr=0 with --optimizer=muon: the schedule sets Muon's LR as a multiple of "
+                            "max_lr's (muon_lr / max_lr), so max_lr must be positive")
+    if not 0 <= s.muon_momentum < 1:
+        raise SettingsError(f"--muon_momentum={s.muon_momentum:g} must be in [0, 1) (0.95 is the usual)")
+    if s.muon_weight_decay < 0:
+        raise SettingsError(f"--muon_weight_decay must not be negative, got {s.muon_weight_decay:g}")
 
 
 def muon_config(s, device):
@@ -429,15 +499,27 @@ def count_steps(s, tokens_per_micro, until):
 
 
 def describe_plan(s, tokens_per_micro):
-    """One line: the run's tokens, LR warmup and decay, and the steps they take at this batch."""
+    """One line: the run's tokens, then what its LR does and when, in tokens and in the steps they
+    take at this batch."""
+    steps = lambda tokens: f"{tokens:,} tokens ({count_steps(s, tokens_per_micro, tokens):,} steps)"
     ramp = (f"; the batch ramps from {accum_steps_at(0, s, tokens_per_micro) * tokens_per_micro:,} tokens "
             f"over the first {s.batch_warmup_tokens:,}" if s.batch_warmup_tokens > 0 else "")
-    after = "" if s.decay_tokens >= s.max_tokens else ", then min_lr"
+    muon = f" (Muon's peak: {s.muon_lr:g})" if s.optimizer == "muon" else ""
+    if s.schedule == "wsd":
+        stable_until = max(s.warmup_tokens, int(s.decay_tokens - s.decay_fraction * s.decay_tokens))
+        decay = (f"constant until {steps(stable_until)}, then (wsd) linear decay to {s.min_lr:g} at "
+                 f"{steps(s.decay_tokens)}")
+    else:
+        decay = f"cosine decay to {s.min_lr:g} at {steps(s.decay_tokens)}"
+    if s.decay_tokens < s.max_tokens:
+        after = f", then {s.min_lr:g} for the last {s.max_tokens - s.decay_tokens:,} tokens"
+    elif s.decay_tokens == s.max_tokens:
+        after = " (the run's end)"
+    else:
+        after = f" (after the run's end: it stops at {s.max_tokens:,} tokens, before the LR reaches {s.min_lr:g})"
     return (f"plan: {s.max_tokens:,} tokens in {count_steps(s, tokens_per_micro, s.max_tokens):,} steps of "
-            f"{s.total_batch_size:,}{ramp}; LR warmup over {s.warmup_tokens:,} tokens "
-            f"({count_steps(s, tokens_per_micro, s.warmup_tokens):,} steps), "
-            f"{'cosine decay' if s.schedule == 'cosine' else f'constant, then (wsd) linear decay over the last {s.decay_fraction:g}'} to min_lr at "
-            f"{s.decay_tokens:,} tokens ({count_steps(s, tokens_per_micro, s.decay_tokens):,} steps){after}")
+            f"{s.total_batch_size:,}{ramp}; LR warmup to {s.max_lr:g}{muon} over {steps(s.warmup_tokens)}, "
+            f"{decay}{after}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -623,25 +705,40 @@ def matmul_rate(a, b):
 class RunLog:
     """Rank 0 prints, and appends to log_dir/log.txt and log_dir/metrics.jsonl (never truncated,
     so a resumed run continues the same files). Other ranks stay silent. Each metrics event also
-    goes to the trackers (tracking.py: W&B, TensorBoard), closed by close()."""
+    goes to the trackers (tracking.py: W&B, TensorBoard), closed by close().
 
-    def __init__(self, log_dir, is_main, trackers=()):
+    Lines are printed at once, but written to log.txt only from start() on (the earlier ones
+    then too): start() is called once the run is sure to start, so a run refused at start
+    (another run's checkpoints, a checkpoint of another model) leaves the log_dir as it was."""
+
+    def __init__(self, log_dir, is_main):
         self.is_main = is_main
         self.log_dir = log_dir
-        self.trackers = list(trackers) if is_main else []
-        if is_main:
-            os.makedirs(log_dir, exist_ok=True)
+        self.trackers = []
+        self.pending = []  # lines printed before start()
+
+    def start(self, trackers=()):
+        self.trackers = list(trackers) if self.is_main else []
+        if self.is_main:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._append("log.txt", "".join(line + "\n" for line in self.pending))
+        self.pending = None
+
+    def _append(self, name, text):
+        with open(os.path.join(self.log_dir, name), "a") as f:
+            f.write(text)
 
     def __call__(self, msg):
         if self.is_main:
             print(msg, flush=True)
-            with open(os.path.join(self.log_dir, "log.txt"), "a") as f:
-                f.write(msg + "\n")
+            if self.pending is None:
+                self._append("log.txt", msg + "\n")
+            else:
+                self.pending.append(msg)
 
     def metrics(self, **event):
         if self.is_main:
-            with open(os.path.join(self.log_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(event) + "\n")
+            self._append("metrics.jsonl", json.dumps(event) + "\n")
             for tracker in self.trackers:
                 tracker.log(event)
 
@@ -816,18 +913,19 @@ def restore_rng_state(states, rt, log):
 
 
 def resume_candidates(s):
-    """The checkpoints to try, newest first: log_dir's (auto), a given log folder's, or the one given."""
+    """The checkpoints to try, newest first, as (folder, names): log_dir's (auto), a given log
+    folder's, or (None, [the checkpoint given])."""
     if s.resume == "off":
-        return []
+        return None, []
     if s.resume == "auto":
-        return [path for _, path in checkpoint.list_checkpoints(s.log_dir)]
+        return s.log_dir, [os.path.basename(path) for _, path in checkpoint.list_checkpoints(s.log_dir)]
     if os.path.isdir(s.resume) and not is_sharded_checkpoint(s.resume):  # a log folder
         found = checkpoint.list_checkpoints(s.resume)
         if not found:
             raise SettingsError(f"--resume={s.resume} is a folder without checkpoints (ckpt_<step>.pt files or "
                              f"ckpt_<step>/ folders): give a checkpoint, a log folder holding them, auto or off")
-        return [path for _, path in found]
-    return [s.resume]
+        return s.resume, [os.path.basename(path) for _, path in found]
+    return None, [s.resume]
 
 
 def check_one_run_per_log_dir(s):
@@ -847,16 +945,41 @@ def check_one_run_per_log_dir(s):
                    f"(rm -r {os.path.join(s.log_dir, 'ckpt_')}*).")
 
 
-def load_resume_state(s, rt, raw_model, optimizer, log):
-    """Restore the newest good checkpoint into model and optimizer; return its plain values (or
-    None to start fresh). Good: its checksum matches, it loads, and no tensor is NaN/Inf. Under
-    --resume=auto (or a log folder) a bad one is reported and the one before it tried; if there
-    are checkpoints but none is good, the run stops instead of starting over on top of them."""
-    check_one_run_per_log_dir(s)
-    candidates = resume_candidates(s)
+def choose_checkpoints(s, rt):
+    """The checkpoints this run may resume from, newest first, as rank 0 sees them: one decision
+    for the whole job. Ranks that each listed their own log_dir could disagree (node-local disks:
+    only rank 0 writes checkpoints under DDP), and a rank that started fresh beside ranks that
+    resumed would train on, silently wrong. Rank 0 also refuses a second run in a log_dir that
+    holds one (check_one_run_per_log_dir); that refusal, too, reaches every rank. Names are sent
+    relative to the folder they were found in, so each rank looks in its own log_dir."""
+    decision = [None]
+    if rt.is_main:
+        try:
+            check_one_run_per_log_dir(s)
+            folder, names = resume_candidates(s)
+            decision[0] = ("ok", (folder is not None, names))
+        except (RunError, SettingsError) as e:
+            decision[0] = (type(e).__name__, str(e))
+    if rt.world_size > 1:
+        dist.broadcast_object_list(decision, src=0)
+    kind, found = decision[0]
+    if kind != "ok":
+        raise {"RunError": RunError, "SettingsError": SettingsError}[kind](found)
+    in_folder, names = found
+    folder = s.log_dir if s.resume == "auto" else s.resume
+    return [os.path.join(folder, name) for name in names] if in_folder else names
+
+
+def load_resume_state(s, rt, candidates, raw_model, optimizer, log):
+    """Restore the newest good checkpoint of candidates (choose_checkpoints) into model and
+    optimizer; return its plain values (or None to start fresh). Good: its checksum matches, it
+    loads, and no tensor is NaN/Inf. Under --resume=auto (or a log folder) a bad one is reported
+    and the one before it tried; if there are checkpoints but none is good, the run stops instead
+    of starting over on top of them. Every rank loads the same one, or the job stops."""
     one_file = s.resume not in ("auto", "off") and candidates == [s.resume]
     failures = []
     for path in candidates:
+        check_every_rank_has(path, s, rt)
         try:
             state = load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=one_file,
                                     optimizer_name=s.optimizer)
@@ -864,66 +987,140 @@ def load_resume_state(s, rt, raw_model, optimizer, log):
             if one_file:
                 raise
             log(f"warning: {e}; trying the checkpoint before it")
-            failures.append(path)
+            failures.append((path, str(e)))
             continue
         log(f"resumed from {path} at step {state['step']}")
         return state
     if failures:
-        folder = os.path.dirname(failures[0]) or "."
-        raise RunError(f"{folder} holds {len(failures)} checkpoints and none could be loaded (the reasons are "
-                       f"above), so the run does not start over on top of them. To start a new run, use another "
-                       f"--log_dir; to start over here, delete them first (rm -r {os.path.join(folder, 'ckpt_')}*); "
-                       f"to load one that only lacks its checksum file, give it as --resume=PATH.")
+        raise RunError(none_loaded_message(s, failures))
     return None
+
+
+def none_loaded_message(s, failures):
+    """What to do when every checkpoint failed. One that only lacks its checksum file (written
+    before checksums, or its sidecar lost) can be loaded unverified by naming it, but a log_dir
+    resumes only from its newest checkpoint (check_one_run_per_log_dir): the newer ones have to
+    be moved aside first. The advice names the exact commands."""
+    folder = os.path.dirname(failures[0][0]) or "."
+    text = (f"{folder} holds {len(failures)} checkpoints and none could be loaded (the reasons are above), so the "
+            f"run does not start over on top of them. To start a new run, use another --log_dir; to start over "
+            f"here, delete them first (rm -r {os.path.join(folder, 'ckpt_')}*)")
+    unverified = [i for i, (path, _) in enumerate(failures) if not os.path.exists(checksum_record(path))]
+    if not unverified:
+        return text + "."
+    i = unverified[0]
+    path, newer = failures[i][0], [p for p, _ in failures[:i]]
+    aside = os.path.join(folder, "damaged")
+    move = (f"move the newer ones aside (mkdir -p {aside} && mv {' '.join(p + '*' for p in newer)} {aside}/), "
+            f"then " if newer else "")
+    return text + (f"; {path} lacks its checksum file ({checksum_record(path)}), so it could not be verified: "
+                   f"to load it unverified, {move}give --resume={path}.")
+
+
+def checksum_record(path):
+    """Where a checkpoint's checksums are: a folder's manifest, a file's sidecar."""
+    return os.path.join(path, checkpoint.MANIFEST) if os.path.isdir(path) else path + checkpoint.CHECKSUM_SUFFIX
+
+
+def check_every_rank_has(path, s, rt):
+    """Stop the job, naming the ranks, if a rank cannot see the checkpoint rank 0 chose."""
+    if rt.world_size == 1:
+        return
+    mine = None if os.path.exists(path) else socket.gethostname()
+    seen = [None] * rt.world_size
+    dist.all_gather_object(seen, mine)
+    missing = [(rank, host) for rank, host in enumerate(seen) if host is not None]
+    if missing:
+        who = ", ".join(f"rank {rank} on host {host}" for rank, host in missing[:4])
+        raise RunError(f"log_dir is not shared: {who} {'has' if len(missing) == 1 else 'have'} no "
+                       f"{path}, the checkpoint rank 0 resumes from; every rank must load it. Put --log_dir on a "
+                       f"filesystem every node shares (the default for torchrun across nodes), or copy the "
+                       f"checkpoint to the same path on every node.")
+
+
+def agree(reason, rt, path, each_reads_all):
+    """Every rank's verdict on one checkpoint, made one. reason: this rank's (None: fine). If every
+    rank failed, or the ranks read different parts of it (shards), the checkpoint is bad:
+    CorruptCheckpoint, and the next one is tried on every rank. If ranks that read the same
+    whole file disagree, some rank's storage or memory failed: the job stops (RunError) rather
+    than fall back on some ranks, or on a good checkpoint."""
+    if rt.world_size == 1:
+        if reason:
+            raise checkpoint.CorruptCheckpoint(reason)
+        return
+    verdicts = [None] * rt.world_size
+    dist.all_gather_object(verdicts, None if reason is None else (socket.gethostname(), reason))
+    failed = [(rank, v) for rank, v in enumerate(verdicts) if v is not None]
+    if not failed:
+        return
+    if len(failed) == rt.world_size or not each_reads_all:
+        raise checkpoint.CorruptCheckpoint(failed[0][1][1])
+    rank, (host, why) = failed[0]
+    raise RunError(f"rank {rank} on host {host} could not read {path} ({why}), which "
+                   f"{rt.world_size - len(failed)} other ranks read: that rank's disk or memory failed. The "
+                   f"checkpoint is kept; fix that machine (or run without it) and start the job again.")
 
 
 def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, optimizer_name="adamw"):
     """Verify one checkpoint, load it into model and optimizer and check it holds no NaN/Inf;
-    every rank reaches the same verdict. Returns its plain values; raises CorruptCheckpoint."""
+    every rank reaches the same verdict (agree). The optimizer keeps this run's settings
+    (keep_settings). Returns its plain values; raises CorruptCheckpoint."""
     sharded = os.path.isdir(path)
-    record = os.path.join(path, checkpoint.MANIFEST) if sharded else path + checkpoint.CHECKSUM_SUFFIX
-    if unverified_ok and not os.path.exists(record):
+    record = checksum_record(path)
+    verify = not (unverified_ok and not os.path.exists(record))
+    if not verify:
         log(f"warning: {path} has no checksum ({record} is missing: written before checksums?): loading it unverified")
-    else:
-        raise_if_any_rank(checkpoint.verify_folder(path, rt.rank, rt.world_size) if sharded else verify_reason(path), rt)
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        model_state, optim_state = get_state_dict(raw_model, optimizer)
-        state = checkpoint.load_sharded(path, model_state, optim_state)
-    else:
-        state = checkpoint.load_file(path)
-        model_state, optim_state = state["model"], state["optimizer"]
+    state, reason = None, None
+    try:
+        if sharded:
+            if verify:
+                agree(checkpoint.verify_folder(path, rt.rank, rt.world_size), rt, path, each_reads_all=False)
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            model_state, optim_state = get_state_dict(raw_model, optimizer)
+            state = checkpoint.load_sharded(path, model_state, optim_state)
+        else:
+            if verify:
+                checkpoint.verify_file(path)
+            state = checkpoint.load_file(path)
+            model_state, optim_state = state["model"], state["optimizer"]
+    except checkpoint.CorruptCheckpoint as e:
+        reason = str(e)
+    agree(reason, rt, path, each_reads_all=not sharded)
     check_compatible(state, raw_model.config)
     check_same_optimizer(state, optimizer_name)
     bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
-    if count_on_all_ranks(len(bad), rt, sharded):
-        raise checkpoint.CorruptCheckpoint(f"checkpoint {path} holds NaN/Inf in {len(bad) or 'some'} tensors "
-                                           f"(e.g. {bad[:3]})")
-    if sharded:
-        set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-    else:
-        raw_model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
+    nan = f"checkpoint {path} holds NaN/Inf in {len(bad)} tensors (e.g. {bad[:3]})" if bad else None
+    agree(nan, rt, path, each_reads_all=not sharded)
+
+    def load():
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        else:
+            raw_model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+    keep_settings(optimizer, load)
     return state
 
 
-def verify_reason(path):
-    try:
-        checkpoint.verify_file(path)
-    except checkpoint.CorruptCheckpoint as e:
-        return str(e)
-    return None
+def keep_settings(optimizer, load):
+    """load() the checkpoint's optimizer state (moments, momentum buffers, step counts) and keep
+    this run's hyperparameters: load_state_dict also restores each param group's settings as
+    saved (weight decay, Muon's momentum, lr_scale, adjust_lr_fn, ...), which would silently train
+    with the checkpoint's values instead of the ones given now. The LR is the schedule's, set
+    every step. Returns the group fields that changed: [(name, checkpoint's, now's)]."""
+    asked = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    load()
+    changed = []
+    for now, group in zip(asked, optimizer.param_groups):
+        changed += [(k, group.get(k), v) for k, v in now.items() if k != "lr" and group.get(k) != v]
+        group.update(now)
+    return changed
 
 
-def raise_if_any_rank(reason, rt):
-    """Raise CorruptCheckpoint on every rank if any rank found a reason: the ranks must try the
-    same checkpoints in the same order."""
-    if rt.world_size > 1:
-        reasons = [None] * rt.world_size
-        dist.all_gather_object(reasons, reason)
-        reason = next((r for r in reasons if r), None)
-    if reason:
-        raise checkpoint.CorruptCheckpoint(reason)
+def settings_changes(saved, now):
+    """'name a -> b' for each setting that differs from the checkpoint's (what trains now)."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
 
 
 def check_compatible(state, config):
@@ -1049,22 +1246,25 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None)
 
 def train(s, stop=None):
     """Check the settings, then train with log_dir locked to this run (run_guard: one writer per
-    folder). Bad settings stop here, before the log folder is made."""
+    folder). Bad settings stop here, before any work and before the log folder is made."""
     stop = stop or run_guard.StopOnSignal()  # without handlers installed: never set
-    rt = setup_runtime(s)
     config = resolve_model_settings(s)
+    rt = setup_runtime(s)
     check_batch_divisibility(s, rt.world_size)
     check_sharding(s, rt.world_size)
     if not s.demo:  # the demo makes its data below
         shard_paths(s.data_dir, "train")  # no data: said now, before the log folder is made
-    with run_guard.log_dir_lock(s.log_dir, rt.rank):
-        return train_run(s, rt, config, stop)
+    with run_guard.log_dir_lock(s.log_dir, rt.rank) as lock:
+        return train_run(s, rt, config, stop, lock)
 
 
-def train_run(s, rt, config, stop):
+def train_run(s, rt, config, stop, lock):
     """The recipe: model, optimizer, data, resume, then the training loop with its evaluations
     and checkpoints."""
-    log = RunLog(s.log_dir, rt.is_main, open_trackers(s, rt))  # bad settings have stopped the run before this point
+    # Until the run is sure to start (every refusal below has passed), nothing is written to
+    # log_dir: the log prints, the lock is not claimed, W&B and TensorBoard are not opened.
+    log = RunLog(s.log_dir, rt.is_main)
+    candidates = choose_checkpoints(s, rt)  # refused here if log_dir holds another run
     advice = restart_advice()
     if advice:
         log(f"note: {advice}")
@@ -1083,17 +1283,22 @@ def train_run(s, rt, config, stop):
                 if s.val_every > 0 else None)
 
     step, tokens_seen, bad_steps, last_val = 0, 0, 0, None
-    state = load_resume_state(s, rt, raw_model, optimizer, log)
+    state = load_resume_state(s, rt, candidates, raw_model, optimizer, log)
     if state is not None:
         # bad_steps restarts at 0: a resumed session may be the fix (a lower --max_lr)
         step, tokens_seen, bad_steps, last_val = state["step"], state["tokens_seen"], 0, state["val_loss"]
         loader.load_state_dict(state["data"])
         restore_rng_state(state["rng"], rt, log)
+        changes = settings_changes(state.get("settings", {}), dataclasses.asdict(s))
+        if changes:
+            log(f"settings changed since the checkpoint (these train now): {'; '.join(changes)}")
         if tokens_seen >= s.max_tokens:
             log(f"{s.log_dir} already holds a finished run ({tokens_seen:,} of {s.max_tokens:,} tokens, "
                 f"{step} steps). To train again use another --log_dir, or raise --max_tokens to continue it.")
     else:
         log(f"settings: {json.dumps(dataclasses.asdict(s))}")
+    lock.claim()  # the run starts: from here on it writes to log_dir
+    log.start(open_trackers(s, rt))
     flops_token = flops_per_token(config, s.seq_len)
     peak = peak_flops(s, rt.device)
     log(f"model {s.model}: {num_params(raw_model):,} parameters, {flops_token / 1e6:.1f} MFLOPs/token; "

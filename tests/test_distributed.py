@@ -2,6 +2,7 @@
 is a real torchrun job of 2 processes on a tiny model, compared with one process."""
 
 import contextlib
+import shutil
 import os
 import re
 import signal
@@ -306,3 +307,65 @@ def test_a_frozen_rank_ends_the_job_after_the_collective_timeout(shards, tmp_pat
     finally:
         os.kill(ranks[1].pid, signal.SIGKILL)
         finish(ranks[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# One resume decision for every rank (issue 20.3)
+
+# Rank 1 gets its own log_dir (sys.argv[1]), as a node with a local disk would, and optionally a
+# read error on the checkpoint (sys.argv[2] == "EIO"); the rest of sys.argv is train_gpt's.
+OWN_LOG_DIR = """
+import errno, os, sys, torch
+import train_gpt
+argv = sys.argv[3:]
+if os.environ["RANK"] == "1":
+    if sys.argv[1] != "same":
+        argv = [a if not a.startswith("--log_dir=") else "--log_dir=" + sys.argv[1] for a in argv]
+    if sys.argv[2] == "EIO":
+        def broken_load(*args, **kwargs):
+            raise OSError(errno.EIO, "Input/output error")
+        torch.load = broken_load
+train_gpt.main(argv)
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_stopped_at_5(shards, tmp_path_factory):
+    log_dir = str(tmp_path_factory.mktemp("ddp_stopped_at_5"))
+    run_ok(tiny_args(shards, log_dir, stop_step=5, **STEPS))
+    return log_dir
+
+
+@pytest.fixture
+def own_log_dir_script(tmp_path):
+    path = tmp_path / "own_log_dir.py"
+    path.write_text(OWN_LOG_DIR)
+    return str(path)
+
+
+def test_ranks_that_do_not_see_rank_0s_checkpoint_stop_the_job(shards, ddp_stopped_at_5, tmp_path,
+                                                               own_log_dir_script):
+    """Node-local log_dirs: rank 0 resumes from its checkpoint, rank 1 has none. Before, rank 1
+    started from step 0 with fresh weights beside rank 0's resumed ones."""
+    log_dir, empty = str(tmp_path / "log"), str(tmp_path / "rank1_disk")
+    shutil.copytree(ddp_stopped_at_5, log_dir)
+    os.makedirs(empty)
+    code, out = torchrun([empty, "-", *tiny_args(shards, log_dir, collective_timeout=30, **STEPS)],
+                         script=(own_log_dir_script,), timeout=120)
+    assert code != 0
+    assert re.search(r"log_dir is not shared: rank 1 on host \S+ has no \S*ckpt_0000005\.pt", out), out[-3000:]
+    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [5] and os.listdir(empty) == []
+
+
+def test_a_read_error_on_one_rank_stops_the_job_instead_of_a_fallback_there(shards, ddp_stopped_at_5, tmp_path,
+                                                                            own_log_dir_script):
+    """Every rank reads the whole checkpoint file; rank 1 alone fails (EIO). Before, rank 1 fell
+    back on its own (here: to a fresh start) while rank 0 resumed."""
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(ddp_stopped_at_5, log_dir)
+    code, out = torchrun(["same", "EIO", *tiny_args(shards, log_dir, collective_timeout=30, **STEPS)],
+                         script=(own_log_dir_script,), timeout=120)
+    assert code != 0
+    assert re.search(r"rank 1 on host \S+ could not read \S*ckpt_0000005\.pt \(.*Input/output error.*\), which "
+                     r"1 other ranks read", out), out[-3000:]
+    assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [5]

@@ -282,7 +282,7 @@ def test_signal_rules_before_training_repeated_sigterm_and_a_second_ctrl_c():
 def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards, tmp_path, one_thread):
     log_dir = str(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_guard\n"
-                               "with run_guard.log_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(300)",
+                               "with run_guard.log_dir_lock(sys.argv[1]) as lock:\n    lock.claim(); print('locked', flush=True); time.sleep(300)",
                                log_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -292,3 +292,85 @@ def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards
         holder.wait()
     run(tiny_args(shards, log_dir, max_steps=1, warmup_steps=0))
     assert steps_in(log_dir) == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 20: a refused run changes nothing; a resume trains the settings given now; true advice
+
+def folder_state(folder):
+    """Every file under folder with its size, modification time and content hash."""
+    import hashlib
+    state = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                state[os.path.relpath(path, folder)] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
+                                                        hashlib.sha256(f.read()).hexdigest())
+    return state
+
+
+def test_a_refused_run_changes_nothing_in_the_old_folder(shards, run_dir, tmp_path, monkeypatch, one_thread):
+    """Issue 20.4: every refusal that can happen at start comes before W&B opens (it would start a
+    new W&B run and overwrite log_dir/wandb_run_id) and before anything is logged to log.txt."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    before = folder_state(run_dir)
+    tracked = dict(wandb_project="tests", tensorboard=True)
+    fail(tiny_args(shards, run_dir, resume="off", **tracked, **STEPS), "already holds checkpoints")
+    fail(tiny_args(shards, run_dir, resume=os.path.join(run_dir, "ckpt_0000002.pt"), **tracked, **STEPS),
+         "already holds checkpoints")
+    fail(tiny_args(shards, run_dir, n_layer=3, **tracked, **STEPS), "the checkpoint's model has n_layer=2")
+    fail(tiny_args(shards, run_dir, optimizer="muon", **tracked, **STEPS), "trained with --optimizer=adamw")
+    assert folder_state(run_dir) == before
+    assert not os.path.exists(tmp_path / "wandb")  # no W&B run was started either
+
+
+@pytest.fixture(scope="module")
+def two_steps(shards, tmp_path_factory, one_thread):
+    """For each optimizer, a run stopped after 2 steps (its checkpoint at step 2)."""
+    folders = {}
+    for optimizer in ("adamw", "muon"):
+        folders[optimizer] = str(tmp_path_factory.mktemp(f"two_steps_{optimizer}"))
+        run(tiny_args(shards, folders[optimizer], optimizer=optimizer, stop_step=2, **STEPS))
+    return folders
+
+
+@pytest.mark.parametrize("optimizer, setting, value, part, field, expected", [
+    ("adamw", "weight_decay", 0.02, None, "weight_decay", 0.02),
+    ("muon", "weight_decay", 0.02, "adamw", "weight_decay", 0.02),
+    ("muon", "muon_lr", 0.05, "muon", "lr_scale", 0.05 / 3e-3),
+    ("muon", "muon_momentum", 0.8, "muon", "momentum", 0.8),
+    ("muon", "muon_weight_decay", 0.1, "muon", "weight_decay", 0.1),
+    ("muon", "muon_adjust_lr", "match_rms_adamw", "muon", "adjust_lr_fn", "match_rms_adamw"),
+])
+def test_a_resume_trains_the_optimizer_settings_given_now(shards, two_steps, tmp_path, optimizer, setting, value,
+                                                          part, field, expected, one_thread):
+    """Issue 20.2: optimizer.load_state_dict restores every param group's fields as saved, so a
+    setting given anew on resume did nothing while log.txt, W&B and the next checkpoint said it
+    did. The resumed steps must use it (the next checkpoint's groups are those that stepped), and
+    the log names the change."""
+    log_dir = str(tmp_path / "run")
+    shutil.copytree(two_steps[optimizer], log_dir)
+    run(tiny_args(shards, log_dir, optimizer=optimizer, stop_step=3, **{setting: value}, **STEPS))
+    saved = torch.load(os.path.join(log_dir, "ckpt_0000003.pt"), weights_only=True)["optimizer"]
+    groups = (saved[part] if part else saved)["param_groups"]
+    assert groups[0][field] == pytest.approx(expected) if isinstance(expected, float) else groups[0][field] == expected
+    text = log_text(log_dir)
+    assert "resumed from" in text and "settings changed since the checkpoint (these train now):" in text
+    assert f"{setting} " in text.split("settings changed since the checkpoint")[1].splitlines()[0]
+
+
+def test_the_advice_for_a_checkpoint_without_its_checksum_works_as_written(shards, reference, run_dir, one_thread):
+    """Issue 20.7: the advice used to be --resume=PATH, which the one-run-per-log_dir check refuses
+    for any checkpoint but the newest; it now names the commands that work, and they do."""
+    overwrite_middle(os.path.join(run_dir, "ckpt_0000004.pt"))
+    os.remove(os.path.join(run_dir, "ckpt_0000002.pt" + checkpoint.CHECKSUM_SUFFIX))
+    message = fail(tiny_args(shards, run_dir, **STEPS), "none could be loaded", "lacks its checksum file")
+    commands = message.split("to load it unverified, move the newer ones aside (")[1].split("), then give ")
+    subprocess.run(commands[0], shell=True, check=True)
+    path = commands[1].rstrip(".").removeprefix("--resume=")
+    assert path == os.path.join(run_dir, "ckpt_0000002.pt")
+    run(tiny_args(shards, run_dir, resume=path, **STEPS))
+    assert f"resumed from {path} at step 2" in log_text(run_dir)
+    assert train_losses(run_dir) == train_losses(reference)

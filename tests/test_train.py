@@ -259,3 +259,72 @@ def test_gpu_peak_flops_match_whole_names():
              "NVIDIA B200": 0.0}
     for name, peak in names.items():
         assert train_gpt.gpu_peak_flops(name) == peak, name
+
+
+def test_no_step_trains_at_lr_0_and_wsd_on_a_gpt3_preset_decays_to_the_runs_end():
+    """Issue 20.1: WSD decays to 0, so on a GPT-3 preset it must end with the run (300B), not at
+    the preset's 260B, where cosine holds 10%: its last 40B tokens would train at LR 0."""
+    from model import PRESETS
+    for model in PRESETS:
+        for recipe in train_gpt.RECIPES:
+            s = resolved(f"--model={model}", f"--recipe={recipe}")
+            last = (train_gpt.count_steps(s, s.total_batch_size, s.max_tokens) - 1) * s.total_batch_size
+            assert lr_at(last, s.total_batch_size, s) > 0, (model, recipe)
+    fast = resolved("--model=gpt3-small", "--recipe=fast")
+    assert fast.decay_tokens == fast.max_tokens == 300 * 10**9 and lr_at(261 * 10**9, 2**19, fast) > 0
+    assert "linear decay to 0 at 300,000,000,000 tokens (572,205 steps) (the run's end)" in \
+        train_gpt.describe_plan(fast, 2**19)
+    gpt3 = resolved("--model=gpt3-small")  # the paper's cosine: decay over 260B, then 10%
+    assert gpt3.decay_tokens == 260 * 10**9 and lr_at(261 * 10**9, 2**19, gpt3) == gpt3.min_lr > 0
+    assert "then 6e-05 for the last 40,000,000,000 tokens" in train_gpt.describe_plan(gpt3, 2**19)
+    # steps at LR 0 only when asked for in so many words
+    with pytest.raises(train_gpt.SettingsError, match="would train at LR 0. Give --decay_tokens=300000000000"):
+        resolved("--model=gpt3-small", "--schedule=wsd", "--decay_tokens=260e9")
+    asked = resolved("--model=gpt3-small", "--decay_tokens=260e9", "--min_lr=0")
+    assert lr_at(261 * 10**9, 2**19, asked) == 0.0
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("checkpoint_every=0", "--checkpoint_every must be at least 1"),
+    ("keep_checkpoints=0", "--keep_checkpoints must be at least 1"),
+    ("max_lr=-1e-3", "--max_lr must not be negative"),
+    ("min_lr=-1e-5", "--min_lr=-1e-05 must be between 0 and max_lr"),
+    ("min_lr=1", "--min_lr=1 must be between 0 and max_lr=0.003"),
+    ("weight_decay=-0.1", "--weight_decay must not be negative"),
+    ("grad_clip=-1", "--grad_clip must not be negative"),
+    ("max_bad_steps=0", "--max_bad_steps must be at least 1"),
+    ("val_every=-1", "--val_every must not be negative"),
+    ("val_tokens=8", "--val_tokens=8 is less than one sequence of seq_len=32"),
+    ("stop_step=-2", "--stop_step must not be negative"),
+    ("seed=-1", "--seed must not be negative"),
+    ("collective_timeout=0", "--collective_timeout must be positive"),
+    ("max_steps=0", "--max_steps must be positive"),
+    ("decay_tokens=0", "--decay_tokens must be positive"),
+    ("device=gpu", "--device=gpu: choose auto, cpu, cuda"),
+    ("backend=mpi", "--backend=mpi: choose nccl"),
+    ("optimizer=muon --muon_lr=-0.02", "--muon_lr must be positive"),
+    ("optimizer=muon --muon_momentum=1.5", "--muon_momentum=1.5 must be in [0, 1)"),
+    ("optimizer=muon --muon_momentum=-0.1", "--muon_momentum=-0.1 must be in [0, 1)"),
+    ("optimizer=muon --muon_weight_decay=-1", "--muon_weight_decay must not be negative"),
+    ("optimizer=muon --max_lr=0", "--max_lr=0 with --optimizer=muon"),
+])
+def test_every_setting_is_checked_before_any_work(shards, tmp_path, setting, message):
+    """Issue 20.6: a value out of range stops the run in one line before anything is built or
+    written (before, --checkpoint_every=0 divided by zero after the first step and its evals)."""
+    log_dir = str(tmp_path / "log")
+    args = tiny_args(shards, log_dir) + [f"--{part}" for part in setting.split(" --")]
+    text = fail(args, message)
+    assert text.startswith("train_gpt.py: error: ") and "\n" not in text
+    assert not os.path.exists(log_dir)
+
+
+def test_a_token_setting_given_with_the_demo_wins_over_its_steps():
+    """--help: a setting given with --demo wins; its max_steps and warmup_steps name the same
+    things as max_tokens and warmup_tokens, so giving those replaces them."""
+    s = parse_settings(["--demo", "--max_tokens=16384", "--warmup_tokens=8192"])
+    assert (s.max_tokens, s.max_steps, s.warmup_tokens, s.warmup_steps) == (16384, None, 8192, None)
+    train_gpt.resolve_model_settings(s)
+    assert (s.max_tokens, s.warmup_tokens) == (16384, 8192)
+    assert parse_settings(["--demo", "--max_steps=20"]).max_steps == 20
+    with pytest.raises(train_gpt.SettingsError, match="name the same thing"):  # both given: still refused
+        train_gpt.resolve_model_settings(parse_settings(["--demo", "--max_steps=20", "--max_tokens=16384"]))
