@@ -243,7 +243,7 @@ def test_resume_from_a_log_folder(shards, run_dir, tmp_path, one_thread):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. SIGINT / SIGTERM
+# 5. SIGINT / SIGTERM / SIGHUP / SIGQUIT
 
 
 
@@ -277,6 +277,53 @@ def test_signal_rules_before_training_repeated_sigterm_and_a_second_ctrl_c():
             time.sleep(5)
         assert e.value.code == 130 and "quit without saving" in e.value.message
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGQUIT"])
+def test_a_stopping_step_saves_before_its_evaluations_then_stops(shards, reference, tmp_path, monkeypatch, capsys,
+                                                                 one_thread, name):
+    """A signal mid step 2, and step 3 has a validation due: the checkpoint is written first and
+    the validation skipped, as it could outlast the grace period (torchrun: 30 s). SIGQUIT, which
+    torchrun forwards too, takes SIGTERM's path. The resumed run trains as if nothing happened."""
+    log_dir, signum = str(tmp_path / "run"), getattr(signal, name)
+    args = tiny_args(shards, log_dir, **dict(STEPS, val_every=3))
+    real_forward, calls = model_module.GPT.forward, [0]
+
+    def forward(self, *a, **kw):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 5:  # step 2's first micro batch
+                os.kill(os.getpid(), signum)
+        return real_forward(self, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(model_module.GPT, "forward", forward)
+        with pytest.raises(SystemExit) as e:
+            run(args)
+    assert e.value.code == 128 + signum
+    assert f"stopped by {name} at step 3: saved {log_dir}/ckpt_0000003.pt" in capsys.readouterr().err
+    text = log_text(log_dir)
+    assert "step     3 | val loss" not in text  # neither before the save nor after it
+    assert f"saved checkpoint {log_dir}/ckpt_0000003.pt\nstep     3 | validation skipped: stopping on a signal" in text
+    assert steps_in(log_dir) == [3, 2]
+    run(args)
+    assert train_losses(log_dir) == train_losses(reference)
+
+
+def test_sighup_names_its_signal_and_stays_ignored_under_nohup():
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with run_guard.StopOnSignal():
+            with pytest.raises(run_guard.Stopped) as e:
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)
+            assert e.value.code == 129 and "stopped by SIGHUP before training started" in e.value.message
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a process
+        with run_guard.StopOnSignal():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGQUIT) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards, tmp_path, one_thread):
