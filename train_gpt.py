@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import gc
 import json
 import math
@@ -755,7 +756,8 @@ def model_and_optimizer_state(s, raw_model, optimizer):
 
 def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
     """Write this step's checkpoint, then prune old ones. State holding a NaN/Inf is never written
-    (the run stops instead); a failed write (disk full) stops the run naming the disk."""
+    (the run stops instead); a write the system refuses (disk full, permissions...) stops the run
+    naming the error and the disk."""
     model_state, optim_state = model_and_optimizer_state(s, raw_model, optimizer)
     bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
     if count_on_all_ranks(len(bad), rt, s.fsdp):
@@ -772,12 +774,28 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
         elif rt.is_main:
             checkpoint.save_file(state, path)
     except checkpoint.WriteFailed as e:
-        raise RunError(f"{e}. Free space on that disk, or move --log_dir (with its checkpoints) to one with "
-                       f"room, then resume: the checkpoints written before are intact.") from e
+        raise RunError(f"{e}. {write_failure_advice(e.errno)}, then resume: the checkpoints written before are "
+                       f"intact.") from e
     if rt.is_main:
         checkpoint.prune(s.log_dir, s.keep_checkpoints, step)
         log(f"saved checkpoint {path}")
     return path
+
+
+def write_failure_advice(code):
+    """What to do about a checkpoint write the system refused, by its errno: free space only
+    helps a full disk."""
+    move = "move --log_dir (with its checkpoints) to"
+    return {
+        errno.ENOSPC: f"Free space on that disk, or {move} one with room",
+        errno.EDQUOT: f"Free space within your quota (or have it raised), or {move} a disk with room",
+        errno.EACCES: f"Give this user write permission on --log_dir, or {move} a folder it can write",
+        errno.EPERM: f"Give this user write permission on --log_dir, or {move} a folder it can write",
+        errno.EROFS: f"That disk is mounted read-only: remount it read-write, or {move} a writable disk",
+        errno.EIO: f"The disk may be failing (see the kernel log, dmesg): {move} a sound disk",
+        errno.EFBIG: f"A file-size limit (ulimit -f) or the filesystem's largest file was reached: raise the "
+                     f"limit, or {move} another filesystem",
+    }.get(code, f"Fix what the error names, or {move} another disk")
 
 
 def count_on_all_ranks(n, rt, sharded):
