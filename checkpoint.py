@@ -386,6 +386,10 @@ def save_sharded(state, path, rank, world_size=None):
         dist.all_gather_object(shares, mine)
         if rank == 0:
             _write_json({"files": {k: v for share in shares for k, v in share.items()}}, os.path.join(tmp, MANIFEST))
+            # The folder's entries (the manifest, DCP's files) on disk before its rename. DCP's
+            # sync_files (on by default) fsyncs each file it writes and renames .metadata into
+            # place, but never fsyncs the folder.
+            _fsync_dir(tmp)
             if os.path.exists(path):  # a stale folder of the same step (one rejected at resume)
                 old = f"{path}.tmp.old"
                 _remove(old)

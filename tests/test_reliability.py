@@ -164,6 +164,30 @@ def test_sharded_folder_manifest_catches_damaged_and_missing_files(tmp_path):
     assert not checkpoint.looks_intact(path)
 
 
+def test_a_sharded_folder_is_fsynced_with_its_manifest_before_it_is_renamed(tmp_path, gloo_group, monkeypatch):
+    """Otherwise a power loss could leave the final folder without its manifest's entry."""
+    calls, real_replace, real_fsync_dir = [], os.replace, checkpoint._fsync_dir
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def fsync_dir(folder):
+        calls.append(("fsync", str(folder)))
+        real_fsync_dir(folder)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(checkpoint, "_fsync_dir", fsync_dir)
+    path = str(tmp_path / "ckpt_0000001")
+    tmp = path + ".tmp"
+    checkpoint.save_sharded({"model": {"w": torch.randn(8, 8)}, "optimizer": {}, "step": 1}, path, rank=0)
+    manifest = next(i for i, c in enumerate(calls) if c[0] == "replace" and c[2] == os.path.join(tmp, checkpoint.MANIFEST))
+    renamed = calls.index(("replace", tmp, path))
+    assert ("fsync", tmp) in calls[manifest + 1:renamed], calls
+    assert calls[renamed + 1:] == [("fsync", str(tmp_path))]  # then the new name itself
+    assert checkpoint.verify_folder(path) is None
+
+
 def test_a_failed_write_leaves_nothing_behind_and_names_the_disk(tmp_path):
     """A real write error from the kernel: RLIMIT_FSIZE makes writes past 64 KB fail (EFBIG), as
     a full disk makes them fail with ENOSPC."""
