@@ -13,6 +13,7 @@ it. A bit flipped on disk, a file overwritten in place or a folder missing a sha
 before the checkpoint is trusted (verify), instead of loading silently changed weights.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -34,7 +35,13 @@ class CorruptCheckpoint(ValueError):
 
 
 class WriteFailed(RuntimeError):
-    """A checkpoint could not be written (disk full, quota, I/O error); nothing of it was left behind."""
+    """A checkpoint could not be written because the system refused a write (disk full, quota,
+    permissions, I/O error: `errno` says which); nothing of it was left behind. Any other error
+    while saving is a bug and is raised as it is."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
 
 
 def checkpoint_path(log_dir, step, sharded=False):
@@ -76,7 +83,7 @@ def _remove(path):
 
 
 class _HashingWriter:
-    """A file that hashes what torch.save writes through it, so the checksum costs no second read."""
+    """A file that hashes what torch.save writes through it, so a file's checksum costs no second read."""
 
     def __init__(self, f):
         self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
@@ -120,13 +127,32 @@ def save_file(state, path):
         _fsync_dir(os.path.dirname(path) or ".")
     except BaseException as e:
         _remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError
-            raise WriteFailed(write_failure_message(path, e)) from e
+        cause = os_error_in(e)
+        if cause is not None:
+            raise WriteFailed(write_failure_message(path, cause), cause.errno) from e
         raise
 
 
-def write_failure_message(path, error):
-    """What failed, on which disk, and how much room it has."""
+def os_error_in(error):
+    """The OSError behind an error, or None: the error itself, one in its chain (torch reports a
+    failed write as a RuntimeError with the OSError as its context), or for DCP's
+    CheckpointException one of the ranks' errors it holds."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__cause__, e.__context__]
+        if type(e).__name__ == "CheckpointException":
+            todo += [failure for failure, _ in e.failures.values()]
+    return None
+
+
+def write_failure_message(path, cause):
+    """What failed (the OSError `cause`), on which disk, and how much room it has."""
     folder = os.path.dirname(os.path.abspath(path))
     mount = folder
     while not os.path.ismount(mount):
@@ -136,12 +162,8 @@ def write_failure_message(path, error):
         room = f"{usage.free / 1e9:.2f} GB free of {usage.total / 1e9:.2f} GB"
     except OSError:
         room = "free space unknown"
-    cause = error  # torch reports a failed write of its own, with the OSError as its context
-    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
-        cause = cause.__cause__ or cause.__context__
-    cause = cause if isinstance(cause, OSError) else error
-    full = getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-    what = f"the disk is full ({cause})" if full else f"{type(cause).__name__}: {cause}"
+    what = {errno.ENOSPC: f"the disk is full ({cause})",
+            errno.EDQUOT: f"your disk quota is used up ({cause})"}.get(cause.errno, f"{type(cause).__name__}: {cause}")
     return (f"could not write checkpoint {path}: {what} (the disk holding it is mounted at {mount}: {room}); "
             f"the partial file was removed")
 
@@ -307,11 +329,42 @@ def set_rng_state(state, device):
 # ----------------------------------------------------------------------------------------------
 # Sharded checkpoints (FSDP): torch.distributed.checkpoint, every rank writes its own shards
 
+def _shard_writer(folder):
+    """DCP's own file writer, except that a write failing with an OSError raises that OSError. DCP
+    pickles each rank's error to gather it into a CheckpointException, which drops the chain in
+    which torch.save keeps the OSError behind its RuntimeError: the errno would be lost."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            with _raising_the_os_error():
+                return super().write_data(plan, planner)
+
+        def finish(self, metadata, results):
+            with _raising_the_os_error():
+                return super().finish(metadata, results)
+
+    return Writer(folder)
+
+
+@contextlib.contextmanager
+def _raising_the_os_error():
+    try:
+        yield
+    except Exception as e:
+        cause = os_error_in(e)
+        if cause is None or cause is e:
+            raise
+        plain = OSError(cause.errno, cause.strerror, cause.filename) if cause.errno is not None else OSError(str(cause))
+        raise plain from e  # pickles with its errno, text and file name
+
+
 def save_sharded(state, path, rank, world_size=None):
     """Every rank calls this. DCP writes each rank's shards of the tensors in `state` (model and
     optimizer from get_state_dict); plain values are written by rank 0 alone, into extra.pt.
-    Then each rank hashes its share of the files and rank 0 writes the manifest. The folder gets
-    its final name only after every rank has finished."""
+    Then each rank hashes its share of the files (read back: DCP writes them, not our hashing
+    writer) and rank 0 writes the manifest. The folder gets its final name only after every rank
+    has finished. A failed write raises WriteFailed; any other error is raised as it is."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     world_size = world_size or dist.get_world_size()
@@ -320,7 +373,8 @@ def save_sharded(state, path, rank, world_size=None):
         if rank == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
         dist.barrier()
-        dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp)
+        dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp,
+                 storage_writer=_shard_writer(tmp))
         if rank == 0:
             extra = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
             save_file(extra, os.path.join(tmp, "extra.pt"))
@@ -332,6 +386,10 @@ def save_sharded(state, path, rank, world_size=None):
         dist.all_gather_object(shares, mine)
         if rank == 0:
             _write_json({"files": {k: v for share in shares for k, v in share.items()}}, os.path.join(tmp, MANIFEST))
+            # The folder's entries (the manifest, DCP's files) on disk before its rename. DCP's
+            # sync_files (on by default) fsyncs each file it writes and renames .metadata into
+            # place, but never fsyncs the folder.
+            _fsync_dir(tmp)
             if os.path.exists(path):  # a stale folder of the same step (one rejected at resume)
                 old = f"{path}.tmp.old"
                 _remove(old)
@@ -345,8 +403,9 @@ def save_sharded(state, path, rank, world_size=None):
     except BaseException as e:
         if rank == 0:
             _remove(tmp)
-        if isinstance(e, OSError) or type(e).__name__ == "CheckpointException":  # DCP's, naming each rank's error
-            raise WriteFailed(write_failure_message(path, e)) from e
+        cause = None if isinstance(e, WriteFailed) else os_error_in(e)  # extra.pt's: already said
+        if cause is not None:
+            raise WriteFailed(write_failure_message(path, cause), cause.errno) from e
         raise
 
 

@@ -1,8 +1,11 @@
-"""Keeping a run alive and its log_dir its own: graceful stop on SIGTERM/SIGINT, one writer per
-log_dir, workers that end with their launcher, and a clear message for a stuck collective.
+"""Keeping a run alive and its log_dir its own: graceful stop on SIGTERM, SIGINT, SIGHUP and
+SIGQUIT, one writer per log_dir, workers that end with their launcher, and a clear message for a
+stuck collective.
 
-Clusters and spot machines end jobs with SIGTERM and a grace period; Ctrl-C sends SIGINT. Either
-now finishes the current step, writes a checkpoint and exits, on every rank at the same step.
+Clusters and spot machines end jobs with SIGTERM and a grace period; Ctrl-C sends SIGINT; a closed
+terminal sends SIGHUP. torchrun forwards each of these four to its workers (its default
+--signals-to-handle), then SIGKILLs them after --shutdown-timeout (30 s). Any of them now finishes
+the current step, writes a checkpoint and exits, on every rank at the same step.
 """
 
 import contextlib
@@ -30,20 +33,24 @@ class Stopped(BaseException):
         self.message, self.code = message, code
 
 
-SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGHUP: "SIGHUP",
+                signal.SIGQUIT: "SIGQUIT"}
 
 
 class StopOnSignal:
-    """While training, SIGTERM and SIGINT set a flag instead of killing the process; the training
+    """While training, SIGTERM, SIGINT, SIGHUP and SIGQUIT set a flag instead of killing the process
+    (torchrun forwards all four: a worker that died of one would lose the session); the training
     loop saves and stops after the current step. The flag rides on the step's loss all-reduce
     (`ride`), so every rank learns of a signal any rank got at the same step, with no extra
     collective. Before training starts (nothing to save yet) or on a second Ctrl-C, the process
-    stops at once, with a line instead of a traceback. A repeated SIGTERM is ignored: a scheduler
-    and torchrun may each send one, and the grace period ends with SIGKILL anyway.
+    stops at once, with a line instead of a traceback. A repeated signal other than Ctrl-C is
+    ignored: a scheduler and torchrun may each send one, and the grace period ends with SIGKILL
+    anyway. A SIGHUP ignored when the process started (nohup) stays ignored: that run asked to
+    outlive its terminal.
 
-    Exit status: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM), as a shell reports a process
-    killed by it: the run stopped before its end. A rank stopped because another rank got the
-    signal exits 143."""
+    Exit status: 128 + the signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 131 SIGQUIT), as
+    a shell reports a process killed by it: the run stopped before its end. A rank stopped because
+    another rank got the signal exits 143."""
 
     def __init__(self):
         self.signum = None
@@ -53,6 +60,8 @@ class StopOnSignal:
 
     def __enter__(self):
         for signum in SIGNAL_NAMES:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread: leave the handlers alone
@@ -91,15 +100,17 @@ class StopOnSignal:
             return bool(self.agreed_flag.item() > 0)  # after the step's sync: no wait
         return self.signum is not None
 
-    def stopped(self, step, path, world_size=1):
+    def stopped(self, step, path, world_size=1, complete=False):
         """The exception that ends the run, once every rank is past rank 0's checkpoint write (a
-        rank that exited earlier would make torchrun stop the others mid-write)."""
+        rank that exited earlier would make torchrun stop the others mid-write). `complete`: that
+        step was the last, so there is nothing to resume, only the evaluations it skipped."""
         if world_size > 1:
             dist.barrier()
         signum = self.signum if self.signum is not None else signal.SIGTERM
         name = SIGNAL_NAMES.get(signum, f"signal {signum}") if self.signum is not None else "a signal to another rank"
-        return Stopped(f"stopped by {name} at step {step}: saved {path}; run the same command to resume",
-                       128 + signum)
+        then = ("training is complete, but its final evaluations were skipped (evaluate.py --checkpoint runs them)"
+                if complete else "run the same command to resume")
+        return Stopped(f"stopped by {name} at step {step}: saved {path}; {then}", 128 + signum)
 
 
 class _Lock:

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import gc
 import json
 import math
@@ -852,7 +853,8 @@ def model_and_optimizer_state(s, raw_model, optimizer):
 
 def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
     """Write this step's checkpoint, then prune old ones. State holding a NaN/Inf is never written
-    (the run stops instead); a failed write (disk full) stops the run naming the disk."""
+    (the run stops instead); a write the system refuses (disk full, permissions...) stops the run
+    naming the error and the disk."""
     model_state, optim_state = model_and_optimizer_state(s, raw_model, optimizer)
     bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
     if count_on_all_ranks(len(bad), rt, s.fsdp):
@@ -869,12 +871,28 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
         elif rt.is_main:
             checkpoint.save_file(state, path)
     except checkpoint.WriteFailed as e:
-        raise RunError(f"{e}. Free space on that disk, or move --log_dir (with its checkpoints) to one with "
-                       f"room, then resume: the checkpoints written before are intact.") from e
+        raise RunError(f"{e}. {write_failure_advice(e.errno)}, then resume: the checkpoints written before are "
+                       f"intact.") from e
     if rt.is_main:
         checkpoint.prune(s.log_dir, s.keep_checkpoints, step)
         log(f"saved checkpoint {path}")
     return path
+
+
+def write_failure_advice(code):
+    """What to do about a checkpoint write the system refused, by its errno: free space only
+    helps a full disk."""
+    move = "move --log_dir (with its checkpoints) to"
+    return {
+        errno.ENOSPC: f"Free space on that disk, or {move} one with room",
+        errno.EDQUOT: f"Free space within your quota (or have it raised), or {move} a disk with room",
+        errno.EACCES: f"Give this user write permission on --log_dir, or {move} a folder it can write",
+        errno.EPERM: f"Give this user write permission on --log_dir, or {move} a folder it can write",
+        errno.EROFS: f"That disk is mounted read-only: remount it read-write, or {move} a writable disk",
+        errno.EIO: f"The disk may be failing (see the kernel log, dmesg): {move} a sound disk",
+        errno.EFBIG: f"A file-size limit (ulimit -f) or the filesystem's largest file was reached: raise the "
+                     f"limit, or {move} another filesystem",
+    }.get(code, f"Fix what the error names, or {move} another disk")
 
 
 def count_on_all_ranks(n, rt, sharded):
@@ -1355,13 +1373,18 @@ def train_run(s, rt, config, stop, lock):
                     f"in {s.log_dir} holds no NaN: lower --max_lr or raise --warmup_tokens and resume from it.")
         step += 1
         last = tokens_seen >= s.max_tokens or step == s.stop_step
-        val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
-        last_val = last_val if val_loss is None else val_loss
-        if step % s.checkpoint_every == 0 or last or stopping:
+        if stopping:  # the checkpoint first, then stop: an evaluation could outlast the grace period
             path = save_checkpoint(s, rt, step, raw_model, optimizer, loader,
                                    dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
-            if stopping and not last:
-                raise stop.stopped(step, path, rt.world_size)
+            skipped = evals_due(s, step, last, val_data, hellaswag_data)
+            if skipped:
+                log(f"step {step:5d} | {', '.join(skipped)} skipped: stopping on a signal")
+            raise stop.stopped(step, path, rt.world_size, complete=last)
+        val_loss = run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
+        last_val = last_val if val_loss is None else val_loss
+        if step % s.checkpoint_every == 0 or last:
+            save_checkpoint(s, rt, step, raw_model, optimizer, loader,
+                            dict(tokens_seen=tokens_seen, bad_steps=bad_steps, val_loss=last_val), log)
     log.close()
     return raw_model
 
@@ -1424,18 +1447,26 @@ def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
         return _run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log)
 
 
+def evals_due(s, step, last, val_data, hellaswag_data):
+    """The evaluations due after `step`: what _run_evals runs, and what a stopping step skips."""
+    return [name for name, on in (("validation", val_data is not None and due(step, s.val_every, last)),
+                                  ("HellaSwag", bool(hellaswag_data) and due(step, s.hellaswag_every, last)),
+                                  ("samples", due(step, s.sample_every, last))) if on]
+
+
 def _run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     val = None
-    if val_data is not None and due(step, s.val_every, last):
+    todo = evals_due(s, step, last, val_data, hellaswag_data)
+    if "validation" in todo:
         val = evaluate.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype,
                                 progress=rt.is_main)
         log(f"step {step:5d} | val loss {val:.4f} ({val_data.num_tokens:,} tokens)")
         log.metrics(step=step, val_loss=val)
-    if hellaswag_data and due(step, s.hellaswag_every, last):
+    if "HellaSwag" in todo:
         r = evaluate.hellaswag(raw_model, hellaswag_data, rt.rank, rt.world_size, rt.amp_dtype, progress=rt.is_main)
         log(f"step {step:5d} | HellaSwag acc_norm {r['acc_norm']:.4f} acc {r['acc']:.4f} ({r['n']} examples)")
         log.metrics(step=step, hellaswag_acc=r["acc"], hellaswag_acc_norm=r["acc_norm"], hellaswag_n=r["n"])
-    if due(step, s.sample_every, last):
+    if "samples" in todo:
         from fineweb import gpt2_tokenizer
         for i, text in enumerate(evaluate.sample_text(raw_model, gpt2_tokenizer(), seed=s.seed + rt.rank)):
             log(f"sample {i}: {text!r}")
@@ -1491,7 +1522,7 @@ def main(argv=None):
             train(s, stop)
     except USER_ERRORS as e:
         sys.exit(f"train_gpt.py: error: {e}")
-    except run_guard.Stopped as e:  # SIGTERM / Ctrl-C: one line, the checkpoint saved
+    except run_guard.Stopped as e:  # SIGTERM, Ctrl-C, SIGHUP, SIGQUIT: one line, the checkpoint saved
         print(e.message, file=sys.stderr, flush=True)
         sys.exit(e.code)
     except KeyboardInterrupt:

@@ -1,10 +1,12 @@
 """Activation checkpointing: the same losses and weights, bit for bit, and less memory."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
 
+import evaluate
 import plan
 import train_gpt
 from activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
@@ -60,14 +62,20 @@ def test_compiled_graph_with_checkpointing_gives_the_same_losses(one_thread):
 
 
 def test_fsdp_run_with_full_checkpointing_equals_without(shards, tmp_path, one_thread):
-    """train_gpt end to end on FSDP2 (a group of one): the recipe's own wiring."""
-    runs = {}
+    """train_gpt end to end on FSDP2 (a group of one): the recipe's own wiring. Losses and the
+    final weights (its sharded checkpoint) bit for bit."""
+    runs, models = {}, {}
     for mode in ("none", "full"):
         log_dir = str(tmp_path / mode)
         train_gpt.main(tiny_args(shards, log_dir, fsdp=True, activation_checkpointing=mode, max_steps=3,
                                  val_every=0, checkpoint_every=100))
         runs[mode] = train_losses(log_dir)
+        models[mode] = evaluate.load_checkpoint_model(os.path.join(log_dir, "ckpt_0000003"))
     assert len(runs["full"]) == 3 and runs["full"] == runs["none"]
+    full, none = models["full"].state_dict(), models["none"].state_dict()
+    assert list(full) == list(none) and all(torch.equal(full[k], none[k]) for k in none)
+    untrained = GPT(models["none"].config).state_dict()  # as load_checkpoint builds it, before the shards fill it
+    assert not torch.equal(none["lm_head.weight"], untrained["lm_head.weight"])  # the trained weights were read
 
 
 def test_a_bad_mode_is_refused_before_training(shards, tmp_path):

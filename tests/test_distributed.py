@@ -2,12 +2,13 @@
 is a real torchrun job of 2 processes on a tiny model, compared with one process."""
 
 import contextlib
-import shutil
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -32,6 +33,17 @@ def forward(self, *args, **kwargs):
     return real_forward(self, *args, **kwargs)
 model.GPT.forward = forward
 train_gpt.main(sys.argv[2:])
+"""
+SLOW = """
+import sys, time
+import model, train_gpt
+real_forward = model.GPT.forward
+def forward(self, *args, **kwargs):
+    if self.training:
+        time.sleep(0.3)  # steps slow enough to be signalled mid-run; the numbers are unchanged
+    return real_forward(self, *args, **kwargs)
+model.GPT.forward = forward
+train_gpt.main(sys.argv[1:])
 """
 
 
@@ -369,3 +381,68 @@ def test_a_read_error_on_one_rank_stops_the_job_instead_of_a_fallback_there(shar
     assert re.search(r"rank 1 on host \S+ could not read \S*ckpt_0000005\.pt \(.*Input/output error.*\), which "
                      r"1 other ranks read", out), out[-3000:]
     assert [s for s, _ in checkpoint.list_checkpoints(log_dir)] == [5]
+
+
+def signal_when(cmd, ready, signum, marker, timeout=180):
+    """Start cmd, send it signum once a line of its output matches `ready` (as a scheduler signals
+    a job's launcher), and wait for it and for every process holding its output. Returns (exit
+    code, output). In the end no process whose command line holds `marker` is left running."""
+    proc = start(cmd)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(ready, line):
+                seen.set()
+        seen.set()  # the end of the output: ready never came
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        seen.wait(timeout)
+        assert re.search(ready, "".join(lines), re.M), "".join(lines)[-3000:]
+        proc.send_signal(signum)
+        proc.wait(timeout)
+        reader.join(timeout)  # the workers too have closed their output: ended
+        assert not reader.is_alive(), "".join(lines)[-3000:]
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid), *processes_with(marker)]:  # workers outlive torchrun
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, "".join(lines)
+
+
+def processes_with(marker):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+    return found
+
+
+def test_sighup_to_torchrun_stops_both_workers_with_a_checkpoint_and_resumes_exactly(shards, ddp, tmp_path):
+    """A scheduler sends SIGHUP to torchrun itself while steps run; torchrun forwards it to its
+    workers (its default --signals-to-handle) and SIGKILLs them 30 s later. Both stop after the
+    same step with its checkpoint, and a relaunch goes on as if nothing had happened."""
+    log_dir = str(tmp_path / "log")
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *tiny_args(shards, log_dir, **STEPS)]
+    code, out = signal_when(cmd, r"^step\s+1 \|", signal.SIGHUP, marker=log_dir)
+    assert code != 0, out[-3000:]
+    stops = re.findall(r"stopped by SIGHUP at step (\d+): saved", out)
+    assert len(stops) == 2 and stops[0] == stops[1], out[-3000:]  # both workers, after the same step
+    step = int(stops[0])
+    assert 1 < step < 10 and step in [s for s, _ in checkpoint.list_checkpoints(log_dir)], out[-3000:]
+    assert 'train_gpt.py", line' not in out
+    out = run_ok(tiny_args(shards, log_dir, **STEPS))
+    assert "resumed from" in out and f"ckpt_{step:07d}.pt" in out
+    assert train_losses(log_dir) == train_losses(ddp)
+    for k, v in weights(ddp).items():
+        assert torch.equal(v, weights(log_dir)[k])

@@ -1,6 +1,7 @@
 """Never lose a run: each fault is caused here and the run must end with its newest good state
 kept and a message that says what to do (issue 13). Tiny model, a few steps."""
 
+import errno
 import os
 import resource
 import shutil
@@ -136,6 +137,14 @@ def test_a_checkpoint_holding_nan_is_never_loaded_as_good(shards, reference, run
     assert train_losses(run_dir) == train_losses(reference)
 
 
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A process group of one, as save_sharded needs."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def test_sharded_folder_manifest_catches_damaged_and_missing_files(tmp_path):
     """A sharded checkpoint as one process writes it (torch.distributed.checkpoint, gloo group of one)."""
     store = dist.FileStore(str(tmp_path / "store"), 1)
@@ -155,6 +164,30 @@ def test_sharded_folder_manifest_catches_damaged_and_missing_files(tmp_path):
     assert not checkpoint.looks_intact(path)
 
 
+def test_a_sharded_folder_is_fsynced_with_its_manifest_before_it_is_renamed(tmp_path, gloo_group, monkeypatch):
+    """Otherwise a power loss could leave the final folder without its manifest's entry."""
+    calls, real_replace, real_fsync_dir = [], os.replace, checkpoint._fsync_dir
+
+    def replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def fsync_dir(folder):
+        calls.append(("fsync", str(folder)))
+        real_fsync_dir(folder)
+
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(checkpoint, "_fsync_dir", fsync_dir)
+    path = str(tmp_path / "ckpt_0000001")
+    tmp = path + ".tmp"
+    checkpoint.save_sharded({"model": {"w": torch.randn(8, 8)}, "optimizer": {}, "step": 1}, path, rank=0)
+    manifest = next(i for i, c in enumerate(calls) if c[0] == "replace" and c[2] == os.path.join(tmp, checkpoint.MANIFEST))
+    renamed = calls.index(("replace", tmp, path))
+    assert ("fsync", tmp) in calls[manifest + 1:renamed], calls
+    assert calls[renamed + 1:] == [("fsync", str(tmp_path))]  # then the new name itself
+    assert checkpoint.verify_folder(path) is None
+
+
 def test_a_failed_write_leaves_nothing_behind_and_names_the_disk(tmp_path):
     """A real write error from the kernel: RLIMIT_FSIZE makes writes past 64 KB fail (EFBIG), as
     a full disk makes them fail with ENOSPC."""
@@ -171,6 +204,72 @@ def test_a_failed_write_leaves_nothing_behind_and_names_the_disk(tmp_path):
     assert f"could not write checkpoint {path}" in str(e.value) and "mounted at" in str(e.value)
     assert "GB free" in str(e.value)
     assert os.listdir(tmp_path) == []  # no .tmp left
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("boom")  # a bug, raised from inside torch.save
+
+
+def test_a_bug_while_saving_is_raised_as_it_is_not_as_a_failed_write(tmp_path):
+    with pytest.raises(RuntimeError, match="^boom$") as e:
+        checkpoint.save_file({"w": torch.ones(3), "bad": Unpicklable()}, str(tmp_path / "ckpt_0000001.pt"))
+    assert not isinstance(e.value, checkpoint.WriteFailed)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, where, said, advice", [
+    (errno.ENOSPC, "write", "the disk is full", "Free space on that disk"),
+    (errno.EDQUOT, "write", "disk quota is used up", "within your quota"),
+    (errno.EIO, "write", "OSError: [Errno 5]", "may be failing"),
+    (errno.EACCES, "open", "PermissionError: [Errno 13]", "write permission"),
+    (errno.EROFS, "open", "OSError: [Errno 30]", "read-only"),
+])
+def test_a_failed_write_is_named_with_advice_that_fits_it(shards, tmp_path, monkeypatch, one_thread, code, where,
+                                                          said, advice):
+    """torch.save reports a failed write as a RuntimeError holding the OSError; open raises it
+    as it is. Only a full disk or quota gets "free space" advice."""
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    if where == "write":
+        monkeypatch.setattr(checkpoint._HashingWriter, "write", lambda self, data: failing())
+    else:
+        monkeypatch.setattr(checkpoint, "open", failing, raising=False)  # checkpoint.py's open alone
+    log_dir = str(tmp_path / "run")
+    message = fail(tiny_args(shards, log_dir, max_steps=1, warmup_steps=0), "could not write checkpoint", said,
+                   advice, "mounted at", "then resume")
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        assert "disk is full" not in message and "Free space" not in message and "with room" not in message
+    assert steps_in(log_dir) == []
+
+
+def test_a_failed_sharded_write_names_the_os_error(tmp_path, gloo_group):
+    """DCP gathers each rank's error by pickling it, which drops the OSError that torch.save
+    chains to its RuntimeError; save_sharded's writer raises the OSError itself (EFBIG here, from
+    RLIMIT_FSIZE as in the test above)."""
+    path = str(tmp_path / "ckpt_0000001")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))
+    try:
+        with pytest.raises(checkpoint.WriteFailed) as e:
+            checkpoint.save_sharded({"model": {"w": torch.randn(512, 512)}, "optimizer": {}, "step": 1}, path, rank=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "File too large" in str(e.value) and "unexpected pos" not in str(e.value), str(e.value)
+    assert e.value.errno == errno.EFBIG and "CheckpointException" not in str(e.value)
+    assert not os.path.exists(path) and not os.path.exists(path + ".tmp")
+
+
+def test_a_bug_while_saving_shards_is_raised_as_it_is(tmp_path, gloo_group):
+    path = str(tmp_path / "ckpt_0000001")
+    with pytest.raises(BaseException) as e:
+        checkpoint.save_sharded({"model": {"w": torch.ones(3), "bad": Unpicklable()}, "optimizer": {}, "step": 1},
+                                path, rank=0)
+    assert type(e.value).__name__ == "CheckpointException" and "boom" in str(e.value)  # DCP's, naming the rank
+    assert not os.path.exists(path + ".tmp")
 
 
 def test_a_checkpoint_without_its_checksum_file_loads_only_when_named(shards, run_dir, one_thread):
@@ -243,7 +342,7 @@ def test_resume_from_a_log_folder(shards, run_dir, tmp_path, one_thread):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. SIGINT / SIGTERM
+# 5. SIGINT / SIGTERM / SIGHUP / SIGQUIT
 
 
 
@@ -277,6 +376,53 @@ def test_signal_rules_before_training_repeated_sigterm_and_a_second_ctrl_c():
             time.sleep(5)
         assert e.value.code == 130 and "quit without saving" in e.value.message
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGQUIT"])
+def test_a_stopping_step_saves_before_its_evaluations_then_stops(shards, reference, tmp_path, monkeypatch, capsys,
+                                                                 one_thread, name):
+    """A signal mid step 2, and step 3 has a validation due: the checkpoint is written first and
+    the validation skipped, as it could outlast the grace period (torchrun: 30 s). SIGQUIT, which
+    torchrun forwards too, takes SIGTERM's path. The resumed run trains as if nothing happened."""
+    log_dir, signum = str(tmp_path / "run"), getattr(signal, name)
+    args = tiny_args(shards, log_dir, **dict(STEPS, val_every=3))
+    real_forward, calls = model_module.GPT.forward, [0]
+
+    def forward(self, *a, **kw):
+        if self.training:
+            calls[0] += 1
+            if calls[0] == 5:  # step 2's first micro batch
+                os.kill(os.getpid(), signum)
+        return real_forward(self, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(model_module.GPT, "forward", forward)
+        with pytest.raises(SystemExit) as e:
+            run(args)
+    assert e.value.code == 128 + signum
+    assert f"stopped by {name} at step 3: saved {log_dir}/ckpt_0000003.pt" in capsys.readouterr().err
+    text = log_text(log_dir)
+    assert "step     3 | val loss" not in text  # neither before the save nor after it
+    assert f"saved checkpoint {log_dir}/ckpt_0000003.pt\nstep     3 | validation skipped: stopping on a signal" in text
+    assert steps_in(log_dir) == [3, 2]
+    run(args)
+    assert train_losses(log_dir) == train_losses(reference)
+
+
+def test_sighup_names_its_signal_and_stays_ignored_under_nohup():
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        with run_guard.StopOnSignal():
+            with pytest.raises(run_guard.Stopped) as e:
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(5)
+            assert e.value.code == 129 and "stopped by SIGHUP before training started" in e.value.message
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts a process
+        with run_guard.StopOnSignal():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGQUIT) not in (signal.SIG_IGN, signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards, tmp_path, one_thread):
