@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import (GPT, GPTConfig, PRESETS, configure_optimizers, flops_per_token, lm_head_cross_entropy,
                    num_params, optimizer_groups, padded_vocab, preset_config)
@@ -209,16 +210,38 @@ def test_bf16_chunked_loss_gradient_is_exact_for_confident_targets():
     assert abs(chunked_loss.item() - full_loss.item()) < 1e-3 * full_loss.item() + 1e-6
 
 
-def test_chunked_loss_makes_no_gradient_without_grad(monkeypatch):
-    h, w, t = torch.randn(64, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True), torch.randint(0, 40, (64,))
+class MatrixProducts(TorchDispatchMode):
+    """Records the operand shapes of every matrix product run inside it, as aten sees them: `@`,
+    torch.mm(out=...), addmm_ and the rest all arrive here, whichever Python spelling made them."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "linear"}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in self.PRODUCTS:  # addmm, baddbmm, addbmm, addmv: (input, a, b); the rest (a, b)
+            a, b = args[1:3] if name.startswith("add") or name == "baddbmm" else args[:2]
+            self.shapes.append((tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_loss_makes_no_gradient_without_grad():
+    # 64 rows of C=8 against V=40 in chunks of 16: the logits (16, 8) @ (8, 40), the gradient of h
+    # (16, 40) @ (40, 8) and of the weight (40, 16) @ (16, 8) are told apart by their shapes.
+    h, w, t = torch.randn(64, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True), torch.randint(0, 40, (64,))
+    logits, grad_h, grad_w = ((16, 8), (8, 40)), ((16, 40), (40, 8)), ((40, 16), (16, 8))
     ref = lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
-    products = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
-    with torch.no_grad():
+    for grad_enabled, inputs in ((False, (h, w)), (True, (h.detach(), w.detach()))):
+        with torch.set_grad_enabled(grad_enabled), MatrixProducts() as products:
+            loss = lm_head_cross_entropy(*inputs, t, vocab_size=40, chunk_size=16)
+        assert products.shapes == [logits] * 4  # one a chunk, the logits', and no gradient's
+        assert loss.grad_fn is None and loss.item() == ref.item()
+    with MatrixProducts() as products:
         loss = lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
-    assert products == [] and loss.grad_fn is None and loss.item() == ref.item()
-    lm_head_cross_entropy(h.detach(), w.detach(), t, vocab_size=40, chunk_size=16)
-    assert products == []
-    lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
-    assert len(products) == 4  # one gradient product a chunk when a gradient is wanted
+    assert sorted(products.shapes) == sorted([logits, grad_h, grad_w] * 4)  # with a gradient: both, a chunk
+    with MatrixProducts() as products:
+        loss.backward()
+    assert products.shapes == []  # the backward only scales what the forward made
