@@ -180,8 +180,9 @@ def test_one_batch_can_be_overfit():
 def test_bf16_chunked_loss_gradient_is_exact_for_confident_targets():
     """With bf16 logits a probability above ~0.998 rounds to 1, so p - 1 taken in bf16 is 0: the
     confident targets' gradient must still be as exact as autocast's full-logits path (fp32
-    softmax - onehot, rounded to bf16). The weight is the identity, so the gradient of h is the
-    gradient of the logits."""
+    softmax - onehot, rounded to bf16), and so must the weight's gradient (which sums the rows'
+    products over the chunks). The weight is the identity, so the gradient of h is the gradient of
+    the logits."""
     torch.manual_seed(0)
     N, V = 512, 128
     t = torch.randint(0, V - 8, (N,))
@@ -208,6 +209,27 @@ def test_bf16_chunked_loss_gradient_is_exact_for_confident_targets():
     assert (chunked[rows, t] < 0).all()  # never 0: every target is pulled up
     torch.testing.assert_close(chunked, full, atol=2e-6, rtol=2e-2)
     assert abs(chunked_loss.item() - full_loss.item()) < 1e-3 * full_loss.item() + 1e-6
+
+    def weight_gradients(rows):  # dL/dW of these rows' loss: float64 truth, full logits, chunked
+        hr, tr = h.detach()[rows], t[rows]
+        wd = w.detach().double().requires_grad_()
+        truth = torch.autograd.grad(F.cross_entropy((hr.double() @ wd.t())[:, :V - 8], tr), wd)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = torch.cat([(hr @ w.t())[:, :V - 8].float(), torch.full((len(rows), 8), float("-inf"))], dim=1)
+            full_w = torch.autograd.grad(F.cross_entropy(logits, tr), w)[0]
+            chunked_w = torch.autograd.grad(lm_head_cross_entropy(hr, w, tr, vocab_size=V - 8, chunk_size=100), w)[0]
+        return truth, full_w, chunked_w
+
+    def error(g, truth):  # relative, over the whole weight gradient
+        return ((g.double() - truth).norm() / truth.norm()).item()
+
+    # dL/dW to the same standard: over every row (six chunks, their products summed in fp32), and
+    # over the confident rows alone, where it is made of the small -(1 - p) entries above
+    for selected in (rows, rows[confident]):
+        truth, full_w, chunked_w = weight_gradients(selected)
+        full_error, chunked_error = error(full_w, truth), error(chunked_w, truth)
+        assert full_error < 0.01
+        assert chunked_error <= 1.25 * full_error, len(selected)
 
 
 class MatrixProducts(TorchDispatchMode):
