@@ -38,7 +38,17 @@ def test_init_draws_on_a_cpu_generator():
     """The weights come from a CPU generator whatever the device (CUDA's draws other numbers), so
     a model moved to a GPU (DDP) and one materialized there (FSDP) start alike (gpu_check.py
     checks that on CUDA; tests/test_distributed.py that FSDP and DDP train alike)."""
+    # On the CPU the default generator would draw the same numbers from the same seed: what tells
+    # a generator of its own apart is that the global one is neither reseeded nor drawn from.
+    # (Building the modules does draw from it, for torch's default init, which init_weights replaces.)
     model = GPT(SMALL, seed=5)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    model.init_weights(5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    other = GPT(SMALL, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     first = torch.empty(SMALL.padded_vocab_size, SMALL.n_embd).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(5))
     first[SMALL.vocab_size:] = 0.0
     assert torch.equal(model.transformer.wte.weight, first)  # wte is drawn first
