@@ -117,9 +117,18 @@ def test_combined_state_dict_round_trip_and_a_mismatch_is_refused():
     opt.step()
     state = opt.state_dict()
     assert set(state) == {"adamw", "muon"}
-    other = muon_optimizer(small_model())
+    # built with other settings, so only the loaded state can make its groups equal to opt's
+    other = configure_optimizers(small_model(), 0.0, 2e-3, "cpu", log=lambda msg: None,
+                                 muon=MuonConfig(lr=0.05, momentum=0.9, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"))
+
+    def settings(optimizer):  # every group's hyperparameters, lr_scale included
+        return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    for name in ("adamw", "muon"):
+        assert settings(other.optimizers[name]) != settings(opt.optimizers[name])
     other.load_state_dict(state)
     for name in ("adamw", "muon"):
+        assert settings(other.optimizers[name]) == settings(opt.optimizers[name]), name
         a, b = opt.optimizers[name].state_dict()["state"], other.optimizers[name].state_dict()["state"]
         assert a.keys() == b.keys() and all(torch.equal(a[k][f], b[k][f]) for k in a for f in a[k] if torch.is_tensor(a[k][f]))
     with pytest.raises(ValueError, match="--optimizer"):
