@@ -277,3 +277,57 @@ def test_chunked_loss_makes_no_gradient_without_grad():
     with MatrixProducts() as products:
         loss.backward()
     assert products.shapes == []  # the backward only scales what the forward made
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -100])
+def test_chunked_loss_ignores_targets_as_cross_entropy(ignore_index):
+    # -100 is the default of both, and left to it (as GPT.forward does): passed to neither
+    given = {} if ignore_index == -100 else dict(ignore_index=ignore_index)
+    torch.manual_seed(0)
+    h = torch.randn(300, 48, requires_grad=True)
+    w = (torch.randn(160, 48) * 0.5).requires_grad_()
+    mixed = torch.randint(0, 150, (300,))
+    mixed[::3] = ignore_index
+    mixed[64:128] = ignore_index  # a whole chunk
+    for t in (mixed, torch.full_like(mixed, ignore_index)):  # a mix; every target ignored
+        logits = h @ w.t()
+        logits = torch.cat([logits[:, :150], torch.full_like(logits[:, 150:], float("-inf"))], dim=1)
+        ref = F.cross_entropy(logits, t, **given)  # every target ignored: NaN, with zero gradients
+        ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+        loss = lm_head_cross_entropy(h, w, t, vocab_size=150, chunk_size=64, **given)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(gh, ref_gh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(lm_head_cross_entropy(h, w, t, vocab_size=150, chunk_size=64, **given), ref,
+                                       atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert ref.isnan() and gh.eq(0).all() and gw.eq(0).all()
+    kept = mixed != ignore_index  # bf16, in one chunk: an ignored row is exactly a row left out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ignoring = lm_head_cross_entropy(h, w, mixed, vocab_size=150, **given)
+        ignoring = (ignoring, *torch.autograd.grad(ignoring, (h, w)))
+        leaving_out = lm_head_cross_entropy(h[kept], w, mixed[kept], vocab_size=150, **given)
+        leaving_out = (leaving_out, *torch.autograd.grad(leaving_out, (h, w)))
+    assert all(torch.equal(a, b) for a, b in zip(ignoring, leaving_out))
+
+
+def test_model_ignores_the_default_ignore_index_in_both_losses():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    y[:, :7] = -100  # e.g. a prompt the loss should not count
+    results = []
+    for return_logits in (True, False):
+        _, loss = model(x, y, return_logits=return_logits)
+        results.append((loss, *torch.autograd.grad(loss, list(model.parameters()))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_chunked_loss_refuses_a_target_outside_the_vocabulary():
+    h, w = torch.randn(6, 8), torch.randn(16, 8)  # 10 real ids, 6 padded
+    for bad, given in ((-2, dict(ignore_index=-1)), (10, {}), (16, {}), (-1, {})):
+        t = torch.tensor([0, 9, given.get("ignore_index", -100), bad, 3, bad])  # one ignored, two bad
+        with pytest.raises(ValueError, match=rf"^target {bad} at position 3 \(and 1 more\) .* ids 0\.\.9, or ignore_index"):
+            lm_head_cross_entropy(h, w, t, vocab_size=10, **given)
