@@ -223,7 +223,8 @@ class GPT(nn.Module):
         return logits
 
     def forward(self, idx, targets=None, return_logits=True):
-        """Returns (logits, loss). loss is the mean cross-entropy over all targets, or None.
+        """Returns (logits, loss). loss is the mean cross-entropy over the targets, or None; a
+        target of -100 (F.cross_entropy's ignore_index) is left out, in both ways of computing it.
         With return_logits=False (training) the loss is computed in row chunks and the full
         (B, T, vocab) logits are never materialized: see lm_head_cross_entropy."""
         # The token embedding is the lm_head's weight, so its gradient is the sum of the two
@@ -293,38 +294,51 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     other probabilities (each exact to bf16 rounding), so the target's entry -(1 - p) is as exact as
     autocast's fp32 p - 1 rounded to bf16, and its loss -log1p(-(1 - p)) as exact too. A target
     less likely than fp32's smallest normal number (a loss above ~87.3 for that token) counts as
-    87.3: finite, where its probability is 0."""
+    87.3: finite, where its probability is 0.
+
+    An ignored target (ignore_index) drops its row from the loss and from both gradient products:
+    its target is read as id 0, and its rows of xc and of the gradient of h are zeroed after (n x C
+    each, not another n x V pass). The mean is over the `counted` targets. With none ignored (as in
+    training) none of that runs."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad):
+    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad, ignore_index, counted):
         N = h.size(0)
         x, w = h.to(compute_dtype), weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # the loss and weight-gradient sums
         loss_sum = torch.zeros((), dtype=acc, device=h.device)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = None
+        masked = counted < N  # some targets are ignored
         for s in range(0, N, chunk_size):
             xc, tc = x[s:s + chunk_size], targets[s:s + chunk_size]
+            if masked:
+                ignored = tc == ignore_index
+                tc = tc.masked_fill(ignored, 0)
             logits = xc @ w.t()  # (n, V)
             if logits.size(1) > vocab_size:
                 logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
             probs = torch.softmax(logits, dim=1)
             del logits  # freed before the gradient products are made: one n x V buffer at a time
-            loss_sum -= _target_log_probs(probs, tc, acc, need_grad).sum()  # probs[target] = p - 1 if need_grad
+            log_p = _target_log_probs(probs, tc, acc, need_grad)  # probs[target] = p - 1 if need_grad
+            loss_sum -= (log_p.masked_fill(ignored, 0.0) if masked else log_p).sum()
             if need_grad:
                 torch.mm(probs, w, out=grad_x[s:s + chunk_size])
+                if masked:
+                    grad_x[s:s + chunk_size].masked_fill_(ignored[:, None], 0.0)
+                    xc = xc.masked_fill(ignored[:, None], 0.0)  # so the weight's product leaves the row out
                 grad_w = _add_product(grad_w, probs.t(), xc, acc)
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
-            ctx.scale = 1.0 / N
+            ctx.scale = 1.0 / max(counted, 1)  # none counted: the gradients are zeros, as F.cross_entropy's
             ctx.dtypes = (h.dtype, weight.dtype)
-        return loss_sum / N
+        return loss_sum / counted  # none counted: 0 / 0, NaN, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         g = grad_loss * ctx.scale
-        return _scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1]), None, None, None, None, None
+        return (_scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1])) + (None,) * 7
 
 
 def _target_log_probs(probs, targets, acc, make_grad):
@@ -359,16 +373,40 @@ def _add_product(total, a, b, acc):
     return total.addmm_(a, b) if a.dtype == acc else total.add_(a @ b)
 
 
-def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024):
+def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024, ignore_index=-100):
     """Mean cross-entropy of the logits h @ weight.T, equal to F.cross_entropy on the full logits
     (ids past vocab_size masked) to fp32 rounding. h: (N, C), weight: (V, C), targets: (N,).
     Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as F.cross_entropy
-    would be run."""
+    would be run. A target equal to ignore_index (F.cross_entropy's default, -100) counts for
+    nothing, as there: the mean is over the others (NaN, with zero gradients, if none is left).
+    Any other target outside 0..vocab_size-1 is refused with a ValueError."""
+    counted = _count_targets(targets, vocab_size, ignore_index)
     device_type = h.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(device_type=device_type, enabled=False):
-        return _LMHeadCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad)
+        return _LMHeadCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad,
+                                         ignore_index, counted)
+
+
+def _count_targets(targets, vocab_size, ignore_index):
+    """How many targets count (are not ignore_index), refusing any other outside 0..vocab_size-1:
+    unchecked, a negative one would pick a probability from the end of the row (and a padded id
+    one of 0, an infinite loss), or index past it from inside torch. The answer comes to the host
+    (one sync), cheap enough: a few passes over the N targets, each 1/V of one over the logits;
+    no wait on the CPU, where the trainer uses this loss, and on a GPU a wait for the forward queued
+    so far, once a call, the GPU idle only while the next kernels launch."""
+    counted = targets != ignore_index
+    outside = counted & ((targets < 0) | (targets >= vocab_size))
+    n_outside, n_counted = torch.stack([outside.sum(), counted.sum()]).tolist()
+    if n_outside:
+        first = int(outside.nonzero()[0, 0])
+        more = f" (and {n_outside - 1} more)" if n_outside > 1 else ""
+        raise ValueError(f"target {int(targets[first])} at position {first}{more} is outside the vocabulary: "
+                         f"targets are token ids 0..{vocab_size - 1}, or ignore_index={ignore_index} for a "
+                         f"position that has none. Make the targets with the model's tokenizer, or pass the "
+                         f"ignore_index they use.")
+    return n_counted
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,8 +47,13 @@ def test_resume_is_exact(shards, straight, tmp_path):
 
 def test_checkpoint_is_plain_data_with_everything_to_resume(straight):
     ckpt = torch.load(os.path.join(straight, "ckpt_0000020.pt"), weights_only=True)
-    assert {"model", "optimizer", "step", "settings", "data", "rng", "model_config", "val_loss"} <= set(ckpt)
-    assert ckpt["step"] == 20 and ckpt["settings"]["max_steps"] == 20
+    # every key train_run's resume reads (bad_steps too, though a resumed session restarts it at 0)
+    assert {"model", "optimizer", "step", "tokens_seen", "bad_steps", "val_loss", "data", "rng", "model_config",
+            "settings"} <= set(ckpt)
+    assert ckpt["step"] == 20 and ckpt["settings"]["max_steps"] == 20 and ckpt["settings"]["optimizer"] == "adamw"
+    assert ckpt["tokens_seen"] == 20 * 4 * 32 * 2 and ckpt["bad_steps"] == 0  # 20 steps of 256 tokens, no NaN
+    assert ckpt["val_loss"] == [e["val_loss"] for e in read_metrics(straight) if "val_loss" in e][-1]
+    assert ckpt["model_config"]["n_layer"] == 2 and {"epoch", "position", "seed", "T"} <= set(ckpt["data"])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert len(ckpt["rng"]) == 1 and {"torch", "numpy", "python"} <= set(ckpt["rng"][0])  # one per rank
 

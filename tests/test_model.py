@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import (GPT, GPTConfig, PRESETS, configure_optimizers, flops_per_token, lm_head_cross_entropy,
                    num_params, optimizer_groups, padded_vocab, preset_config)
@@ -37,7 +38,17 @@ def test_init_draws_on_a_cpu_generator():
     """The weights come from a CPU generator whatever the device (CUDA's draws other numbers), so
     a model moved to a GPU (DDP) and one materialized there (FSDP) start alike (gpu_check.py
     checks that on CUDA; tests/test_distributed.py that FSDP and DDP train alike)."""
+    # On the CPU the default generator would draw the same numbers from the same seed: what tells
+    # a generator of its own apart is that the global one is neither reseeded nor drawn from.
+    # (Building the modules does draw from it, for torch's default init, which init_weights replaces.)
     model = GPT(SMALL, seed=5)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    model.init_weights(5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    other = GPT(SMALL, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     first = torch.empty(SMALL.padded_vocab_size, SMALL.n_embd).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(5))
     first[SMALL.vocab_size:] = 0.0
     assert torch.equal(model.transformer.wte.weight, first)  # wte is drawn first
@@ -179,8 +190,9 @@ def test_one_batch_can_be_overfit():
 def test_bf16_chunked_loss_gradient_is_exact_for_confident_targets():
     """With bf16 logits a probability above ~0.998 rounds to 1, so p - 1 taken in bf16 is 0: the
     confident targets' gradient must still be as exact as autocast's full-logits path (fp32
-    softmax - onehot, rounded to bf16). The weight is the identity, so the gradient of h is the
-    gradient of the logits."""
+    softmax - onehot, rounded to bf16), and so must the weight's gradient (which sums the rows'
+    products over the chunks). The weight is the identity, so the gradient of h is the gradient of
+    the logits."""
     torch.manual_seed(0)
     N, V = 512, 128
     t = torch.randint(0, V - 8, (N,))
@@ -208,17 +220,114 @@ def test_bf16_chunked_loss_gradient_is_exact_for_confident_targets():
     torch.testing.assert_close(chunked, full, atol=2e-6, rtol=2e-2)
     assert abs(chunked_loss.item() - full_loss.item()) < 1e-3 * full_loss.item() + 1e-6
 
+    def weight_gradients(rows):  # dL/dW of these rows' loss: float64 truth, full logits, chunked
+        hr, tr = h.detach()[rows], t[rows]
+        wd = w.detach().double().requires_grad_()
+        truth = torch.autograd.grad(F.cross_entropy((hr.double() @ wd.t())[:, :V - 8], tr), wd)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = torch.cat([(hr @ w.t())[:, :V - 8].float(), torch.full((len(rows), 8), float("-inf"))], dim=1)
+            full_w = torch.autograd.grad(F.cross_entropy(logits, tr), w)[0]
+            chunked_w = torch.autograd.grad(lm_head_cross_entropy(hr, w, tr, vocab_size=V - 8, chunk_size=100), w)[0]
+        return truth, full_w, chunked_w
 
-def test_chunked_loss_makes_no_gradient_without_grad(monkeypatch):
-    h, w, t = torch.randn(64, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True), torch.randint(0, 40, (64,))
+    def error(g, truth):  # relative, over the whole weight gradient
+        return ((g.double() - truth).norm() / truth.norm()).item()
+
+    # dL/dW to the same standard: over every row (six chunks, their products summed in fp32), and
+    # over the confident rows alone, where it is made of the small -(1 - p) entries above
+    for selected in (rows, rows[confident]):
+        truth, full_w, chunked_w = weight_gradients(selected)
+        full_error, chunked_error = error(full_w, truth), error(chunked_w, truth)
+        assert full_error < 0.01
+        assert chunked_error <= 1.25 * full_error, len(selected)
+
+
+class MatrixProducts(TorchDispatchMode):
+    """Records the operand shapes of every matrix product run inside it, as aten sees them: `@`,
+    torch.mm(out=...), addmm_ and the rest all arrive here, whichever Python spelling made them."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "linear"}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in self.PRODUCTS:  # addmm, baddbmm, addbmm, addmv: (input, a, b); the rest (a, b)
+            a, b = args[1:3] if name.startswith("add") or name == "baddbmm" else args[:2]
+            self.shapes.append((tuple(a.shape), tuple(b.shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_chunked_loss_makes_no_gradient_without_grad():
+    # 64 rows of C=8 against V=40 in chunks of 16: the logits (16, 8) @ (8, 40), the gradient of h
+    # (16, 40) @ (40, 8) and of the weight (40, 16) @ (16, 8) are told apart by their shapes.
+    h, w, t = torch.randn(64, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True), torch.randint(0, 40, (64,))
+    logits, grad_h, grad_w = ((16, 8), (8, 40)), ((16, 40), (40, 8)), ((40, 16), (16, 8))
     ref = lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
-    products = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
-    with torch.no_grad():
+    for grad_enabled, inputs in ((False, (h, w)), (True, (h.detach(), w.detach()))):
+        with torch.set_grad_enabled(grad_enabled), MatrixProducts() as products:
+            loss = lm_head_cross_entropy(*inputs, t, vocab_size=40, chunk_size=16)
+        assert products.shapes == [logits] * 4  # one a chunk, the logits', and no gradient's
+        assert loss.grad_fn is None and loss.item() == ref.item()
+    with MatrixProducts() as products:
         loss = lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
-    assert products == [] and loss.grad_fn is None and loss.item() == ref.item()
-    lm_head_cross_entropy(h.detach(), w.detach(), t, vocab_size=40, chunk_size=16)
-    assert products == []
-    lm_head_cross_entropy(h, w, t, vocab_size=40, chunk_size=16)
-    assert len(products) == 4  # one gradient product a chunk when a gradient is wanted
+    assert sorted(products.shapes) == sorted([logits, grad_h, grad_w] * 4)  # with a gradient: both, a chunk
+    with MatrixProducts() as products:
+        loss.backward()
+    assert products.shapes == []  # the backward only scales what the forward made
+
+
+@pytest.mark.parametrize("ignore_index", [-1, -100])
+def test_chunked_loss_ignores_targets_as_cross_entropy(ignore_index):
+    # -100 is the default of both, and left to it (as GPT.forward does): passed to neither
+    given = {} if ignore_index == -100 else dict(ignore_index=ignore_index)
+    torch.manual_seed(0)
+    h = torch.randn(300, 48, requires_grad=True)
+    w = (torch.randn(160, 48) * 0.5).requires_grad_()
+    mixed = torch.randint(0, 150, (300,))
+    mixed[::3] = ignore_index
+    mixed[64:128] = ignore_index  # a whole chunk
+    for t in (mixed, torch.full_like(mixed, ignore_index)):  # a mix; every target ignored
+        logits = h @ w.t()
+        logits = torch.cat([logits[:, :150], torch.full_like(logits[:, 150:], float("-inf"))], dim=1)
+        ref = F.cross_entropy(logits, t, **given)  # every target ignored: NaN, with zero gradients
+        ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+        loss = lm_head_cross_entropy(h, w, t, vocab_size=150, chunk_size=64, **given)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+        torch.testing.assert_close(gh, ref_gh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(lm_head_cross_entropy(h, w, t, vocab_size=150, chunk_size=64, **given), ref,
+                                       atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert ref.isnan() and gh.eq(0).all() and gw.eq(0).all()
+    kept = mixed != ignore_index  # bf16, in one chunk: an ignored row is exactly a row left out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ignoring = lm_head_cross_entropy(h, w, mixed, vocab_size=150, **given)
+        ignoring = (ignoring, *torch.autograd.grad(ignoring, (h, w)))
+        leaving_out = lm_head_cross_entropy(h[kept], w, mixed[kept], vocab_size=150, **given)
+        leaving_out = (leaving_out, *torch.autograd.grad(leaving_out, (h, w)))
+    assert all(torch.equal(a, b) for a, b in zip(ignoring, leaving_out))
+
+
+def test_model_ignores_the_default_ignore_index_in_both_losses():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    y[:, :7] = -100  # e.g. a prompt the loss should not count
+    results = []
+    for return_logits in (True, False):
+        _, loss = model(x, y, return_logits=return_logits)
+        results.append((loss, *torch.autograd.grad(loss, list(model.parameters()))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_chunked_loss_refuses_a_target_outside_the_vocabulary():
+    h, w = torch.randn(6, 8), torch.randn(16, 8)  # 10 real ids, 6 padded
+    for bad, given in ((-2, dict(ignore_index=-1)), (10, {}), (16, {}), (-1, {})):
+        t = torch.tensor([0, 9, given.get("ignore_index", -100), bad, 3, bad])  # one ignored, two bad
+        with pytest.raises(ValueError, match=rf"^target {bad} at position 3 \(and 1 more\) .* ids 0\.\.9, or ignore_index"):
+            lm_head_cross_entropy(h, w, t, vocab_size=10, **given)

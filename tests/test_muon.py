@@ -43,18 +43,55 @@ def test_muon_trains_the_block_matrices_and_adamw_the_rest():
     assert isinstance(opt.optimizers["adamw"], torch.optim.AdamW)
 
 
+def newton_schulz(g, eps=1e-7):
+    """torch.optim.Muon's orthogonalization (torch/optim/_muon.py), written out to run in float64:
+    Keller Jordan's quintic, 5 steps of X <- aX + (bA + cA^2)X with A = XX^T, from X = G / |G|_F
+    (clamped at eps), on the wide orientation (a tall G is transposed, then back)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def muon_reference(w, grads, lr, momentum, weight_decay):
+    """torch.optim.Muon's steps (nesterov, adjust_lr_fn="original") in float64: the buffer lerps
+    toward the gradient, the update is the gradient lerped toward the buffer, orthogonalized; the
+    weight decays by lr x weight_decay, then moves by lr x sqrt(max(1, rows/cols)) x the update."""
+    w, buf = w.double(), torch.zeros_like(w, dtype=torch.float64)
+    for g in grads:
+        g = g.double()
+        buf.lerp_(g, 1 - momentum)
+        update = newton_schulz(g.lerp(buf, momentum))
+        w = w * (1 - lr * weight_decay) - lr * max(1, w.size(0) / w.size(1)) ** 0.5 * update
+    return w
+
+
 def test_float32_muon_is_torch_muon_without_the_bf16_rounding():
-    grads = []
+    """Float32Muon steps as Muon in float64 does, to fp32 rounding; torch's bf16 Muon misses that by
+    ~1% of the move, so the tolerance tells the two apart. Two steps of a tall matrix: the momentum
+    carries over, and the iteration runs on the transpose with the lr scaled by sqrt(2)."""
+    w0 = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(64, 32, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    truth = muon_reference(w0, grads, lr=0.1, momentum=0.95, weight_decay=0.1)
+    stepped = []
     for cls in (torch.optim.Muon, Float32Muon):
-        w = torch.nn.Parameter(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)))
-        w.grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
-        before = w.detach().clone()
-        cls([w], lr=0.1).step()
-        grads.append((before - w.detach()) / 0.1)  # the orthogonalized update
-    bf16, fp32 = grads
-    torch.testing.assert_close(fp32, bf16, atol=0.03, rtol=0.03)
-    assert not torch.equal(fp32, bf16)
-    assert fp32.dtype == torch.float32 and fp32.float().ne(fp32.bfloat16().float()).any()  # not bf16 values
+        w = torch.nn.Parameter(w0.clone())
+        opt = cls([w], lr=0.1, momentum=0.95, weight_decay=0.1)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        stepped.append(w.detach().double())
+    bf16, fp32 = stepped
+    # the weights move by up to 0.12; fp32 rounding leaves ~4e-7 of that, bf16 ~2e-3
+    tight = dict(atol=1e-5, rtol=0)
+    torch.testing.assert_close(fp32, truth, **tight)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(bf16, truth, **tight)
+    move = (truth - w0.double()).norm()
+    assert (bf16 - truth).norm() < 0.05 * move  # torch's own steps: the same iteration, rounded
 
 
 def test_clipping_with_muon_equals_torch_clip_then_step():
@@ -80,9 +117,18 @@ def test_combined_state_dict_round_trip_and_a_mismatch_is_refused():
     opt.step()
     state = opt.state_dict()
     assert set(state) == {"adamw", "muon"}
-    other = muon_optimizer(small_model())
+    # built with other settings, so only the loaded state can make its groups equal to opt's
+    other = configure_optimizers(small_model(), 0.0, 2e-3, "cpu", log=lambda msg: None,
+                                 muon=MuonConfig(lr=0.05, momentum=0.9, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"))
+
+    def settings(optimizer):  # every group's hyperparameters, lr_scale included
+        return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    for name in ("adamw", "muon"):
+        assert settings(other.optimizers[name]) != settings(opt.optimizers[name])
     other.load_state_dict(state)
     for name in ("adamw", "muon"):
+        assert settings(other.optimizers[name]) == settings(opt.optimizers[name]), name
         a, b = opt.optimizers[name].state_dict()["state"], other.optimizers[name].state_dict()["state"]
         assert a.keys() == b.keys() and all(torch.equal(a[k][f], b[k][f]) for k in a for f in a[k] if torch.is_tensor(a[k][f]))
     with pytest.raises(ValueError, match="--optimizer"):
