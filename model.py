@@ -232,7 +232,7 @@ class GPT(nn.Module):
         # size) to scatter B*T rows into, and autograd then adds that table to the lm_head's
         # gradient. With sparse_embedding_grad the embedding's gradient holds just the B*T rows;
         # autograd adds it to the lm_head's dense one, and the sum is dense, as AdamW needs. That
-        # pays on the CPU (README: Performance); the trainer turns it on there. Never under
+        # pays on the CPU (docs/performance.md); the trainer turns it on there. Never under
         # torch.compile, which traces no sparse tensors.
         sparse = self.sparse_embedding_grad and targets is not None and not torch.compiler.is_compiling()
         h = self.hidden_states(idx, sparse_embedding_grad=sparse)

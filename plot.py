@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import cli
+from support import cli
 
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M on the FineWeb-EDU val shard (build-nanogpt)
 GPT2_124M_HELLASWAG = 0.2945  # acc_norm, scored as evaluate.hellaswag does

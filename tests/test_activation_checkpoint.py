@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-import evaluate
-import plan
+from tools import plan
 import train_gpt
-from activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
+from support.activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
 from conftest import tiny_args, train_losses
 from model import GPT, GPTConfig, configure_optimizers
+from support import evals
 
 CONFIG = GPTConfig(block_size=64, vocab_size=512, padded_vocab_size=512, n_layer=4, n_head=2, n_embd=64)
 
@@ -70,7 +70,7 @@ def test_fsdp_run_with_full_checkpointing_equals_without(shards, tmp_path, one_t
         train_gpt.main(tiny_args(shards, log_dir, fsdp=True, activation_checkpointing=mode, max_steps=3,
                                  val_every=0, checkpoint_every=100))
         runs[mode] = train_losses(log_dir)
-        models[mode] = evaluate.load_checkpoint_model(os.path.join(log_dir, "ckpt_0000003"))
+        models[mode] = evals.load_checkpoint_model(os.path.join(log_dir, "ckpt_0000003"))
     assert len(runs["full"]) == 3 and runs["full"] == runs["none"]
     full, none = models["full"].state_dict(), models["none"].state_dict()
     assert list(full) == list(none) and all(torch.equal(full[k], none[k]) for k in none)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
-import train_gpt
+from tools import bench
 from model import GPT, configure_optimizers, flops_per_token, lm_head_cross_entropy, optimizer_groups, preset_config
+from support import fastpath, runlog
 
 TINY_BENCH = ["--model=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--seq_len=32",
               "--micro_batch_size=2", "--device=cpu", "--steps=2", "--warmup=1",
@@ -21,7 +21,7 @@ TINY_BENCH = ["--model=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--blo
 
 
 def test_mfu_is_model_flops_over_the_peak():
-    mfu = train_gpt.model_flops_utilization
+    mfu = runlog.model_flops_utilization
     per_token = flops_per_token(preset_config("gpt2"), 1024)
     assert per_token == 6 * 123_689_472 + 12 * 12 * 768 * 1024  # matmul parameters, attention (test_model)
     # by hand: 100,000 tokens/s x 855,383,040 FLOP/token = 85.538 TFLOP/s, over an H100's 989: 8.649%
@@ -146,14 +146,14 @@ def test_adamw_is_fused_on_the_cpu_and_steps_as_the_plain_one():
 
 def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("KEEP_FREED_MEMORY", "0")
-    assert train_gpt.keep_freed_memory() is False
+    assert fastpath.keep_freed_memory() is False
     monkeypatch.delenv("KEEP_FREED_MEMORY")
     if sys.platform.startswith("linux"):
-        assert train_gpt.keep_freed_memory() is True  # mallopt accepted both values
+        assert fastpath.keep_freed_memory() is True  # mallopt accepted both values
 
 
 def test_matmul_yardstick_is_a_positive_rate():
-    assert train_gpt.measure_matmul_flops(n=64, trials=2) > 0
+    assert runlog.measure_matmul_flops(n=64, trials=2) > 0
 
 
 def test_bench_attention_kernel_is_recorded_and_checked(capsys):

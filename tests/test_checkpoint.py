@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from support import checkpoint, resume, runtime
 import model as model_module
 import train_gpt
 from conftest import ROOT, read_metrics, tiny_args, train_losses
@@ -64,10 +64,10 @@ def test_each_rank_restores_its_own_rng_state():
         torch.manual_seed(seed)
         states.append(checkpoint.rng_state(torch.device("cpu")))
     notes = []
-    rt = train_gpt.Runtime(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"), amp_dtype=None, is_main=False)
-    train_gpt.restore_rng_state(states, rt, notes.append)
+    rt = runtime.Runtime(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"), amp_dtype=None, is_main=False)
+    resume.restore_rng_state(states, rt, notes.append)
     assert torch.equal(torch.get_rng_state(), states[1]["torch"]) and notes == []
-    train_gpt.restore_rng_state(states[:1], rt, notes.append)  # written by one process
+    resume.restore_rng_state(states[:1], rt, notes.append)  # written by one process
     assert torch.equal(torch.get_rng_state(), states[1]["torch"]) and "start theirs afresh" in notes[0]
 
 

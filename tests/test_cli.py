@@ -11,13 +11,13 @@ from typing import Optional
 import pytest
 import torch
 
-import bench
-import cli
-import compare
+from tools import bench
+from support import cli, evals, hf, runlog, runtime
+from tools import compare
 import convert_hf
 import evaluate
 import fineweb
-import plan
+from tools import plan
 import plot
 import train_gpt
 from conftest import ROOT, tiny_args
@@ -163,7 +163,7 @@ def test_bad_settings_stop_the_demo_before_any_work(tmp_path, capsys, monkeypatc
 def test_the_demo_names_one_real_run(tmp_path, capsys, monkeypatch):
     logged = []
     monkeypatch.setattr(fineweb, "prepare_dataset", lambda *a, **k: None)
-    rt = train_gpt.Runtime(0, 0, 1, torch.device("cpu"), None, True)
+    rt = runtime.Runtime(0, 0, 1, torch.device("cpu"), None, True)
     s = train_gpt.Settings(demo=True, data_dir=str(tmp_path / "data"), log_dir=str(tmp_path))
     train_gpt.prepare_demo_data(s, rt, logged.append)
     assert train_gpt.REAL_RUN in logged[0]
@@ -178,7 +178,7 @@ def test_the_demo_names_one_real_run(tmp_path, capsys, monkeypatch):
 # Time: the ETA and progress
 
 def test_eta_from_the_recent_step_rate():
-    clock = train_gpt.TrainClock(done=0.0, end=1.0, window=2)
+    clock = runlog.TrainClock(done=0.0, end=1.0, window=2)
     assert clock.eta_seconds() is None
     clock.step_done(0.1, 30.0)  # a slow first step (start-up) ...
     assert clock.eta_seconds() == pytest.approx(270.0)
@@ -186,15 +186,15 @@ def test_eta_from_the_recent_step_rate():
     clock.step_done(0.3, 1.0)  # ... forgotten once the window holds only steady steps
     assert clock.eta_seconds() == pytest.approx(7.0)
     assert re.fullmatch(r"\d+s elapsed, ETA 7s", clock.text())
-    resumed = train_gpt.TrainClock(done=0.5, end=0.75)  # a resumed session aiming at a --stop_step
+    resumed = runlog.TrainClock(done=0.5, end=0.75)  # a resumed session aiming at a --stop_step
     resumed.step_done(0.55, 2.0)
     assert resumed.eta_seconds() == pytest.approx(8.0)
-    assert [train_gpt.format_duration(x) for x in (4.4, 187, 7500, 3 * 86400 + 4 * 3600)] == \
+    assert [runlog.format_duration(x) for x in (4.4, 187, 7500, 3 * 86400 + 4 * 3600)] == \
         ["4s", "3m07s", "2h05m", "3d04h"]
     s = train_gpt.Settings(max_tokens=1000)
-    assert train_gpt.session_done(50, 250, s) == 0.25  # the budget's tokens
+    assert runlog.session_done(50, 250, s) == 0.25  # the budget's tokens
     s.stop_step = 100
-    assert train_gpt.session_done(50, 250, s) == 0.5  # a session that ends at its stop_step first
+    assert runlog.session_done(50, 250, s) == 0.5  # a session that ends at its stop_step first
 
 
 def test_step_line_carries_elapsed_and_eta(shards, tmp_path):
@@ -207,12 +207,12 @@ def test_step_line_carries_elapsed_and_eta(shards, tmp_path):
 def test_validation_and_hellaswag_show_progress_when_asked(shards, capsys):
     model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
     data = ValidationData(shards, 32, 4096)
-    quiet = evaluate.val_loss(model, data, 8)
+    quiet = evals.val_loss(model, data, 8)
     assert capsys.readouterr().err == ""
-    assert evaluate.val_loss(model, data, 8, progress=True) == quiet
+    assert evals.val_loss(model, data, 8, progress=True) == quiet
     assert "validation" in capsys.readouterr().err
     example = {"ctx": "A man sits", "endings": ["down.", "up.", "still.", "fast."], "label": 0}
-    evaluate.hellaswag(model, [example] * 3, batch_size=2, progress=True)
+    evals.hellaswag(model, [example] * 3, batch_size=2, progress=True)
     assert "HellaSwag" in capsys.readouterr().err
 
 
@@ -237,8 +237,8 @@ def test_evaluate_val_defaults_to_the_checkpoints_data(shards, tmp_path, monkeyp
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # no edu_fineweb10B here: the old default would fail
     results = evaluate.main([f"--checkpoint={ckpt}", "--val", "--val_tokens=2048", "--quiet"])
-    model = evaluate.load_checkpoint_model(ckpt)
-    expected = evaluate.val_loss(model, ValidationData(shards, 16, 2048), 16)  # seq_len 16, not block 32
+    model = evals.load_checkpoint_model(ckpt)
+    expected = evals.val_loss(model, ValidationData(shards, 16, 2048), 16)  # seq_len 16, not block 32
     assert results["val_loss"] == pytest.approx(expected, rel=1e-6)
     out = capsys.readouterr()
     assert f"tokens of {shards}" in out.out and out.err == ""  # --quiet: no bar
@@ -261,7 +261,7 @@ def test_exported_files_follow_the_umask(tmp_path, umask, mode):
     config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
     old = os.umask(umask)
     try:
-        convert_hf.export_hf(GPT(config), config, str(tmp_path))
+        hf.export_hf(GPT(config), config, str(tmp_path))
     finally:
         os.umask(old)
     for name in ("config.json", "model.safetensors"):

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-import compare
+from tools import compare
 from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")

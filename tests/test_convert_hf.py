@@ -16,8 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import convert_hf  # noqa: E402
-import evaluate  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from support import evals
+from support import hf as hf_format  # the name hf is a Hugging Face model in these tests
 
 TINY = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32)  # vocab 50257, padded to 50304
 
@@ -40,7 +41,7 @@ def perturbed_model(seed=0):
 def hf_random_folder(path, seed=1):
     """A folder as transformers' save_pretrained writes it, from a randomly initialized GPT-2."""
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(convert_hf.hf_config(TINY))
+    hf = GPT2LMHeadModel(hf_format.hf_config(TINY))
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -54,7 +55,7 @@ def real_ids(n=2, t=24):
 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     model = perturbed_model()
-    convert_hf.export_hf(model, TINY, tmp_path / "hf")
+    hf_format.export_hf(model, TINY, tmp_path / "hf")
     assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "merges.txt", "model.safetensors",
                                                    "tokenizer_config.json", "vocab.json"]  # no temp files left
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -68,8 +69,8 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
 
 def test_export_accepts_a_state_dict_and_a_compiled_model(tmp_path):
     model = perturbed_model()
-    convert_hf.export_hf(model.state_dict(), TINY, tmp_path / "a")
-    convert_hf.export_hf(torch.compile(model), TINY, tmp_path / "b")  # state_dict keys have _orig_mod.
+    hf_format.export_hf(model.state_dict(), TINY, tmp_path / "a")
+    hf_format.export_hf(torch.compile(model), TINY, tmp_path / "b")  # state_dict keys have _orig_mod.
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -77,25 +78,25 @@ def test_export_accepts_a_state_dict_and_a_compiled_model(tmp_path):
 def test_export_refuses_a_state_dict_that_does_not_fit(tmp_path):
     state = perturbed_model().state_dict()
     with pytest.raises(ValueError, match="tensors missing"):
-        convert_hf.export_hf({k: v for k, v in state.items() if ".h.1." not in k}, TINY, tmp_path)
+        hf_format.export_hf({k: v for k, v in state.items() if ".h.1." not in k}, TINY, tmp_path)
     untied = dict(state, **{"lm_head.weight": state["lm_head.weight"] + 1})
     with pytest.raises(ValueError, match="ties them"):
-        convert_hf.export_hf(untied, TINY, tmp_path)
+        hf_format.export_hf(untied, TINY, tmp_path)
 
 
 def test_import_then_export_is_bit_identical(tmp_path):
     hf = hf_random_folder(tmp_path / "hf")
-    config, state = convert_hf.import_hf(str(tmp_path / "hf"))
+    config, state = hf_format.import_hf(str(tmp_path / "hf"))
     assert config == TINY
     assert state["transformer.wte.weight"].shape[0] == TINY.padded_vocab_size
     assert not state["transformer.wte.weight"][TINY.vocab_size:].any()  # padded with zero rows
-    convert_hf.export_hf(state, config, tmp_path / "back")
+    hf_format.export_hf(state, config, tmp_path / "back")
     original = load_file(tmp_path / "hf" / "model.safetensors")
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert set(original) - {"lm_head.weight"} == set(back)
     for name, tensor in back.items():
         assert tensor.dtype == original[name].dtype and torch.equal(tensor, original[name]), name
-    model = convert_hf.gpt_from_hf(str(tmp_path / "hf"))  # and the imported GPT computes HF's logits
+    model = hf_format.gpt_from_hf(str(tmp_path / "hf"))  # and the imported GPT computes HF's logits
     x = real_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0][..., :TINY.vocab_size], hf(x).logits, atol=1e-4, rtol=0)
@@ -103,8 +104,8 @@ def test_import_then_export_is_bit_identical(tmp_path):
 
 def test_export_then_import_gives_back_our_state_dict(tmp_path):
     model = perturbed_model()
-    convert_hf.export_hf(model, TINY, tmp_path / "hf")
-    config, state = convert_hf.import_hf(str(tmp_path / "hf"))
+    hf_format.export_hf(model, TINY, tmp_path / "hf")
+    config, state = hf_format.import_hf(str(tmp_path / "hf"))
     assert config == TINY
     for name, tensor in model.state_dict().items():
         assert torch.equal(state[name], tensor), name
@@ -115,7 +116,7 @@ def test_import_reads_the_hub_layout(tmp_path):
     """The hub's gpt2 files: keys without the transformer. prefix plus attn.bias mask buffers,
     or a pytorch_model.bin instead of safetensors."""
     hf_random_folder(tmp_path / "saved")
-    _, want = convert_hf.import_hf(str(tmp_path / "saved"))
+    _, want = hf_format.import_hf(str(tmp_path / "saved"))
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     tensors = {k.removeprefix("transformer."): v for k, v in saved.items()}
     tensors.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(TINY.n_layer)})
@@ -125,7 +126,7 @@ def test_import_reads_the_hub_layout(tmp_path):
         (tmp_path / folder).mkdir()
         write(tmp_path / folder)
         (tmp_path / folder / "config.json").write_text(json.dumps(config))
-        _, state = convert_hf.import_hf(str(tmp_path / folder))
+        _, state = hf_format.import_hf(str(tmp_path / folder))
         assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want), folder
 
 
@@ -134,15 +135,15 @@ def test_import_refuses_other_architectures(tmp_path):
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, activation_function="relu")))
     with pytest.raises(ValueError, match="not plain GPT-2.*activation_function"):
-        convert_hf.import_hf(str(tmp_path / "hf"))
+        hf_format.import_hf(str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        convert_hf.import_hf(str(tmp_path / "missing"))
+        hf_format.import_hf(str(tmp_path / "missing"))
 
 
 def test_hub_name_offline_fails_fast_and_clearly(tmp_path):
     """A hub name with no reachable hub (HF_ENDPOINT points at a closed local port)."""
     env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
-    code = "import convert_hf; convert_hf.import_hf('openai-community/gpt2')"
+    code = "from support import hf; hf.import_hf('openai-community/gpt2')"
     t0 = time.time()
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
@@ -156,7 +157,7 @@ def test_cli_import_then_export(tmp_path):
     convert_hf.main(["import", str(tmp_path / "hf"), str(tmp_path / "gpt2.pt")])
     checkpoint = torch.load(tmp_path / "gpt2.pt", map_location="cpu", weights_only=True)
     assert checkpoint["model_config"] == dataclasses.asdict(TINY)
-    model = evaluate.load_checkpoint_model(str(tmp_path / "gpt2.pt"), "cpu")  # the trainer's format
+    model = evals.load_checkpoint_model(str(tmp_path / "gpt2.pt"), "cpu")  # the trainer's format
     x = real_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0][..., :TINY.vocab_size], hf(x).logits, atol=1e-4, rtol=0)
@@ -171,7 +172,7 @@ def test_export_holds_a_tokenizer_that_transformers_loads_offline(tmp_path, monk
     from transformers import AutoTokenizer
     from fineweb import gpt2_tokenizer
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    convert_hf.write_tokenizer_files(str(tmp_path), max_length=64)
+    hf_format.write_tokenizer_files(str(tmp_path), max_length=64)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
     text = "Hello world, it's 2024!\n\n  Ünïcode   spaces\tand <|endoftext|> the end"
     ours = gpt2_tokenizer().encode(text, allowed_special="all")

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from train_gpt import free_port
+from support.runtime import free_port
 
-import checkpoint
+from support import checkpoint
 from conftest import ROOT, SIGNAL_AT, tiny_args, train_losses
 
 STEPS = dict(max_steps=10, checkpoint_every=5, val_every=5)
@@ -218,7 +218,7 @@ def assert_resumed_exactly(out, log_dir, ddp):
 
 def test_torchrun_restart_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_script):
     """torchrun --max-restarts=1: rank 1 dies mid-step 6, torchrun starts both ranks again, they
-    meet in a fresh store prefix (train_gpt.init_process_group) and resume from step 5."""
+    meet in a fresh store prefix (runtime.init_process_group) and resume from step 5."""
     log_dir = str(tmp_path / "log")
     out = run_ok([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)], script=(crash_script,),
                  extra=("--max-restarts=1",))
@@ -239,7 +239,7 @@ def test_two_node_restart_with_a_fresh_store(shards, ddp, tmp_path, crash_script
 
 
 def test_restart_advice_only_for_multi_node_restarts_on_a_shared_store():
-    from train_gpt import restart_advice
+    from support.runtime import restart_advice
     multi = dict(GROUP_WORLD_SIZE="2", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_USE_AGENT_STORE="True")
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_advice(multi)
     assert restart_advice(dict(multi, GROUP_WORLD_SIZE="1")) is None  # one node: the prefix handles it

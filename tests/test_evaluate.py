@@ -15,18 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from train_gpt import free_port
+from support.runtime import free_port
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
+from support import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 from dataloader import ValidationData  # noqa: E402
 from fineweb import gpt2_tokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from support import evals
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)  # real GPT-2 vocabulary sizes
 SMALL_VOCAB = dict(TINY, vocab_size=100, padded_vocab_size=128)
@@ -74,7 +75,7 @@ def all_rows(examples, block_size=TINY["block_size"]):
     """Every example's 4 token rows and ending starts, in one list each (as hellaswag batches them)."""
     rows, starts = [], []
     for e in examples:
-        r, s = evaluate.render_example(e, gpt2_tokenizer(), block_size)
+        r, s = evals.render_example(e, gpt2_tokenizer(), block_size)
         rows += r
         starts += s
     return rows, starts
@@ -128,7 +129,7 @@ def reference_predictions(model, examples):
     """build-nanogpt's method, one unpadded row at a time: (pred, pred_norm) per example."""
     tokenizer, preds = gpt2_tokenizer(), []
     for e in examples:
-        rows, starts = evaluate.render_example(e, tokenizer, model.config.block_size)
+        rows, starts = evals.render_example(e, tokenizer, model.config.block_size)
         sums, avgs = [], []
         for row, start in zip(rows, starts):
             with torch.no_grad():
@@ -158,15 +159,15 @@ def test_val_loss_equals_direct_mean_at_any_batch_size(tmp_path):
     data = write_val_shard(str(tmp_path), 100)
     direct = direct_mean_ce(model, data)
     for batch_size in (2, 3, N_WINDOWS):
-        assert evaluate.val_loss(model, data, batch_size) == pytest.approx(direct, rel=1e-6)
+        assert evals.val_loss(model, data, batch_size) == pytest.approx(direct, rel=1e-6)
     assert model.training  # restored
 
 
 def test_val_loss_under_bf16_autocast_is_close(tmp_path):
     model = tiny_model(noise=0.1, **SMALL_VOCAB)
     data = write_val_shard(str(tmp_path), 100)
-    fp32 = evaluate.val_loss(model, data, 4)
-    bf16 = evaluate.val_loss(model, data, 4, amp_dtype=torch.bfloat16)
+    fp32 = evals.val_loss(model, data, 4)
+    bf16 = evals.val_loss(model, data, 4, amp_dtype=torch.bfloat16)
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)
 
 
@@ -177,15 +178,15 @@ def test_token_losses_in_chunks_equal_cross_entropy():
     targets[0, :2] = -1
     want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
     for chunk_tokens in (1, 4, 4096):
-        assert torch.equal(evaluate.token_losses(logits, targets, chunk_tokens), want.view(3, 5))
+        assert torch.equal(evals.token_losses(logits, targets, chunk_tokens), want.view(3, 5))
 
 
 # ----------------------------------------------------------------------------------------------
 # HellaSwag scoring
 
 def test_hellaswag_picks_the_endings_a_model_prefers():
-    before = evaluate.hellaswag(tiny_model(), hellaswag_set())
-    after = evaluate.hellaswag(trained_model(), hellaswag_set(), batch_size=4)
+    before = evals.hellaswag(tiny_model(), hellaswag_set())
+    after = evals.hellaswag(trained_model(), hellaswag_set(), batch_size=4)
     assert after == dict(acc=1.0, acc_norm=1.0, n=len(CONTEXTS))
     assert before["acc_norm"] < 1.0  # the untrained model cannot read these contexts
 
@@ -197,7 +198,7 @@ def test_hellaswag_batched_and_padded_matches_one_row_at_a_time():
                 acc_norm=np.mean([p == e["label"] for (_, p), e in zip(preds, examples)]), n=len(examples))
     assert 0 < want["acc"] < 1 or 0 < want["acc_norm"] < 1  # a mixed result: a real comparison
     for batch_size in (1, 4, 16):
-        assert evaluate.hellaswag(model, examples, batch_size=batch_size) == pytest.approx(want)
+        assert evals.hellaswag(model, examples, batch_size=batch_size) == pytest.approx(want)
 
 
 def test_padding_does_not_change_ending_losses():
@@ -205,33 +206,33 @@ def test_padding_does_not_change_ending_losses():
     rows, starts = all_rows(hellaswag_set())
     assert len({len(r) for r in rows}) > 3  # rows really are padded to different extents
     with torch.no_grad():
-        batched, counts = evaluate.ending_losses(model, rows, starts, torch.device("cpu"), None)
+        batched, counts = evals.ending_losses(model, rows, starts, torch.device("cpu"), None)
         for i, (row, start) in enumerate(zip(rows, starts)):
-            alone, n = evaluate.ending_losses(model, [row], [start], torch.device("cpu"), None)
+            alone, n = evals.ending_losses(model, [row], [start], torch.device("cpu"), None)
             assert batched[i].item() == pytest.approx(alone.item(), rel=1e-5)
             assert counts[i] == n == len(row) - start
 
 
 def test_long_examples_lose_context_from_the_left():
     example = dict(ctx=" ".join(["word"] * 200), endings=["a b c"] * 4, label=0)
-    rows, starts = evaluate.render_example(example, gpt2_tokenizer(), 16)
+    rows, starts = evals.render_example(example, gpt2_tokenizer(), 16)
     ending = gpt2_tokenizer().encode(" a b c")
     for row, start in zip(rows, starts):
         assert len(row) == 16 and row[start:] == ending and start == 16 - len(ending)
-    result = evaluate.hellaswag(tiny_model(block_size=16, n_layer=1, n_head=2, n_embd=32), [example])
+    result = evals.hellaswag(tiny_model(block_size=16, n_layer=1, n_head=2, n_embd=32), [example])
     assert result["n"] == 1
 
 
 def test_hellaswag_same_counts_when_compiled():
     model, examples = trained_model(), hellaswag_set()[:3]
     compiled_model = torch.compile(model)
-    eager = evaluate.hellaswag(model, examples, batch_size=3)
-    compiled = evaluate.hellaswag(compiled_model, examples, batch_size=3)  # one shape: one compile
+    eager = evals.hellaswag(model, examples, batch_size=3)
+    compiled = evals.hellaswag(compiled_model, examples, batch_size=3)  # one shape: one compile
     assert compiled == eager == dict(acc=1.0, acc_norm=1.0, n=3)
     rows, starts = all_rows(examples)
     with torch.no_grad():  # the same batch shape again: the compiled graph is reused
-        want, _ = evaluate.ending_losses(model, rows, starts, torch.device("cpu"), None)
-        got, _ = evaluate.ending_losses(compiled_model, rows, starts, torch.device("cpu"), None)
+        want, _ = evals.ending_losses(model, rows, starts, torch.device("cpu"), None)
+        got, _ = evals.ending_losses(compiled_model, rows, starts, torch.device("cpu"), None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -250,34 +251,34 @@ def test_hellaswag_download_once_then_cached(tmp_path, monkeypatch, no_proxy):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/hellaswag_{{split}}.jsonl"
-        monkeypatch.setattr(evaluate, "HELLASWAG_URL", url)
+        monkeypatch.setattr(evals, "HELLASWAG_URL", url)
         cache = tmp_path / "cache"
-        assert evaluate.hellaswag_examples(str(cache)) == hellaswag_set()
+        assert evals.hellaswag_examples(str(cache)) == hellaswag_set()
     finally:
         server.shutdown()
         server.server_close()
     assert os.listdir(cache) == ["hellaswag_val.jsonl"]  # no temp file left
-    assert evaluate.hellaswag_examples(str(cache)) == hellaswag_set()  # server gone: the cached copy
+    assert evals.hellaswag_examples(str(cache)) == hellaswag_set()  # server gone: the cached copy
 
 
 def test_hellaswag_offline_error_is_fast_and_says_what_to_do(tmp_path, monkeypatch, no_proxy):
-    monkeypatch.setattr(evaluate, "HELLASWAG_URL", f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl")
+    monkeypatch.setattr(evals, "HELLASWAG_URL", f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl")
     cache = tmp_path / "cache"
     t0 = time.time()
     with pytest.raises(ConnectionError, match="could not download HellaSwag") as err:
-        evaluate.hellaswag_examples(str(cache))
+        evals.hellaswag_examples(str(cache))
     assert time.time() - t0 < 5
     assert "hellaswag_val.jsonl" in str(err.value) and str(cache) in str(err.value) and "curl" in str(err.value)
     assert not os.path.exists(cache) or os.listdir(cache) == []
     with pytest.raises(FileNotFoundError, match="hellaswag_val.jsonl is missing"):
-        evaluate.hellaswag_examples(str(cache), download=False)
+        evals.hellaswag_examples(str(cache), download=False)
 
 
 def test_hellaswag_rejects_a_malformed_file(tmp_path):
     path = tmp_path / "hellaswag_val.jsonl"
     path.write_text(json.dumps(dict(ctx="a", endings=["b", "c"], label=0)) + "\n")
     with pytest.raises(ValueError, match=r"hellaswag_val.jsonl:1: not a HellaSwag example"):
-        evaluate.hellaswag_examples(str(tmp_path))
+        evals.hellaswag_examples(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,18 +317,18 @@ def test_sampling_never_emits_padded_ids_and_is_reproducible():
     with torch.no_grad():  # the construction works: unmasked, a padded id would be the argmax
         assert model.lm_head(model.transformer.ln_f.bias).argmax() >= model.config.vocab_size
     prompt = "Hello, I'm a language model,"
-    first = evaluate.sample_text(model, tokenizer, prompt, num_samples=3, max_new_tokens=20, seed=7)
+    first = evals.sample_text(model, tokenizer, prompt, num_samples=3, max_new_tokens=20, seed=7)
     assert len(tokenizer.decoded) == 3 * (len(tokenizer.encode(prompt)) + 20)
     assert max(tokenizer.decoded) < model.config.vocab_size
     assert all(text.startswith(prompt) for text in first)
-    assert evaluate.sample_text(model, tokenizer, prompt, num_samples=3, max_new_tokens=20, seed=7) == first
-    assert evaluate.sample_text(model, tokenizer, prompt, num_samples=3, max_new_tokens=20, seed=8) != first
+    assert evals.sample_text(model, tokenizer, prompt, num_samples=3, max_new_tokens=20, seed=7) == first
+    assert evals.sample_text(model, tokenizer, prompt, num_samples=3, max_new_tokens=20, seed=8) != first
     assert model.training
 
 
 def test_sampling_needs_a_prompt():
     with pytest.raises(ValueError, match="prompt is empty"):
-        evaluate.sample_text(tiny_model(), gpt2_tokenizer(), prompt="")
+        evals.sample_text(tiny_model(), gpt2_tokenizer(), prompt="")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,14 +352,14 @@ def test_load_checkpoint_file_and_sharded_folder(tmp_path):
     x = torch.randint(0, 50257, (2, 10))
     want, _ = model(x)
     for path in (tmp_path / "ckpt_0000003.pt", tmp_path / "ckpt_0000003"):
-        loaded = evaluate.load_checkpoint_model(str(path), "cpu")
+        loaded = evals.load_checkpoint_model(str(path), "cpu")
         assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
         assert torch.equal(loaded(x)[0], want)
     with pytest.raises(FileNotFoundError, match="is not a checkpoint file or sharded checkpoint folder"):
-        evaluate.load_checkpoint_model(str(tmp_path / "nope.pt"))
+        evals.load_checkpoint_model(str(tmp_path / "nope.pt"))
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="lacks 'model' or 'model_config'"):
-        evaluate.load_checkpoint_model(str(tmp_path / "other.pt"))
+        evals.load_checkpoint_model(str(tmp_path / "other.pt"))
 
 
 def test_cli_runs_val_hellaswag_and_samples(tmp_path, capsys):
@@ -403,17 +404,17 @@ def distributed_checks(rank, tmp):
     model = GPT(GPTConfig(**TINY))
     model.load_state_dict(torch.load(os.path.join(tmp, "model.pt"), weights_only=True))
     data = ValidationData(os.path.join(tmp, "data"), T, T * N_WINDOWS)
-    examples = evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "hs"), download=False)
-    results = dict(val=evaluate.val_loss(model, data, 2, rank, 2),
-                   hellaswag=evaluate.hellaswag(model, examples[:5], rank, 2, batch_size=2))
+    examples = evals.hellaswag_examples_distributed(rank, os.path.join(tmp, "hs"), download=False)
+    results = dict(val=evals.val_loss(model, data, 2, rank, 2),
+                   hellaswag=evals.hellaswag(model, examples[:5], rank, 2, batch_size=2))
     mesh = init_device_mesh("cpu", (2,))
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     results.update(
-        fsdp_val=evaluate.val_loss(model, data, 3, rank, 2),
-        fsdp_hellaswag=evaluate.hellaswag(model, examples[:5], rank, 2, batch_size=2),
-        fsdp_samples=evaluate.sample_text(model, gpt2_tokenizer(), max_new_tokens=6, num_samples=2))
+        fsdp_val=evals.val_loss(model, data, 3, rank, 2),
+        fsdp_hellaswag=evals.hellaswag(model, examples[:5], rank, 2, batch_size=2),
+        fsdp_samples=evals.sample_text(model, gpt2_tokenizer(), max_new_tokens=6, num_samples=2))
     # a sharded checkpoint as train_gpt.py writes it, and the full weights it should hold
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -423,9 +424,9 @@ def distributed_checks(rank, tmp):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full, os.path.join(tmp, "fsdp_full.pt"))
-    evaluate.HELLASWAG_URL = f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl"  # nothing listens
+    evals.HELLASWAG_URL = f"http://127.0.0.1:{free_port()}/hellaswag_{{split}}.jsonl"  # nothing listens
     try:
-        evaluate.hellaswag_examples_distributed(rank, os.path.join(tmp, "empty"))
+        evals.hellaswag_examples_distributed(rank, os.path.join(tmp, "empty"))
     except ConnectionError as e:
         results["download_error"] = str(e)
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
@@ -459,7 +460,7 @@ def two_ranks(tmp_path_factory):
 
 def test_two_ranks_val_loss_equals_one_process(two_ranks):
     model, data, ranks, _ = two_ranks
-    single = evaluate.val_loss(model, data, 4)
+    single = evals.val_loss(model, data, 4)
     assert single == pytest.approx(direct_mean_ce(model, data), rel=1e-6)
     for r in ranks:
         assert r["val"] == pytest.approx(single, rel=1e-6)
@@ -468,7 +469,7 @@ def test_two_ranks_val_loss_equals_one_process(two_ranks):
 
 def test_two_ranks_hellaswag_counts_equal_one_process(two_ranks):
     model, _, ranks, _ = two_ranks
-    single = evaluate.hellaswag(model, hellaswag_set()[:5], batch_size=2)
+    single = evals.hellaswag(model, hellaswag_set()[:5], batch_size=2)
     assert single["n"] == 5
     for r in ranks:  # 5 examples: rank 0 scores 3, rank 1 scores 2 and runs one dummy forward
         assert r["hellaswag"] == pytest.approx(single)
@@ -477,7 +478,7 @@ def test_two_ranks_hellaswag_counts_equal_one_process(two_ranks):
 
 def test_two_ranks_sharded_sampling_and_download_failure(two_ranks):
     model, _, ranks, _ = two_ranks
-    single = evaluate.sample_text(model, gpt2_tokenizer(), max_new_tokens=6, num_samples=2)
+    single = evals.sample_text(model, gpt2_tokenizer(), max_new_tokens=6, num_samples=2)
     assert ranks[0]["fsdp_samples"] == ranks[1]["fsdp_samples"] == single
     assert "could not download HellaSwag" in ranks[0]["download_error"]  # rank 0 tried
     assert "reported by another rank" in ranks[1]["download_error"]  # rank 1 was told, did not hang
@@ -486,7 +487,7 @@ def test_two_ranks_sharded_sampling_and_download_failure(two_ranks):
 def test_two_ranks_sharded_checkpoint_loads_in_one_process(two_ranks):
     model, _, _, tmp = two_ranks
     full = torch.load(os.path.join(tmp, "fsdp_full.pt"), weights_only=True)
-    loaded = evaluate.load_checkpoint_model(os.path.join(tmp, "ckpt_0000007"), "cpu")
+    loaded = evals.load_checkpoint_model(os.path.join(tmp, "ckpt_0000007"), "cpu")
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, full[name]) and torch.equal(tensor, model.state_dict()[name]), name

@@ -1,5 +1,5 @@
 """evaluate.py --lm_eval: lm-evaluation-harness on a checkpoint, offline, on local tasks this file
-writes. Its HellaSwag scores agree with evaluate.hellaswag on the same items: the same
+writes. Its HellaSwag scores agree with evals.hellaswag on the same items: the same
 loglikelihoods, the same acc; its acc_norm divides by the ending's characters where ours divides
 by its tokens; and its own hellaswag task prompts with a preprocessed context."""
 
@@ -13,9 +13,8 @@ import sys
 import pytest
 import torch
 
-import checkpoint
+from support import checkpoint, evals, lm_harness
 import evaluate
-import lm_harness
 from fineweb import gpt2_tokenizer
 from model import GPT, GPTConfig
 
@@ -44,7 +43,7 @@ def hellaswag_items(n=12):
 
 
 def ours_task_yaml(data):
-    """evaluate.hellaswag's prompt as a harness task: the context as it is, then " " + each ending."""
+    """evals.hellaswag's prompt as a harness task: the context as it is, then " " + each ending."""
     return f"""task: hellaswag_local
 dataset_path: json
 dataset_kwargs:
@@ -113,7 +112,7 @@ def lm_eval_run(tmp_path_factory):
         for line in f:
             sample = json.loads(line)
             samples.setdefault(sample["task"], {})[sample["doc_id"]] = sample
-    return dict(model=evaluate.load_checkpoint_model(ckpt), stem=stem, stdout=run.stdout, stderr=run.stderr,
+    return dict(model=evals.load_checkpoint_model(ckpt), stem=stem, stdout=run.stdout, stderr=run.stderr,
                 results=results, samples=samples)
 
 
@@ -122,12 +121,12 @@ def ending_logliks(model, items):
     tokenizer = gpt2_tokenizer()
     rows, starts = [], []
     for item in items:
-        item_rows, item_starts = evaluate.render_example(item, tokenizer, CONFIG.block_size)
+        item_rows, item_starts = evals.render_example(item, tokenizer, CONFIG.block_size)
         rows += item_rows
         starts += item_starts
     model.eval()
     with torch.no_grad():
-        loss_sum, n_tokens = evaluate.ending_losses(model, rows, starts, torch.device("cpu"), None)
+        loss_sum, n_tokens = evals.ending_losses(model, rows, starts, torch.device("cpu"), None)
     return -loss_sum.view(-1, 4).double(), n_tokens.view(-1, 4)
 
 
@@ -155,13 +154,13 @@ def test_lm_eval_command_runs_offline_and_saves_its_table(lm_eval_run):
 
 def test_harness_hellaswag_agrees_with_evaluate_py(lm_eval_run):
     """Same prompt: the same per-ending loglikelihoods and acc. acc_norm: the harness divides by
-    the ending's length in characters; evaluate.hellaswag by its tokens."""
+    the ending's length in characters; evals.hellaswag by its tokens."""
     model, items = lm_eval_run["model"], hellaswag_items()
     harness = lm_eval_run["results"]["hellaswag_local"]
     ours_ll, n_tokens = ending_logliks(model, items)
     theirs_ll = harness_logliks(lm_eval_run["samples"]["hellaswag_local"])
     torch.testing.assert_close(theirs_ll, ours_ll, atol=1e-4, rtol=0)
-    ours = evaluate.hellaswag(model, items)
+    ours = evals.hellaswag(model, items)
     assert harness["acc,none"] == ours["acc"] == accuracy(ours_ll, items)
     chars = torch.tensor([[len(e) for e in item["endings"]] for item in items], dtype=torch.double)
     assert harness["acc_norm,none"] == accuracy(ours_ll / chars, items)
@@ -170,7 +169,7 @@ def test_harness_hellaswag_agrees_with_evaluate_py(lm_eval_run):
 
 def test_harness_own_hellaswag_task_prompts_differently(lm_eval_run):
     """The harness's hellaswag task scores `activity_label: ctx_a Ctx_b`, cleaned of WikiHow's
-    bracket tags: evaluate.hellaswag on items with that context gives its numbers."""
+    bracket tags: evals.hellaswag on items with that context gives its numbers."""
     model, items = lm_eval_run["model"], hellaswag_items()
     samples = lm_eval_run["samples"]["hellaswag_harness_local"]
     docs = [samples[i]["doc"] for i in sorted(samples)]  # each item as the harness's preprocessing left it
@@ -181,7 +180,7 @@ def test_harness_own_hellaswag_task_prompts_differently(lm_eval_run):
     theirs_ll = harness_logliks(samples)
     torch.testing.assert_close(theirs_ll, ours_ll, atol=1e-4, rtol=0)
     harness = lm_eval_run["results"]["hellaswag_harness_local"]
-    assert harness["acc,none"] == evaluate.hellaswag(model, rewritten)["acc"]
+    assert harness["acc,none"] == evals.hellaswag(model, rewritten)["acc"]
 
 
 def test_hugging_face_evaluate_is_found_inside_the_harness_run():

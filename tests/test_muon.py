@@ -6,7 +6,8 @@ import torch
 import train_gpt
 from conftest import read_metrics, tiny_args, train_losses
 from model import GPT, CombinedOptimizer, Float32Muon, GPTConfig, MuonConfig, configure_optimizers
-from train_gpt import Settings, clip_gradients, lr_at, parse_settings, wsd_multiplier
+from support.fastpath import clip_gradients
+from train_gpt import Settings, lr_at, parse_settings, wsd_multiplier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import plan
+from tools import plan
 from test_distributed import torchrun
 
 SMALL = plan.Setup("tiny", gpus=1, micro_batch_size=1, fsdp=True, seq_len=64, dtype="float32")
@@ -17,7 +17,7 @@ def test_plan_is_within_15_percent_of_the_measured_peak_fsdp_with_checkpointing(
     """2 gloo ranks, FSDP2, full checkpointing, full logits: the peak that torch's CPU allocator
     records in the real step (plan.measure_peak_bytes) against the fake step's plan."""
     code, out = torchrun(["--check", "--model=tiny", "--fsdp=True", "--activation_checkpointing=full",
-                          "--micro_batch_size=2", "--dtype=float32"], script=("plan.py",))
+                          "--micro_batch_size=2", "--dtype=float32"], script=("-m", "tools.plan"))
     assert code == 0, out[-3000:]
     result = json.loads(next(line for line in out.splitlines() if line.startswith('{"setup"')))
     assert result["measured"] > 100 * 2**20  # a real measurement: the model's state alone is 130 MB

@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import checkpoint
+from support import checkpoint, run_guard
 import model as model_module
-import run_guard
 import train_gpt
 from conftest import ROOT, SIGNAL_AT, tiny_args, train_losses
 
@@ -427,7 +426,7 @@ def test_sighup_names_its_signal_and_stays_ignored_under_nohup():
 
 def test_a_second_run_on_the_same_log_dir_is_refused_until_the_first_dies(shards, tmp_path, one_thread):
     log_dir = str(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_guard\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom support import run_guard\n"
                                "with run_guard.log_dir_lock(sys.argv[1]) as lock:\n    lock.claim(); print('locked', flush=True); time.sleep(300)",
                                log_dir], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-import evaluate
-import tracking
+from support import evals, tracking
 import train_gpt
 from conftest import read_metrics, tiny_args
 
@@ -76,7 +75,7 @@ def test_wandb_offline_and_tensorboard_get_every_event_and_a_resume_continues_th
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setattr(evaluate, "hellaswag_examples_distributed", lambda rank=0, **kwargs: HELLASWAG)
+    monkeypatch.setattr(evals, "hellaswag_examples_distributed", lambda rank=0, **kwargs: HELLASWAG)
     log_dir = str(tmp_path / "run")
     args = tiny_args(shards, log_dir, hellaswag_every=5, wandb_project="tests", wandb_run_name="tiny-run",
                      tensorboard=True)

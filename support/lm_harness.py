@@ -6,7 +6,7 @@ evaluate.py's:
 
     python evaluate.py --checkpoint=log/ckpt_0019073.pt --lm_eval=hellaswag,arc_easy,piqa,lambada_openai
 
-How the harness's HellaSwag differs from evaluate.hellaswag: README, "lm-evaluation-harness".
+How the harness's HellaSwag differs from support/evals.py's: docs/evaluation.md.
 """
 
 import contextlib
@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 
-from convert_hf import export_hf, replace_atomically
+from support.files import replace_atomically
+from support.hf import export_hf
 
 INSTALL = "pip install -r requirements-extras.txt"
 
@@ -49,7 +50,7 @@ def hf_evaluate_importable():
     """Some harness tasks `import evaluate`, meaning Hugging Face's package, which this repo's
     evaluate.py would shadow (its folder is on sys.path). Inside, that name finds Hugging Face's;
     after, ours again."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     ours = sys.modules.pop("evaluate", None)
     saved_path = list(sys.path)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]

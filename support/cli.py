@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the scripts (train_gpt, fineweb, evaluate, convert_hf, plot, bench):
+"""Command-line plumbing shared by the scripts (train_gpt, fineweb, evaluate, convert_hf, plot, tools/):
 one voice for their errors, and --help generated from a settings dataclass.
 
 A user's mistake (a setting, a path, missing data, no network) ends a script with one line that
@@ -35,6 +35,14 @@ class Unreachable(UserError, ConnectionError):
 
 class MissingPackage(UserError, ImportError):
     """An optional package is needed: the message names the pip install."""
+
+
+class SettingsError(UserError, ValueError):
+    """Settings that cannot work together, or a value a setting does not take."""
+
+
+class RunError(UserError, RuntimeError):
+    """A problem with the run's environment or its training that the user has to fix."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,7 +1,7 @@
 """CUDA paths in one go, for a lent GPU: bf16 autocast, the chunked loss, flash attention, fused
 AdamW, DDP and FSDP starting from the same weights, NCCL with one rank. Prints one line per check and exits non-zero if any failed.
 
-    python gpu_check.py          # then bench.py for MFU; gpu_check.sh runs both and more
+    python -m tools.gpu_check          # then python -m tools.bench for MFU; bash tools/gpu_check.sh runs both and more
 """
 
 import os
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import GPT, GPTConfig, configure_optimizers
+from support import runtime
 
 CHECKS = []
 
@@ -70,7 +71,7 @@ def ddp_and_fsdp_start_alike():
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     try:
         config = GPTConfig(block_size=128, n_layer=2, n_head=4, n_embd=128)
-        rt = train_gpt.Runtime(0, 0, 1, torch.device("cuda", 0), None, True)
+        rt = runtime.Runtime(0, 0, 1, torch.device("cuda", 0), None, True)
         ddp, _ = train_gpt.build_model(train_gpt.Settings(compile=False, seed=7), config, rt)
         fsdp, _ = train_gpt.build_fsdp_model(train_gpt.Settings(fsdp=True, compile=False, seed=7), config, rt)
         same = all(torch.equal(a, b.full_tensor()) for a, b in zip(ddp.parameters(), fsdp.parameters()))

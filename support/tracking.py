@@ -15,7 +15,7 @@ import atexit
 import importlib.util
 import os
 
-from convert_hf import replace_atomically
+from support.files import replace_atomically
 
 EXTRAS = "pip install -r requirements-extras.txt"
 WANDB_ID_FILE = "wandb_run_id"

@@ -1,6 +1,6 @@
 """Keeping a run alive and its log_dir its own: graceful stop on SIGTERM, SIGINT, SIGHUP and
-SIGQUIT, one writer per log_dir, workers that end with their launcher, and a clear message for a
-stuck collective.
+SIGQUIT, one writer per log_dir, workers that end with their launcher, the NaN guard, and one
+line, not a traceback, for a user's mistake or a stuck collective.
 
 Clusters and spot machines end jobs with SIGTERM and a grace period; Ctrl-C sends SIGINT; a closed
 terminal sends SIGHUP. torchrun forwards each of these four to its workers (its default
@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import datetime
 import fcntl
+import gc
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from support.cli import RunError
 
 
 class Refused(RuntimeError):
@@ -181,3 +184,97 @@ def collective_timeout_message(error, timeout_s):
             f"filesystem), died, or is far behind (a slow checkpoint write or evaluation). Check the other "
             f"ranks' output; raise --collective_timeout if their work is just slow. The newest checkpoint is "
             f"intact: resume from it. ({first})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The NaN guard: a bad step is skipped, a streak of them or NaN weights stop the run
+
+class NanGuard:
+    """A step whose loss or gradient is NaN/Inf is skipped (train_step does not step the optimizer)
+    and counted; max_bad_steps of them in a row stop the run. A finite step whose update made the
+    weights NaN/Inf (a learning rate far too high) stops it at once, before anything is saved:
+    undoing the update would need a copy of every weight and moment. Either way the newest
+    checkpoint holds no NaN (none is written with one)."""
+
+    def __init__(self, max_bad_steps, log_dir):
+        self.max_bad_steps, self.log_dir = max_bad_steps, log_dir
+        self.in_a_row = 0  # a resumed session starts afresh: it may be the fix (a lower --max_lr)
+
+    def step_done(self, finite, raw_model, step, lr):
+        """Count the step; for a finite one, check the weights it made. Returns the bad steps in a row."""
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if finite:
+            check_weights_finite(raw_model, step, lr, self.log_dir)
+        return self.in_a_row
+
+    def stop_if_too_many(self, in_a_row):
+        if in_a_row >= self.max_bad_steps:
+            raise RunError(f"{in_a_row} steps in a row had a NaN/Inf loss or gradient; stopping. The newest "
+                           f"checkpoint in {self.log_dir} holds no NaN: lower --max_lr or raise --warmup_tokens "
+                           f"and resume from it.")
+
+
+def check_weights_finite(raw_model, step, lr, log_dir):
+    """Stop the run if the weights hold a NaN or Inf. The check is the sum of each weight tensor,
+    which a NaN or Inf makes non-finite: one reduction a tensor, several times cheaper on the CPU
+    than torch's max-abs norm (docs/checkpoints.md). Only a tensor whose values add up past fp32's
+    range (1e38), broken anyway, could stop a run without a NaN. Under FSDP each rank checks its
+    shards and the verdict is all-reduced."""
+    params = list(raw_model.parameters())
+    sharded = any(hasattr(p, "to_local") for p in params)
+    weights = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    weights = [w for w in weights if w.numel()]  # an FSDP rank may hold an empty shard
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=device)
+    bad = (~torch.isfinite(total)).float()
+    if sharded and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        raise RunError(f"step {step}'s update made the weights NaN/Inf although its loss and gradient were finite: "
+                       f"the learning rate ({lr:.3g}) is far too high. Nothing was saved after it; the newest "
+                       f"checkpoint in {log_dir} (if any) holds no NaN: lower --max_lr (or raise --warmup_tokens) "
+                       f"and resume from it (or start again if there is none).")
+
+
+# ----------------------------------------------------------------------------------------------
+# How a command ends
+
+class OneLineErrors:
+    """Around a command's work: a user's mistake (an exception of user_errors) ends it with one
+    line naming the problem and the fix; a stop on a signal prints its line and exits 128 + the
+    signal's number; a collective that timed out (another rank frozen or dead) says so, naming
+    `collective_timeout` (set it once the settings are parsed). Anything else is a bug and keeps
+    its traceback. On the way out the process group is destroyed, here rather than at
+    interpreter exit."""
+
+    def __init__(self, prog, user_errors):
+        self.prog, self.user_errors = prog, user_errors
+        self.collective_timeout = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        try:
+            if kind is None:
+                return False
+            if issubclass(kind, self.user_errors):
+                sys.exit(f"{self.prog}: error: {error}")
+            if issubclass(kind, Stopped):  # SIGTERM, Ctrl-C, SIGHUP, SIGQUIT: one line, the checkpoint saved
+                print(error.message, file=sys.stderr, flush=True)
+                sys.exit(error.code)
+            if issubclass(kind, KeyboardInterrupt):
+                print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+                sys.exit(130)
+            if issubclass(kind, RuntimeError) and dist.is_initialized() and self.collective_timeout is not None:
+                message = collective_timeout_message(error, self.collective_timeout)
+                if message is not None:
+                    sys.exit(f"{self.prog}: error: {message}")
+            return False
+        finally:
+            if dist.is_initialized():
+                # FSDP's modules hold the process group through reference cycles: collected first,
+                # the group is destroyed here, not at interpreter exit, where a gloo thread releasing
+                # tensors can abort the process (seen in a test worker).
+                gc.collect()
+                dist.destroy_process_group()

@@ -9,7 +9,7 @@ micro batch x sequence x width x layers and are what stops a large model from fi
 
 Why every other block for "selective", rather than torch's op-level policy (save matmul outputs,
 recompute the rest, `create_selective_checkpoint_contexts`)? Its memory is simple to reason about
-(the plan, plan.py, measures it either way), it uses nothing but the public
+(the plan, tools/plan.py, measures it either way), it uses nothing but the public
 torch.utils.checkpoint.checkpoint, and it behaves the same eager and compiled on every torch from
 2.6; the op-level policy's support under torch.compile changed across those versions.
 

@@ -1,0 +1,75 @@
+"""Measured fast paths, each taken only where it was measured to pay (docs/performance.md): glibc
+kept from returning freed memory to the kernel, the bf16 probe, a sparse gradient for the tied
+embedding, and gradient clipping through BLAS dot products and the fused optimizer's grad_scale."""
+
+import ctypes
+import os
+import sys
+
+import torch
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory instead of returning it to the kernel. Training allocates and
+    frees the same large buffers (activations, logits) every micro step; by default each one above
+    a few MB is a fresh mmap that the kernel must zero-fill page by page, which measured ~45% of
+    CPU time in a seed-style loop (tools/bench.py, tiny model: 180K page faults and 0.35 s of kernel
+    time a step, 1.5x the step time). With these settings those buffers are reused. Returns whether
+    the settings took; KEEP_FREED_MEMORY=0 in the environment keeps glibc's defaults (for A/B runs)."""
+    if os.environ.get("KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    # mallopt takes a C int and returns 1 on success: 2**31 - 1 is the largest threshold it accepts
+    return (libc.mallopt(M_MMAP_MAX, 0) == 1  # serve every allocation from the heap, none by a fresh mmap...
+            and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # ...and keep freed heap memory for reuse
+
+
+def cpu_has_bf16():
+    """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), where bf16 autocast
+    trains faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def sparse_embedding_pays(s, rt):
+    """A sparse gradient for the tied token embedding (model.GPT.forward) saves a (V, C) table's
+    zeroing and addition each step on the CPU (docs/performance.md); on GPUs that costs
+    microseconds, and compiled graphs hold no sparse tensors."""
+    return rt.device.type == "cpu" and not s.compile
+
+
+def clip_gradients(params, optimizer, max_norm):
+    """Scale the step's gradient down to norm max_norm when it is larger (0: never); returns the
+    norm before clipping, as a tensor (reading it would sync with the device).
+
+    On the CPU, where it was measured to pay (docs/performance.md), two of clip_grad_norm_'s
+    costs are saved: the norm comes from BLAS dot products (torch's foreach norm runs there a
+    tensor at a time at half their speed), and with the fused AdamW the multiply is left to the
+    optimizer kernel, which divides each gradient by the optimizer's `grad_scale` as it reads it
+    (the hook torch's GradScaler unscales through). Elsewhere torch's own clipping runs."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(hasattr(g, "device_mesh") for g in grads):  # FSDP's sharded DTensors: torch's own way
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if not (grads and grads[0].device.type == "cpu"):
+        if max_norm <= 0:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
+    if max_norm <= 0:
+        return norm
+    for part in getattr(optimizer, "optimizers", {"": optimizer}).values():  # model.CombinedOptimizer's parts
+        if part.defaults.get("fused"):
+            part.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
+        elif part is optimizer:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        else:  # Muon: its own parameters, scaled before it steps
+            torch.nn.utils.clip_grads_with_norm_([p for g in part.param_groups for p in g["params"]], max_norm, norm)
+    return norm

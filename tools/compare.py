@@ -1,0 +1,221 @@
+"""Quality benchmark: train recipes side by side and compare validation loss per token.
+
+    python -m tools.compare                                            # GPT-3 recipe vs --recipe=fast, tiny model, data/wiki
+    python -m tools.compare --data_dir=data/vimdoc --n_embd=384 --n_head=6     # another data set, a wider model
+    python -m tools.compare --recipes=gpt3,fast,fast:muon_lr=0.04,gpt3:schedule=wsd   # more recipes (an LR sweep)
+    python -m tools.compare --model=gpt2 --data_dir=edu_fineweb10B --tokens=1e9 --total_batch_size=524288 \\
+        --micro_batch_size=32 --device=cuda                      # the same at 124M on a GPU
+
+Every recipe trains the same model from the same seed on the same shards for the same token budget
+(train_gpt.main, one run after the other), and is evaluated on the same validation tokens at the same
+token counts. The table gives the val loss at equal tokens, the tokens each recipe needs to reach the
+baseline's (first recipe's) final val loss, and their ratio; the plot shows val loss against tokens.
+
+A schedule that decays at the end (cosine, and wsd even more) reaches low losses only once it has
+decayed, so a curve of one long run understates how few tokens a recipe needs. --short=0.6 trains
+each other recipe a second time with 0.6x the budget (its schedule fitted to the shorter run) and
+reports whether that run ends at or below the baseline's final val loss: the direct test of "the same
+loss in 0.6x the tokens".
+
+Recipes: a name in train_gpt.RECIPES (gpt3: train_gpt's defaults, AdamW, warmup + cosine to 10%; fast),
+each optionally followed by :name=value settings of its own. Any other --name=value is a train_gpt
+setting given to every recipe (model size, data, batch, device ...).
+"""
+
+import dataclasses
+import glob
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import train_gpt
+from plot import read_metrics
+from support import cli
+
+
+@dataclass
+class Bench:
+    recipes: str = "gpt3,fast"  # comma-separated; the first is the baseline; name[:setting=value...]
+    tokens: float = 286_720  # token budget of each run (35 steps of 8192: half an epoch of data/wiki; 16 min in all on 2 idle CPU cores)
+    evals: int = 5  # evaluations per run, evenly spaced in tokens (and one at the end)
+    short: float = 0.6  # also train each non-baseline recipe with this fraction of the budget; 0 = off
+    out_dir: str = "log/compare"  # one folder per run, the table (results.md) and the plot (val_loss.png)
+
+
+# What every run shares unless given: the demo's model, data and batch, the whole val shard, no
+# HellaSwag or samples, a checkpoint only at the end, warmup over 10% of the steps.
+SHARED = dict(model="tiny", data_dir="data/wiki", total_batch_size=2**13, micro_batch_size=16, val_tokens=2**14,
+              hellaswag_every=0, sample_every=0, device="cpu", resume="off")
+
+
+def parse_args(argv):
+    """(Bench, {train setting: text}) from --name=value arguments."""
+    bench_fields = {f.name: f.type for f in dataclasses.fields(Bench)}
+    train_fields = {f.name for f in dataclasses.fields(train_gpt.Settings)}
+    bench, shared = {}, dict(SHARED)
+    for arg in argv:
+        name, eq, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if not arg.startswith("--") or not eq:
+            raise ValueError(f"unexpected argument {arg!r}: settings are given as --name=value")
+        if name in bench_fields:
+            bench[name] = bench_fields[name](float(text)) if bench_fields[name] in (int, float) else text
+        elif name in train_fields - {"log_dir", "max_steps", "max_tokens", "decay_tokens", "val_every", "recipe", "stop_step"}:
+            shared[name] = text
+        else:
+            raise ValueError(f"unknown setting --{name}: compare.py takes {', '.join(bench_fields)} and "
+                             f"train_gpt's settings except log_dir, max_steps, max_tokens, decay_tokens, val_every, recipe, stop_step")
+    return Bench(**bench), shared
+
+
+def recipe_args(spec):
+    """'fast:muon_lr=0.04' -> ['--recipe=fast', '--muon_lr=0.04'] (train_gpt.RECIPES; gpt3: the defaults)."""
+    name, *overrides = spec.split(":")
+    if name not in train_gpt.RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: one of {', '.join(train_gpt.RECIPES)}")
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"recipe {spec!r}: write its settings as name=value, got {o!r}")
+    return [f"--recipe={name}"] + [f"--{o}" for o in overrides]
+
+
+def train_tokens(data_dir):
+    """Tokens in the training split (every *_train_* shard)."""
+    shards = glob.glob(os.path.join(data_dir, "*_train_*"))
+    return sum(len(np.load(p, mmap_mode="r")) if p.endswith(".npy") else os.path.getsize(p) // 2 for p in shards)
+
+
+def epoch_note(budget, have, data_dir):
+    if budget <= have:
+        return f"budget {budget:,} tokens is under one epoch of {data_dir}'s {have:,} train tokens"
+    return (f"NOTE: budget {budget:,} tokens is MORE than one epoch of {data_dir}'s {have:,} train tokens: "
+            f"the runs see repeated data")
+
+
+def run_recipe(spec, steps, val_every, shared, log_dir):
+    """Train one recipe from scratch; returns {tokens: val loss}."""
+    shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
+    args = [f"--{k}={v}" for k, v in shared.items()] + recipe_args(spec)
+    args += [f"--max_steps={steps}", f"--val_every={val_every}", f"--checkpoint_every={steps}", f"--log_dir={log_dir}"]
+    if not any(a.startswith(("--warmup_steps=", "--warmup_tokens=")) for a in args):
+        args.append(f"--warmup_steps={max(1, steps // 10)}")
+    print(f"\n== {spec}: python train_gpt.py {' '.join(args)}", flush=True)
+    train_gpt.main(args)
+    batch = int(float(shared["total_batch_size"]))
+    return {step * batch: loss for step, loss in read_metrics(os.path.join(log_dir, "metrics.jsonl")).val.items()}
+
+
+def tokens_to_reach(curve, target):
+    """The tokens at which a val-loss curve first reaches target, interpolated linearly between the
+    two evaluations around it; None if it never does."""
+    points = sorted(curve.items())
+    for i, (tokens, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return tokens
+            t0, l0 = points[i - 1]
+            return t0 + (tokens - t0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def results_table(curves, short=None, short_fraction=0.0):
+    """Markdown: val loss at equal tokens, then tokens to the baseline's final loss and the ratio."""
+    names = list(curves)
+    base = names[0]
+    target = curves[base][max(curves[base])]
+    lines = ["| tokens | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for tokens in sorted(curves[base]):
+        lines.append(f"| {tokens:,} | " + " | ".join(f"{curves[n].get(tokens, math.nan):.4f}" for n in names) + " |")
+    full = max(curves[base])
+    lines += ["", f"Tokens to reach the baseline's ({base}) final val loss {target:.4f}:", "",
+              "| recipe | final val loss | tokens to reach it | ratio to baseline |", "|---|---:|---:|---:|"]
+    for n in names:
+        t = tokens_to_reach(curves[n], target)
+        lines.append(f"| {n} | {curves[n][max(curves[n])]:.4f} | {'not reached' if t is None else f'{t:,.0f}'} | "
+                     f"{'-' if t is None else f'{t / full:.2f}'} |")
+    if short:
+        lines += ["", f"Trained with {short_fraction:g}x the tokens (schedule fitted to the shorter run):", "",
+                  "| recipe | tokens | final val loss | reaches the baseline's final |", "|---|---:|---:|---|"]
+        for n, curve in short.items():
+            end = max(curve)
+            lines.append(f"| {n} | {end:,} ({end / full:.2f}x) | {curve[end]:.4f} | {'yes' if curve[end] <= target else 'no'} "
+                         f"({curve[end] - target:+.4f}) |")
+    return "\n".join(lines)
+
+
+def plot_curves(curves, short, out_png):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, (name, curve) in enumerate(curves.items()):
+        x = sorted(curve)
+        ax.plot(x, [curve[t] for t in x], marker="o", markersize=3, color=f"C{i}", label=name)
+        if name in short:
+            xs = sorted(short[name])
+            ax.plot(xs, [short[name][t] for t in xs], marker="x", linestyle=":", color=f"C{i}", label=f"{name} (short run)")
+    base = next(iter(curves.values()))
+    ax.axhline(base[max(base)], color="grey", linestyle="--", linewidth=0.8, label="baseline final")
+    ax.set(xlabel="tokens", ylabel="val loss", title="Validation loss per token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    return out_png
+
+
+def compare_help():
+    """--help: compare.py's own options, then what it passes on to train_gpt.py."""
+    return (f"usage: python -m tools.compare [--name=value ...]\n{cli.summary(__doc__)}\n\n"
+            f"compare.py's own options:\n{cli.settings_help(Bench)}\n\n"
+            f"Every other --name=value is a train_gpt.py setting shared by all runs (`python train_gpt.py "
+            f"--help`), except log_dir, max_steps, max_tokens, decay_tokens, val_every, recipe and stop_step, "
+            f"which compare.py sets. Shared defaults: {', '.join(f'{k}={v}' for k, v in SHARED.items())}.")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(compare_help())
+        return None
+    try:
+        bench, shared = parse_args(argv)
+        batch = int(float(shared["total_batch_size"]))
+        steps = int(bench.tokens) // batch
+        if steps < bench.evals or bench.evals < 1:
+            raise ValueError(f"--tokens={bench.tokens:g} is {steps} steps of {batch} tokens: too few for "
+                             f"{bench.evals} evaluations; raise --tokens or lower --evals")
+        have = train_tokens(shared["data_dir"])
+        if have == 0:
+            raise ValueError(f"no *_train_* shards in {shared['data_dir']}: prepare it (python fineweb.py --source wiki)")
+    except ValueError as e:
+        sys.exit(f"compare.py: error: {e}")
+    note = epoch_note(steps * batch, have, shared["data_dir"])
+    print(note, flush=True)
+    specs = bench.recipes.split(",")
+    val_every = steps // bench.evals
+    curves, short = {}, {}
+    for i, spec in enumerate(specs):
+        curves[spec] = run_recipe(spec, steps, val_every, shared, os.path.join(bench.out_dir, f"run{i}"))
+    short_steps = int(steps * bench.short)  # rounded down: never more than the fraction
+    if bench.short > 0:
+        for i, spec in enumerate(specs[1:], 1):
+            short[spec] = run_recipe(spec, short_steps, max(1, short_steps // 4), shared,
+                                     os.path.join(bench.out_dir, f"run{i}_short"))
+    header = (f"python -m tools.compare {' '.join(argv)}\n\n"
+              f"settings: {', '.join(f'{k}={v}' for k, v in shared.items())}; {steps} steps\n\n{note}\n")
+    table = header + "\n" + results_table(curves, short, bench.short)
+    with open(os.path.join(bench.out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    png = plot_curves(curves, short, os.path.join(bench.out_dir, "val_loss.png"))
+    print("\n" + table + f"\n\nplot: {png}; table: {bench.out_dir}/results.md")
+    return curves, short
+
+
+if __name__ == "__main__":
+    main()

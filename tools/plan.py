@@ -1,0 +1,585 @@
+"""Will a preset fit a cluster, at which micro batch, and how long will it train? Answered on a CPU.
+
+    python -m tools.plan --model=gpt3-175b --gpus=512 --gpu=H100-80GB
+    python -m tools.plan --model=gpt3-13b --gpus=8 --activation_checkpointing=none --micro_batch_size=2
+    python -m tools.plan --model=gpt3-13b --gpus=64 --fsdp_shard_size=8    # hybrid: shard in a node, replicate across
+
+The memory figures are not a formula: the real model is built, checkpointed and sharded as
+train_gpt.py does it (FSDP2 per block, then the root; or DDP's full replicas), and the real
+training step (forward, backward, AdamW) runs on fake tensors (FakeTensorMode: shapes and dtypes,
+no data) over a fake process group of the cluster's size (collectives that move nothing). torch's
+FSDPMemTracker / MemTracker follow every tensor of the rank and record the peak, by category.
+This is the method of torchtitan's memory estimator (scripts/estimate/estimation.py).
+
+What it leaves out, and so why a plan "fits" only below 90% of the GPU's memory: the CUDA context
+and NCCL's buffers (outside torch's allocator), the caching allocator's fragmentation, and
+torch.compile (the fake step runs eager; compiled kernels fuse ops and usually keep less). The
+fake step runs on the CPU's kernels (its flash attention, like the GPU's, keeps no T x T scores).
+
+Time is the model's training FLOPs per token (model.flops_per_token) at a stated MFU: by default
+the best this project has measured on that GPU class (docs/performance.md). Recomputed blocks cost
+a third more of their FLOPs, which model FLOPs (and so MFU) do not count: the estimate adds them.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from model import GPT, PRESETS, configure_optimizers, flops_per_token, preset_config
+from support import cli
+from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    memory: int  # bytes, as torch.cuda.get_device_properties(...).total_memory reports
+    peak_flops: float  # dense bf16 datasheet peak, FLOP/s
+    mfu: Optional[float]  # best MFU this project measured on this class, None if never measured
+    mfu_source: str
+
+
+# 80 GB parts show 79.1-80 GiB to torch. The MFU default is the only measurement this project has:
+# gpt2 on one H100 80GB, compiled, bf16 (docs/performance.md): 39.3% of 989 TFLOP/s.
+MEASURED = "measured: gpt2 on one H100 80GB, docs/performance.md"
+GPUS = {
+    "H100-80GB": GPU(81559 * 2**20, 989e12, 0.393, MEASURED),
+    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)"),
+    "A100-80GB": GPU(81920 * 2**20, 312e12, None, ""),
+    "A100-40GB": GPU(40960 * 2**20, 312e12, None, ""),
+}
+USABLE = 0.9  # fraction of a GPU's memory a plan may fill (see the module docstring)
+
+
+def token_budget(model_name):
+    """Tokens a preset trains on (model.PRESETS, as train_gpt.py's default max_tokens): 19,073 x
+    2**19 for GPT-2 sizes (FineWeb-EDU sample-10BT, one epoch), 300B for GPT-3 sizes (the paper's)."""
+    return PRESETS[model_name].train_tokens
+
+
+@dataclass
+class Setup:
+    """One rank's training setup: what the memory depends on."""
+    model: str
+    gpus: int
+    micro_batch_size: int
+    activation_checkpointing: str = "none"
+    fsdp: bool = True
+    seq_len: Optional[int] = None  # None: the preset's context
+    chunked_loss: bool = False  # the CUDA default: full logits
+    dtype: str = "bfloat16"  # bf16 compute (FSDP: bf16 parameters gathered; DDP: autocast)
+    n_layer: Optional[int] = None  # None: the preset's; set to run the fake step on fewer layers
+    shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
+
+
+# ----------------------------------------------------------------------------------------------
+# The fake training step
+
+@contextlib.contextmanager
+def fake_process_group(world_size):
+    """A process group of world_size ranks in which this process is rank 0 and collectives are
+    no-ops: what the sharding code sees on one rank of the real cluster."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    if dist.is_initialized():
+        raise RuntimeError("plan: a process group is already running here; run the plan in its own process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build(config, setup, device, mesh):
+    """The model as train_gpt.build_model / build_fsdp_model makes it (checkpointing, then
+    sharding), and its optimizer. FSDP: built on the meta device, then materialized on `device`."""
+    if setup.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, setup.dtype), reduce_dtype=torch.float32)
+        with torch.device("meta"):
+            model = GPT(config)
+        apply_activation_checkpointing(model, setup.activation_checkpointing)
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        model.to_empty(device=device)
+    else:
+        with torch.device(device):
+            model = GPT(config)  # as train_gpt.build_model: whole, on the device
+        apply_activation_checkpointing(model, setup.activation_checkpointing)
+    optimizer = configure_optimizers(model, 0.1, 1e-4, "cuda", log=lambda m: None)
+    return model, optimizer
+
+
+def fake_step_peak(setup):
+    """Peak bytes on one rank during two training steps (the second with the optimizer state
+    allocated), by category: {"params", "grads", "optimizer", "activations", "other", "total"}.
+    "activations" counts what forward keeps for backward and what backward makes on the way;
+    "params" and "grads" include FSDP's gathered (unsharded) copies of a block at the peak."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    config = preset_config(setup.model, n_layer=setup.n_layer)
+    T = setup.seq_len or config.block_size
+    device = torch.device("cpu")
+    amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
+    from torch.distributed.device_mesh import init_device_mesh
+    # A rank's memory depends only on how many ranks share its shards: with HSDP, one group of
+    # shard_size ranks (the replicas' all-reduce of gradient shards adds no lasting memory).
+    ranks = setup.shard_size or setup.gpus
+    with fake_process_group(ranks):
+        mesh = init_device_mesh(device.type, (ranks,))  # before fake mode: it reads real values
+        with FakeTensorMode():
+            return _peak_of_two_steps(config, setup, device, mesh, T, amp)
+
+
+def _peak_of_two_steps(config, setup, device, mesh, T, amp):
+    model, optimizer = build(config, setup, device, mesh)
+    x = torch.randint(0, config.vocab_size, (setup.micro_batch_size, T), device=device)
+    grad_bytes = sum(p.numel() * 4 for p in model.parameters())  # fp32, unsharded (DDP)
+    autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp and not setup.fsdp else contextlib.nullcontext
+
+    def forward_backward():
+        with autocast():
+            _, loss = model(x, x, return_logits=not setup.chunked_loss)
+        loss.backward()
+
+    # The first step, untracked, allocates the optimizer state; the second is tracked up to the
+    # optimizer's update. The update itself runs outside the tracker: under fake tensors torch's
+    # trackers count the global-size tensors that DTensor's sharding propagation makes for the
+    # optimizer's ops on sharded parameters (seen on torch 2.13: 2.4x the model's full state).
+    # Fused AdamW updates in place, with no temporaries, so the peak of the update is the memory
+    # held when backward ends, which the tracker has seen.
+    forward_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tracker = _tracker(model, optimizer, setup.fsdp)
+    if setup.fsdp:
+        tracker.track_inputs((x,))
+    with tracker:
+        forward_backward()
+    optimizer.step()
+    peak = _by_category(tracker.get_tracker_snapshot("peak")[device])
+    if not setup.fsdp and setup.gpus > 1:
+        # DDP copies every gradient into its all-reduce buckets (gradient_as_bucket_view=False,
+        # its default): one more set of gradients, held from the first backward on.
+        peak["grads"] += grad_bytes
+        peak["total"] += grad_bytes
+    return peak
+
+
+def _local_bytes(t):
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def _tracker(model, optimizer, fsdp):
+    if fsdp:
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+        return FSDPMemTracker(mod=model, optm=optimizer)
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    return tracker
+
+
+CATEGORIES = {  # FSDPMemTracker's and MemTracker's reference types -> the plan's categories
+    "Sharded Param": "params", "Unsharded Param": "params", "Parameter": "params", "Buffer": "params",
+    "Sharded Grad": "grads", "Unsharded Grad": "grads", "Gradient": "grads",
+    "OptState": "optimizer", "Optstate": "optimizer",
+    "Activation": "activations", "Temp": "activations",
+    "All Gather": "other", "Reduce Scatter": "other", "Inputs": "other", "Input": "other",
+}
+
+
+def _by_category(snapshot):
+    out = dict(params=0, grads=0, optimizer=0, activations=0, other=0)
+    for key, value in snapshot.items():
+        if key != "Total":
+            out[CATEGORIES.get(key, "other")] += value
+    out["total"] = snapshot["Total"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured peaks on the CPU (for the checks against reality)
+
+def resident_bytes(*holders):
+    """Bytes of the tensors a model and optimizer hold now (parameters, buffers, gradients,
+    optimizer state), each storage once; of a sharded DTensor only this rank's shard."""
+    tensors = []
+    for h in holders:
+        if isinstance(h, torch.nn.Module):
+            tensors += list(h.parameters()) + [p.grad for p in h.parameters() if p.grad is not None]
+            tensors += list(h.buffers())
+        elif isinstance(h, torch.optim.Optimizer):
+            tensors += [v for state in h.state.values() for v in state.values() if torch.is_tensor(v)]
+    seen = {}
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def measure_peak_bytes(fn, *holders):
+    """The peak bytes of live CPU tensors while fn() runs: what model and optimizer (`holders`)
+    hold at the start, plus the highest running sum of the CPU allocator's allocations and frees
+    that torch's profiler records (profile_memory=True: every allocation by torch's CPU allocator,
+    with its size). Independent of the memory trackers the plan uses."""
+    from torch.profiler import ProfilerActivity, profile
+    start = resident_bytes(*holders)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = top = 0
+    for _, nbytes in events:
+        live += nbytes
+        top = max(top, live)
+    return start + top
+
+
+def measured_step_peak(setup):
+    """The same two training steps as fake_step_peak, on real tensors over a real process group
+    (run under torchrun with setup.gpus processes): this rank's peak bytes from the built model
+    on. On a GPU (NCCL): torch.cuda.max_memory_allocated. On the CPU (gloo): measure_peak_bytes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    import os
+    config = preset_config(setup.model, n_layer=setup.n_layer)
+    T = setup.seq_len or config.block_size
+    amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if dist.get_world_size() != setup.gpus:
+            raise ValueError(f"--check runs under torchrun with --nproc_per_node={setup.gpus} (--gpus)")
+        mesh = init_device_mesh(device.type, (setup.gpus,))
+        gen = torch.Generator().manual_seed(dist.get_rank())
+        x = torch.randint(0, config.vocab_size, (setup.micro_batch_size, T), generator=gen).to(device)
+        model, optimizer = build(config, setup, device, mesh)
+        model.init_weights(0)  # initialization's temporaries are not the training step's
+
+        def two_steps():
+            train_model = model
+            if not setup.fsdp and setup.gpus > 1:  # DDP's buckets are made here, inside the measurement
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                train_model = DDP(model, device_ids=[device.index] if cuda else None)
+            autocast = torch.autocast(device.type, dtype=amp) if amp and not setup.fsdp else contextlib.nullcontext()
+            for _ in range(2):
+                with autocast:
+                    _, loss = train_model(x, x, return_logits=not setup.chunked_loss)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not cuda:
+            return measure_peak_bytes(two_steps, model, optimizer)
+        torch.cuda.reset_peak_memory_stats(device)
+        two_steps()
+        return torch.cuda.max_memory_allocated(device)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# From fake steps on a few layers to the whole model
+
+FEW_LAYERS = (4, 6)  # even, so "selective" checkpoints the same half of them as of the model
+_peaks = {}
+
+
+def peak_bytes(setup):
+    """fake_step_peak for the whole model, from fake steps on 4 and 6 of its layers. From 4 layers
+    on, FSDP's buffers in flight at the peak are the same (a block's gathered parameters, the next
+    block's prefetch, a gradient reduce: with 2 layers there is no prefetch yet), and what grows
+    with depth (sharded state, kept activations) grows by the same bytes a layer. So the two runs
+    give the peak for any depth (tests/test_plan.py checks 8 layers against the direct run) at the
+    cost of small models: the fake step's time grows with the number of operations, not their size."""
+    key = dataclasses.astuple(setup)
+    if key not in _peaks:
+        n_layer = setup.n_layer or PRESETS[setup.model].n_layer
+        if n_layer <= FEW_LAYERS[1]:
+            _peaks[key] = fake_step_peak(dataclasses.replace(setup, n_layer=n_layer))
+        else:
+            a, b = (fake_step_peak(dataclasses.replace(setup, n_layer=n)) for n in FEW_LAYERS)
+            per_layer = (n_layer - FEW_LAYERS[0]) / (FEW_LAYERS[1] - FEW_LAYERS[0])
+            _peaks[key] = {k: round(a[k] + per_layer * (b[k] - a[k])) for k in a}
+    return _peaks[key]
+
+
+def micro_batch_choices(setup, total_batch_size):
+    """Micro batches that divide each rank's share of the batch (so accumulation is whole)."""
+    T = setup.seq_len or PRESETS[setup.model].block_size
+    per_rank, rest = divmod(total_batch_size, T * setup.gpus)
+    if rest or per_rank == 0:
+        return []
+    return [b for b in range(1, per_rank + 1) if per_rank % b == 0]
+
+
+def largest_micro_batch(setup, total_batch_size, budget):
+    """(micro batch, its peak) for the largest micro batch whose peak fits `budget` bytes, or
+    (None, the peak at micro batch 1). The peak grows by the same amount per sequence (the
+    activations), so two fake steps point at the answer; it is then checked by its own."""
+    choices = micro_batch_choices(setup, total_batch_size)
+    one = peak_bytes(dataclasses.replace(setup, micro_batch_size=1))
+    if one["total"] > budget:
+        return None, one
+    if len(choices) == 1:
+        return 1, one
+    two = peak_bytes(dataclasses.replace(setup, micro_batch_size=2))
+    per_sequence = max(1, two["total"] - one["total"])
+    guess = 1 + (budget - one["total"]) // per_sequence
+    for b in reversed([b for b in choices if b <= guess]):
+        peak = peak_bytes(dataclasses.replace(setup, micro_batch_size=b))
+        if peak["total"] <= budget:
+            return b, peak
+    return 1, one
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+@dataclass
+class Plan:
+    model: str
+    gpus: int
+    gpu: str
+    sharding: str
+    fits: bool
+    reason: str = ""
+    activation_checkpointing: str = ""
+    micro_batch_size: int = 0
+    accumulation_steps: int = 0
+    memory_gib: dict = dataclasses.field(default_factory=dict)  # peak on one GPU, by category
+    budget_gib: float = 0.0
+    mfu: float = 0.0
+    mfu_source: str = ""
+    step_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    tokens: int = 0
+    days: float = 0.0
+    gpu_hours: float = 0.0
+    smallest_gpus_that_fit: Optional[int] = None
+
+
+def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
+              micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
+              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, log=print):
+    """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
+    least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
+    gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own)."""
+    if model not in PRESETS:
+        raise ValueError(f"unknown --model={model!r}; choose one of: {', '.join(PRESETS)}")
+    if gpu not in GPUS:
+        raise ValueError(f"unknown --gpu={gpu!r}; choose one of: {', '.join(GPUS)}")
+    if gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if fsdp_shard_size and (not fsdp or gpus % fsdp_shard_size):
+        raise ValueError(f"--fsdp_shard_size={fsdp_shard_size} needs --fsdp=True and must divide --gpus={gpus}")
+    hybrid = fsdp_shard_size and fsdp_shard_size < gpus
+    kind, preset = GPUS[gpu], PRESETS[model]
+    if gpu_memory:
+        kind = dataclasses.replace(kind, memory=int(gpu_memory))
+    total_batch_size = total_batch_size or preset.batch_tokens
+    budget = int(USABLE * kind.memory)
+    sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
+        "FSDP2" if fsdp else "DDP"
+    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model))
+    setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
+                  shard_size=fsdp_shard_size if hybrid else None)
+    sequences = total_batch_size // preset.block_size
+    if not micro_batch_choices(setup, total_batch_size):
+        workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
+        plan.reason = (f"the batch of {total_batch_size:,} tokens ({sequences} sequences of {preset.block_size}) "
+                       f"does not split evenly over {gpus} GPUs: use {', '.join(map(str, workable))} GPUs "
+                       f"or another --total_batch_size")
+        return plan
+    modes = MODES if activation_checkpointing == "auto" else [activation_checkpointing]
+    for mode in modes:
+        setup = dataclasses.replace(setup, activation_checkpointing=mode)
+        if micro_batch_size == "auto":
+            b, peak = largest_micro_batch(setup, total_batch_size, budget)
+        else:
+            b = int(micro_batch_size)
+            if b not in micro_batch_choices(setup, total_batch_size):
+                raise ValueError(f"--micro_batch_size={b} does not divide the {sequences // gpus} sequences "
+                                 f"each GPU takes a step: use one of {micro_batch_choices(setup, total_batch_size)}")
+            peak = peak_bytes(dataclasses.replace(setup, micro_batch_size=b))
+            b = b if peak["total"] <= budget else None
+        log(f"  checkpointing {mode}: " + (f"micro batch {b} fits, peak {peak['total'] / GiB:.1f} GiB"
+                                            if b else f"does not fit, peak {peak['total'] / GiB:.1f} GiB"))
+        if b:
+            break
+    plan.activation_checkpointing = mode
+    plan.memory_gib = {k: v / GiB for k, v in peak.items()}
+    if not b:
+        plan.reason = (f"does not fit: {peak['total'] / GiB:.1f} GiB a GPU at micro batch "
+                       f"{micro_batch_size if micro_batch_size != 'auto' else 1} with {mode} checkpointing, "
+                       f"over the {budget / GiB:.1f} GiB usable ({USABLE:.0%} of {gpu})")
+        if hybrid:
+            plan.reason += "; shard over more ranks: a larger --fsdp_shard_size (or plain FSDP)"
+        elif fsdp:
+            plan.smallest_gpus_that_fit = smallest_gpus(setup, total_batch_size, budget, dataclasses.replace(
+                setup, micro_batch_size=1))
+        else:
+            plan.reason += "; DDP keeps a full copy of everything on each GPU: try --fsdp"
+        return plan
+    plan.fits, plan.micro_batch_size = True, b
+    plan.accumulation_steps = total_batch_size // (b * preset.block_size * gpus)
+    plan.mfu, plan.mfu_source = estimate_mfu(kind, mfu)
+    if plan.mfu:
+        config = preset_config(model)
+        recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
+        # a recomputed block runs its forward twice: 4 instead of 3 forward-passes' FLOPs
+        flops = flops_per_token(config, preset.block_size) * (1 + recomputed / 3)
+        plan.tokens_per_second = gpus * kind.peak_flops * plan.mfu / flops
+        plan.step_seconds = total_batch_size / plan.tokens_per_second
+        plan.days = plan.tokens / plan.tokens_per_second / 86400
+        plan.gpu_hours = plan.days * 24 * gpus
+    return plan
+
+
+def estimate_mfu(kind, mfu):
+    if mfu:
+        return mfu, "given (--mfu)"
+    if kind.mfu:
+        return kind.mfu, kind.mfu_source
+    return 0.0, "never measured on this GPU: give --mfu for a time estimate"
+
+
+def smallest_gpus(setup, total_batch_size, budget, at_one):
+    """The fewest GPUs (a power of two that splits the batch) at which micro batch 1 with full
+    checkpointing fits. The sharded state divides by the GPU count, the rest does not: the peak at
+    N and 2N GPUs give both parts, then the answer is checked by its own fake step."""
+    full = dataclasses.replace(at_one, activation_checkpointing="full")
+    n1 = full.gpus
+    p1 = peak_bytes(full)["total"]
+    p2 = peak_bytes(dataclasses.replace(full, gpus=2 * n1))["total"]
+    sharded = max(1, 2 * n1 * (p1 - p2))  # p(N) = rest + sharded / N
+    rest = p1 - sharded / n1
+    if rest >= budget:
+        return None
+    n = 1
+    while n < sharded / (budget - rest) or not micro_batch_choices(dataclasses.replace(full, gpus=n), total_batch_size):
+        n *= 2
+        if n > 2**20:
+            return None
+    while peak_bytes(dataclasses.replace(full, gpus=n))["total"] > budget and n <= 2**20:
+        n *= 2
+    return n if micro_batch_choices(dataclasses.replace(full, gpus=n), total_batch_size) else None
+
+
+def format_plan(plan):
+    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}"
+    lines = [head]
+    if plan.memory_gib:
+        m = plan.memory_gib
+        lines.append(f"  peak memory per GPU (GiB, at the step's peak): params {m['params']:.2f} | grads "
+                     f"{m['grads']:.2f} | optimizer {m['optimizer']:.2f} | activations {m['activations']:.2f} | "
+                     f"other {m['other']:.2f} | total {m['total']:.2f} of {plan.budget_gib:.1f} usable")
+    if not plan.fits:
+        lines.append(f"  REFUSED: {plan.reason}")
+        if plan.smallest_gpus_that_fit:
+            lines.append(f"  the smallest GPU count that fits (micro batch 1, full checkpointing): "
+                         f"{plan.smallest_gpus_that_fit}")
+        return "\n".join(lines)
+    lines.append(f"  activation checkpointing {plan.activation_checkpointing}, micro batch {plan.micro_batch_size} "
+                 f"(the largest that fits), {plan.accumulation_steps} accumulation steps")
+    if plan.mfu:
+        lines.append(f"  ESTIMATE at MFU {plan.mfu:.1%} ({plan.mfu_source}): {plan.step_seconds:.2f} s a step, "
+                     f"{plan.tokens_per_second:,.0f} tokens/s; {plan.tokens / 1e9:,.0f}B tokens in "
+                     f"{plan.days:,.2f} days = {plan.gpu_hours:,.0f} GPU-hours")
+    else:
+        lines.append(f"  no time estimate: {plan.mfu_source}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2", help="a preset of model.PRESETS")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs in the cluster (data-parallel ranks)")
+    parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
+    parser.add_argument("--fsdp", default="True", help="True: FSDP2 (train_gpt --fsdp); False: DDP")
+    parser.add_argument("--fsdp_shard_size", type=int, default=0, help="HSDP: shard within groups of this many "
+                        "GPUs (a node), replicate across groups; 0: shard over all")
+    parser.add_argument("--activation_checkpointing", default="auto", help="auto, none, selective or full")
+    parser.add_argument("--micro_batch_size", default="auto", help="auto: the largest that fits; or a number")
+    parser.add_argument("--total_batch_size", type=int, default=None, help="tokens a step; default the preset's")
+    parser.add_argument("--tokens", type=float, default=None, help="tokens to train on; default the preset's budget")
+    parser.add_argument("--mfu", type=float, default=None, help="MFU for the time estimate, e.g. 0.35")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--table", default="", help="a markdown table row per GPT-3 preset for these comma-"
+                        "separated GPU counts, e.g. 8,64,512,1024 (with --gpu)")
+    parser.add_argument("--gpu_memory", type=float, default=None, help="GiB of one GPU; default the --gpu's")
+    parser.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (compute)")
+    parser.add_argument("--chunked_loss", default="False", help="True: the chunked loss (no full logits)")
+    parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
+                        "against the measured one, for --micro_batch_size and --activation_checkpointing")
+    args = parser.parse_args(argv)
+    if args.check:
+        return check_against_measured(args)
+    if args.table:
+        return print_table([int(n) for n in args.table.split(",")], args.gpu)
+    if args.activation_checkpointing not in ("auto", *MODES):
+        parser.error(f"--activation_checkpointing={args.activation_checkpointing}: choose auto, {', '.join(MODES)}")
+    t0 = time.time()
+    try:
+        plan = make_plan(args.model, args.gpus, args.gpu, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
+                         activation_checkpointing=args.activation_checkpointing,
+                         micro_batch_size=args.micro_batch_size, total_batch_size=args.total_batch_size,
+                         tokens=int(args.tokens) if args.tokens else None, mfu=args.mfu,
+                         chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
+                         gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
+                         fsdp_shard_size=args.fsdp_shard_size or None, log=(lambda m: None) if args.json else print)
+    except ValueError as e:
+        sys.exit(f"plan.py: error: {e}")
+    print(json.dumps(dataclasses.asdict(plan)) if args.json else
+          format_plan(plan) + f"\n  (planned in {time.time() - t0:.0f} s on this CPU: fake tensors, no GPU)")
+    return plan
+
+
+def print_table(counts, gpu):
+    """A markdown row per GPT-3 preset: for each GPU count, fits or not, micro batch, checkpointing, days."""
+    print("| preset | " + " | ".join(f"{n} x {gpu}" for n in counts) + " |")
+    print("| --- " * (len(counts) + 1) + "|")
+    for name in [m for m in PRESETS if m.startswith("gpt3")]:
+        cells = []
+        for n in counts:
+            p = make_plan(name, n, gpu, log=lambda m: None)
+            if p.fits:
+                cells.append(f"micro {p.micro_batch_size}, AC {p.activation_checkpointing}, ~{p.days:,.1f} days")
+            elif p.smallest_gpus_that_fit:
+                cells.append(f"no: {p.memory_gib['total']:.0f} GiB (fits from {p.smallest_gpus_that_fit})")
+            elif "split" in p.reason:
+                cells.append(f"no: {PRESETS[name].batch_tokens // PRESETS[name].block_size} sequences a step")
+            else:
+                cells.append("no")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def check_against_measured(args):
+    """Plan, then measure, the same setup on this CPU; prints both and their ratio (rank 0)."""
+    import os
+    setup = Setup(args.model, int(os.environ.get("WORLD_SIZE", 1)), int(args.micro_batch_size),
+                  args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
+                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype)
+    planned = peak_bytes(setup)["total"]
+    measured = measured_step_peak(setup)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(dict(setup=dataclasses.asdict(setup), planned=planned, measured=measured,
+                              ratio=planned / measured)))
+    return planned, measured
+
+
+if __name__ == "__main__":
+    main()
