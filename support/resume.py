@@ -352,8 +352,11 @@ def settings_changes(saved, now):
 
 
 def check_compatible(state, config):
-    """A checkpoint of another model or data must not be loaded into this run."""
-    saved = state["model_config"]
+    """A checkpoint of another model or data must not be loaded into this run. A field the
+    checkpoint lacks (written before the field existed) has its default, the architecture it
+    was trained with then."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    saved = {**defaults, **state["model_config"]}
     for name, value in dataclasses.asdict(config).items():
         if saved.get(name) != value:
             raise SettingsError(f"the checkpoint's model has {name}={saved.get(name)}, these settings give "
