@@ -442,15 +442,17 @@ def optimizer_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def configure_optimizers(model, weight_decay, learning_rate, device_type, log=print, muon=None):
+def configure_optimizers(model, weight_decay, learning_rate, device_type, log=print, muon=None, sharded_muon=None):
     """AdamW with GPT-3's betas (0.9, 0.95) and eps 1e-8; the fused kernel on CUDA (one launch
     for all parameters instead of several per tensor) and on the CPU (one pass over each tensor
     instead of six).
     With muon (a MuonConfig), the blocks' weight matrices are trained by torch.optim.Muon
-    instead, and the result is a CombinedOptimizer of the two."""
+    instead, and the result is a CombinedOptimizer of the two. sharded_muon, for a model whose
+    matrices are sharded (FSDP), is the optimizer that runs that Muon on them whole
+    (support/sharded_muon.py's ShardedMuon), called as sharded_muon(muon_class, groups, **settings)."""
     fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     if muon is not None:
-        return configure_muon(model, weight_decay, learning_rate, muon, fused, log)
+        return configure_muon(model, weight_decay, learning_rate, muon, fused, log, sharded_muon)
     groups = optimizer_groups(model, weight_decay)
     for name, group in zip(("decayed", "not decayed"), groups):
         log(f"optimizer: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
@@ -480,7 +482,7 @@ def muon_params(model):
             if p.requires_grad and name.startswith("transformer.h.") and p.dim() == 2]
 
 
-def configure_muon(model, weight_decay, learning_rate, muon, fused, log=print):
+def configure_muon(model, weight_decay, learning_rate, muon, fused, log=print, sharded_muon=None):
     """Muon for muon_params(model), AdamW (as configure_optimizers) for every other tensor. Each
     group carries lr_scale, its peak learning rate over the schedule's (learning_rate): the
     schedule sets lr = lr_at(step) x lr_scale, so Muon follows the same warmup and decay."""
@@ -494,11 +496,13 @@ def configure_muon(model, weight_decay, learning_rate, muon, fused, log=print):
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
     log(f"optimizer: Muon for {len(matrices)} block matrices, {sum(p.numel() for p in matrices):,} parameters "
         f"(lr={muon.lr}, momentum={muon.momentum}, weight_decay={muon.weight_decay}, {muon.adjust_lr_fn}); "
-        f"AdamW for {len(rest)} tensors (embeddings, biases, gains), {sum(p.numel() for p in rest):,} parameters")
+        f"AdamW for {len(rest)} tensors (embeddings, biases, gains), {sum(p.numel() for p in rest):,} parameters"
+        + (f"; {sharded_muon.__name__}: each matrix gathered whole to one rank and stepped there" if sharded_muon else ""))
     adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
     muon_class = Float32Muon if muon.float32 else torch.optim.Muon
-    muon_opt = muon_class([{"params": matrices, "lr_scale": muon.lr / learning_rate}], lr=muon.lr,
-                          momentum=muon.momentum, weight_decay=muon.weight_decay, adjust_lr_fn=muon.adjust_lr_fn)
+    groups = [{"params": matrices, "lr_scale": muon.lr / learning_rate}]
+    settings = dict(lr=muon.lr, momentum=muon.momentum, weight_decay=muon.weight_decay, adjust_lr_fn=muon.adjust_lr_fn)
+    muon_opt = muon_class(groups, **settings) if sharded_muon is None else sharded_muon(muon_class, groups, **settings)
     return CombinedOptimizer(adamw=adamw, muon=muon_opt)
 
 

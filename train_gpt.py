@@ -34,6 +34,7 @@ from support.runlog import RunLog, StepMeter, open_trackers
 from support.runtime import all_reduce_mean, fsdp_mesh, setup_runtime
 from support.settings import (auto_micro_batch, check_batch_divisibility, check_sharding, muon_config,
                               resolve_model_settings)
+from support.sharded_muon import ShardedMuon
 from support.tokenizer import gpt2_tokenizer
 
 # What ends the program with one line (the message says what to do); anything else is a bug.
@@ -406,7 +407,7 @@ def train(s, stop=None):
         tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
         raw_model, model = build_model(s, config, rt)
         optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log,
-                                         muon=muon_config(s, rt.device))
+                                         muon=muon_config(s, rt.device), sharded_muon=ShardedMuon if s.fsdp else None)
         loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed,
                             log=log, vocab_size=config.vocab_size)
         val_data = (ValidationData(s.data_dir, s.seq_len, s.val_tokens, vocab_size=config.vocab_size)

@@ -66,8 +66,15 @@ class Checkpointer:
 def model_and_optimizer_state(s, raw_model, optimizer):
     if s.fsdp:
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        return get_state_dict(raw_model, optimizer)
+        return get_state_dict(raw_model, optimizer_parts(optimizer))
     return raw_model.state_dict(), optimizer.state_dict()
+
+
+def optimizer_parts(optimizer):
+    """The torch optimizers an optimizer is made of: a model.CombinedOptimizer's parts (AdamW and
+    Muon), or the optimizer itself. DCP's get_state_dict / set_state_dict take them as a list and
+    key the state of all of them by parameter name, in one sharded state dict."""
+    return list(getattr(optimizer, "optimizers", {"": optimizer}).values())
 
 
 def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
@@ -304,7 +311,7 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
             if verify:
                 agree(checkpoint.verify_folder(path, rt.rank, rt.world_size), rt, path, each_reads_all=False)
             from torch.distributed.checkpoint.state_dict import get_state_dict
-            model_state, optim_state = get_state_dict(raw_model, optimizer)
+            model_state, optim_state = get_state_dict(raw_model, optimizer_parts(optimizer))
             state = checkpoint.load_sharded(path, model_state, optim_state)
         else:
             if verify:
@@ -323,7 +330,8 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
     def load():
         if sharded:
             from torch.distributed.checkpoint.state_dict import set_state_dict
-            set_state_dict(raw_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+            set_state_dict(raw_model, optimizer_parts(optimizer), model_state_dict=model_state,
+                           optim_state_dict=optim_state)
         else:
             raw_model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)

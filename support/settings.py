@@ -224,9 +224,6 @@ def check_optimizer_settings(s):
     if not hasattr(torch.optim, "Muon"):
         raise SettingsError(f"--optimizer=muon needs torch {MUON_MIN_TORCH} or newer (torch.optim.Muon); this is "
                          f"torch {torch.__version__}. Upgrade torch, or use --optimizer=adamw.")
-    if s.fsdp:
-        raise SettingsError("--optimizer=muon does not work with --fsdp: torch.optim.Muon would orthogonalize each "
-                         "rank's shard of a matrix instead of the whole matrix. Use DDP (no --fsdp) or --optimizer=adamw.")
     if s.muon_adjust_lr not in ("original", "match_rms_adamw"):
         raise SettingsError(f"unknown --muon_adjust_lr={s.muon_adjust_lr!r}; choose original or match_rms_adamw")
     if s.muon_lr <= 0:
