@@ -33,9 +33,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import GPT, PRESETS, configure_optimizers, flops_per_token, preset_config
-from support import cli
+from model import GPT, PRESETS, MuonConfig, configure_optimizers, flops_per_token, muon_params, preset_config
+from support import cli, sharded_muon
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
+from support.fastpath import cpu_has_bf16
 
 GiB = 2**30
 
@@ -79,6 +80,8 @@ class Setup:
     dtype: str = "bfloat16"  # bf16 compute (FSDP: bf16 parameters gathered; DDP: autocast)
     n_layer: Optional[int] = None  # None: the preset's; set to run the fake step on fewer layers
     shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
+    optimizer: str = "adamw"  # or muon: torch's Muon for the blocks' matrices (ShardedMuon under FSDP)
+    muon_float32: bool = False  # Muon's Newton-Schulz in fp32 (model.Float32Muon: a CPU without bf16); GPUs: bf16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +118,9 @@ def build(config, setup, device, mesh):
         with torch.device(device):
             model = GPT(config)  # as train_gpt.build_model: whole, on the device
         apply_activation_checkpointing(model, setup.activation_checkpointing)
-    optimizer = configure_optimizers(model, 0.1, 1e-4, "cuda", log=lambda m: None)
+    muon = MuonConfig(float32=setup.muon_float32) if setup.optimizer == "muon" else None
+    optimizer = configure_optimizers(model, 0.1, 1e-4, "cuda", log=lambda m: None, muon=muon,
+                                     sharded_muon=sharded_muon.ShardedMuon if setup.fsdp else None)
     return model, optimizer
 
 
@@ -123,7 +128,11 @@ def fake_step_peak(setup):
     """Peak bytes on one rank during two training steps (the second with the optimizer state
     allocated), by category: {"params", "grads", "optimizer", "activations", "other", "total"}.
     "activations" counts what forward keeps for backward and what backward makes on the way;
-    "params" and "grads" include FSDP's gathered (unsharded) copies of a block at the peak."""
+    "params" and "grads" include FSDP's gathered (unsharded) copies of a block at the peak.
+    With Muon, "muon_step" is the peak of its step, after backward: the state held then, plus
+    the matrix this rank holds whole in its first round (ShardedMuon: weight, gradient and
+    momentum, fp32) and the Newton-Schulz temporaries; "total" is the larger of the two peaks.
+    Rank 0, which the fake step is, steps the largest matrices (sharded_muon.deal)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     config = preset_config(setup.model, n_layer=setup.n_layer)
     T = setup.seq_len or config.block_size
@@ -159,18 +168,41 @@ def _peak_of_two_steps(config, setup, device, mesh, T, amp):
     forward_backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tracker = _tracker(model, optimizer, setup.fsdp)
+    parts = dict(getattr(optimizer, "optimizers", {"adamw": optimizer}))  # model.CombinedOptimizer's
+    tracker = _tracker(model, list(parts.values()), setup.fsdp)
     if setup.fsdp:
         tracker.track_inputs((x,))
     with tracker:
         forward_backward()
-    optimizer.step()
+    muon = parts.pop("muon", None)
+    for part in parts.values():
+        part.step()
     peak = _by_category(tracker.get_tracker_snapshot("peak")[device])
+    if setup.fsdp and muon is not None:
+        # FSDPMemTracker follows one optimizer (AdamW's part); Muon's momentum buffers, held all
+        # through the step, are added as they are: this rank's shards
+        held = sum(_local_bytes(v) for state in muon.state.values() for v in state.values() if torch.is_tensor(v))
+        peak["optimizer"] += held
+        peak["total"] += held
+    if muon is not None:
+        # Muon's step makes no DTensor ops (ShardedMuon works on the local shards), so the tracker
+        # counts it as it runs: what is held after backward, the whole matrix and its temporaries.
+        from torch.distributed._tools.mem_tracker import MemTracker
+        step_tracker = MemTracker()
+        step_tracker.track_external(model, muon, *parts.values())
+        with step_tracker:
+            held = step_tracker.get_tracker_snapshot("current")[device]["Total"]
+            muon.step()
+        peak["muon_step"] = step_tracker.get_tracker_snapshot("peak")[device]["Total"]
+        peak["muon_temporaries"] = peak["muon_step"] - held  # the whole matrix, buffers, Newton-Schulz's
+        peak["total"] = max(peak["total"], peak["muon_step"])
     if not setup.fsdp and setup.gpus > 1:
         # DDP copies every gradient into its all-reduce buckets (gradient_as_bucket_view=False,
         # its default): one more set of gradients, held from the first backward on.
         peak["grads"] += grad_bytes
         peak["total"] += grad_bytes
+        if "muon_step" in peak:
+            peak["muon_step"] += grad_bytes
     return peak
 
 
@@ -179,13 +211,13 @@ def _local_bytes(t):
     return t.numel() * t.element_size()
 
 
-def _tracker(model, optimizer, fsdp):
+def _tracker(model, optimizers, fsdp):
     if fsdp:
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-        return FSDPMemTracker(mod=model, optm=optimizer)
+        return FSDPMemTracker(mod=model, optm=optimizers[0])
     from torch.distributed._tools.mem_tracker import MemTracker
     tracker = MemTracker()
-    tracker.track_external(model, optimizer)
+    tracker.track_external(model, *optimizers)
     return tracker
 
 
@@ -369,14 +401,20 @@ class Plan:
     days: float = 0.0
     gpu_hours: float = 0.0
     smallest_gpus_that_fit: Optional[int] = None
+    optimizer: str = "adamw"
+    muon: dict = dataclasses.field(default_factory=dict)  # with Muon: its step's costs (muon_costs)
 
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
-              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, log=print):
+              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, optimizer="adamw", log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
-    gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own)."""
+    gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own).
+    optimizer "muon" plans train_gpt's --optimizer=muon (its memory in the fake step, its extra
+    communication and Newton-Schulz work in plan.muon)."""
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"unknown --optimizer={optimizer!r}; choose adamw or muon")
     if model not in PRESETS:
         raise ValueError(f"unknown --model={model!r}; choose one of: {', '.join(PRESETS)}")
     if gpu not in GPUS:
@@ -393,9 +431,10 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     budget = int(USABLE * kind.memory)
     sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
         "FSDP2" if fsdp else "DDP"
-    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model))
+    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model),
+                optimizer=optimizer)
     setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
-                  shard_size=fsdp_shard_size if hybrid else None)
+                  shard_size=fsdp_shard_size if hybrid else None, optimizer=optimizer)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -445,7 +484,36 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         plan.step_seconds = total_batch_size / plan.tokens_per_second
         plan.days = plan.tokens / plan.tokens_per_second / 86400
         plan.gpu_hours = plan.days * 24 * gpus
+    if optimizer == "muon":
+        plan.muon = muon_costs(setup, peak, plan.accumulation_steps, kind.peak_flops * plan.mfu, plan.step_seconds)
     return plan
+
+
+def muon_costs(setup, peak, accum, flop_rate, step_seconds):
+    """What Muon adds to a step on one GPU. Memory: the peak of its step (fake_step_peak's
+    "muon_step"). Under FSDP (sharded_muon.ShardedMuon), counted from the deal its step makes over
+    the model's matrices: the bytes each GPU receives (and as many it sends) to gather the matrices
+    it steps and return the others' rows, against FSDP's own per step (a bf16 all-gather of the
+    parameters in forward and again in backward, an fp32 reduce-scatter of the gradients, each
+    micro step, within one shard group); and the Newton-Schulz FLOPs of the slowest GPU, as time
+    at the plan's MFU (an estimate: these are large matmuls, which may run faster). Under DDP
+    every GPU steps every matrix, with no extra communication."""
+    with torch.device("meta"):
+        model = GPT(preset_config(setup.model, n_layer=setup.n_layer))
+    shapes = [tuple(p.shape) for p in muon_params(model)]
+    n = (setup.shard_size or setup.gpus) if setup.fsdp else 1
+    ns_steps = torch.optim.Muon([torch.zeros(1, 1)]).defaults["ns_steps"]
+    flops = sharded_muon.step_flops(shapes, n, ns_steps)
+    received = sum(sharded_muon.traffic(shapes, n)) / n if n > 1 else 0
+    total = sum(p.numel() for p in model.parameters())
+    fsdp_received = (2 + 2 + 4) * total * (n - 1) / n * accum if setup.fsdp else 0
+    largest = max(shapes, key=lambda shape: shape[0] * shape[1])
+    return dict(step_peak_gib=peak["muon_step"] / GiB, temporaries_gib=peak["muon_temporaries"] / GiB,
+                largest=list(largest), matrices=len(shapes), group=n,
+                newton_schulz="fp32" if setup.muon_float32 else "bf16", received_gb=received / 1e9,
+                fsdp_received_gb=fsdp_received / 1e9, newton_schulz_tflop=flops / 1e12,
+                newton_schulz_seconds=flops / flop_rate if flop_rate else 0.0,
+                step_share=flops / flop_rate / step_seconds if flop_rate and step_seconds else 0.0)
 
 
 def estimate_mfu(kind, mfu):
@@ -500,7 +568,29 @@ def format_plan(plan):
                      f"{plan.days:,.2f} days = {plan.gpu_hours:,.0f} GPU-hours")
     else:
         lines.append(f"  no time estimate: {plan.mfu_source}")
+    if plan.muon:
+        lines += format_muon(plan)
     return "\n".join(lines)
+
+
+def format_muon(plan):
+    m = plan.muon
+    rows, cols = m["largest"]
+    whole = (f"each is gathered whole to one of the {m['group']} GPUs it is sharded over, which steps it "
+             f"(ShardedMuon)" if plan.sharding != "DDP" else "every GPU steps every matrix (DDP)")
+    held = (f"the largest, {rows} x {cols}, whole in fp32 with its gradient and momentum" if plan.sharding != "DDP"
+            else f"every matrix whole; the largest is {rows} x {cols}")
+    lines = [f"  Muon for {m['matrices']} block matrices: {whole}; the peak of its step {m['step_peak_gib']:.2f} GiB, "
+             f"{m['temporaries_gib']:.2f} of them made by the step ({held}, and its {m['newton_schulz']} Newton-Schulz "
+             f"temporaries)"]
+    if plan.sharding != "DDP":
+        lines.append(f"  Muon's extra communication: {m['received_gb']:.2f} GB received (and sent) per GPU a step "
+                     f"(the weight, gradient and momentum gathered in fp32, the weight and momentum sent back), "
+                     f"against FSDP's own {m['fsdp_received_gb']:.1f} GB")
+    if m["newton_schulz_seconds"]:
+        lines.append(f"  Muon's Newton-Schulz: {m['newton_schulz_tflop']:.1f} TFLOP on the busiest GPU a step, ESTIMATE "
+                     f"{m['newton_schulz_seconds'] * 1e3:.0f} ms at the plan's MFU ({m['step_share']:.1%} of the step)")
+    return lines
 
 
 def main(argv=None):
@@ -523,6 +613,7 @@ def main(argv=None):
     parser.add_argument("--gpu_memory", type=float, default=None, help="GiB of one GPU; default the --gpu's")
     parser.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (compute)")
     parser.add_argument("--chunked_loss", default="False", help="True: the chunked loss (no full logits)")
+    parser.add_argument("--optimizer", default="adamw", help="adamw, or muon (train_gpt --optimizer=muon)")
     parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
                         "against the measured one, for --micro_batch_size and --activation_checkpointing")
     args = parser.parse_args(argv)
@@ -540,7 +631,8 @@ def main(argv=None):
                          tokens=int(args.tokens) if args.tokens else None, mfu=args.mfu,
                          chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
-                         fsdp_shard_size=args.fsdp_shard_size or None, log=(lambda m: None) if args.json else print)
+                         fsdp_shard_size=args.fsdp_shard_size or None, optimizer=args.optimizer,
+                         log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
@@ -572,7 +664,8 @@ def check_against_measured(args):
     import os
     setup = Setup(args.model, int(os.environ.get("WORLD_SIZE", 1)), int(args.micro_batch_size),
                   args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
-                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype)
+                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
+                  optimizer=args.optimizer, muon_float32=not cpu_has_bf16())
     planned = peak_bytes(setup)["total"]
     measured = measured_step_peak(setup)
     if int(os.environ.get("RANK", 0)) == 0:
