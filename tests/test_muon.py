@@ -1,5 +1,7 @@
 """--optimizer=muon (torch.optim.Muon for the blocks' matrices, AdamW for the rest) and --schedule=wsd."""
 
+import os
+
 import pytest
 import torch
 
@@ -148,13 +150,13 @@ def test_clear_errors(shards, tmp_path, monkeypatch):
     fail(tiny_args(shards, log, schedule="linear"), "choose cosine or wsd")
     fail(tiny_args(shards, log, schedule="wsd", decay_fraction=0), "--decay_fraction=0")
     fail(tiny_args(shards, log, recipe="slow"), "unknown --recipe='slow'")
-    fail(tiny_args(shards, log, optimizer="muon", fsdp=True), "does not work with --fsdp")
     fail(tiny_args(shards, log, optimizer="muon", muon_adjust_lr="x"), "choose original or match_rms_adamw")
     # an AdamW checkpoint does not resume as a Muon run
     train_gpt.main(tiny_args(shards, log, max_steps=5, val_every=0))
     fail(tiny_args(shards, log, optimizer="muon", max_steps=6), "trained with --optimizer=adamw")
     monkeypatch.delattr(torch.optim, "Muon")
     fail(tiny_args(shards, str(tmp_path / "old"), optimizer="muon"), "needs torch 2.9 or newer")
+    fail(tiny_args(shards, str(tmp_path / "old"), optimizer="muon", fsdp=True), "needs torch 2.9 or newer")
     with pytest.raises(ValueError, match="needs torch 2.9"):
         muon_optimizer(small_model())
 
@@ -177,19 +179,29 @@ def test_muon_trains_and_resumes_exactly(shards, tmp_path):
     assert lrs[1] == lrs[4] == 3e-3 and lrs[5] == pytest.approx(3e-3 * (1536 - 1280) / (0.2 * 1536))
 
 
-def test_ddp_with_muon_equals_one_process(shards, tmp_path):
+# The fast recipe (Muon, WSD) on 2 processes, 6 steps, checkpoints at 3 and 6: what DDP, FSDP and
+# HSDP train are compared on it.
+MUON_RUN = dict(recipe="fast", max_steps=6, checkpoint_every=3, val_every=3)
+
+
+@pytest.fixture(scope="module")
+def ddp_muon(shards, tmp_path_factory):
     from test_distributed import run_ok
-    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
-    args = dict(optimizer="muon", max_steps=6, checkpoint_every=6, val_every=6)
-    train_gpt.main(tiny_args(shards, single, **args))
-    out = run_ok(tiny_args(shards, ddp, **args))
+    log_dir = str(tmp_path_factory.mktemp("ddp_muon"))
+    out = run_ok(tiny_args(shards, log_dir, **MUON_RUN))
     assert "DDP" in out and "Muon for 8 block matrices" in out
-    la, lb = train_losses(single), train_losses(ddp)
+    return log_dir
+
+
+def test_ddp_with_muon_equals_one_process(shards, ddp_muon, tmp_path):
+    single = str(tmp_path / "single")
+    train_gpt.main(tiny_args(shards, single, **MUON_RUN))
+    la, lb = train_losses(single), train_losses(ddp_muon)
     assert sorted(la) == sorted(lb) == list(range(6))
     for step in la:
         assert la[step] == pytest.approx(lb[step], abs=1e-5), step
     wa = torch.load(f"{single}/ckpt_0000006.pt", weights_only=True)["model"]
-    wb = torch.load(f"{ddp}/ckpt_0000006.pt", weights_only=True)["model"]
+    wb = torch.load(f"{ddp_muon}/ckpt_0000006.pt", weights_only=True)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
 
@@ -242,3 +254,206 @@ def test_max_lr_scale_scales_the_presets_lr_unless_max_lr_is_given():
     assert given.max_lr == 1e-4 and given.min_lr == 0.0  # the command line wins; wsd decays to 0
     with pytest.raises(train_gpt.SettingsError, match="--max_lr_scale must be positive"):
         train_gpt.resolve_model_settings(parse_settings(["--max_lr_scale=0"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon under FSDP and HSDP (issue 24): support/sharded_muon.py's ShardedMuon
+
+SHARDED_MUON_CHECKS = r"""
+import json
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from model import GPT, Float32Muon, MuonConfig, configure_optimizers, muon_params, preset_config
+from support.fastpath import clip_gradients
+from support.sharded_muon import ShardedMuon
+from tools import plan
+
+dist.init_process_group("gloo")
+checks = {}
+meshes = {"FSDP": init_device_mesh("cpu", (2,)),
+          "HSDP 2 x 1": init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))}
+
+# 1. torch's Muon on each whole matrix, given the gradient FSDP reduced, and ShardedMuon on the shards:
+# the same weights and momentum, bit for bit, for 3 steps. Rows split evenly, unevenly (5: 3 + 2), one
+# rank with none (1 row); tall and wide; 5 matrices, so the last round leaves a rank idle.
+SHAPES = [(5, 8), (1, 6), (12, 8), (7, 3), (8, 12)]
+for mesh_name, mesh in meshes.items():
+    for cls in (torch.optim.Muon, Float32Muon):
+        for fn in ("original", "match_rms_adamw"):
+            torch.manual_seed(0)
+            whole = [torch.nn.Linear(c, r, bias=False) for r, c in SHAPES]
+            sharded = [torch.nn.Linear(c, r, bias=False) for r, c in SHAPES]
+            for a, b in zip(whole, sharded):
+                b.load_state_dict(a.state_dict())
+                fully_shard(b, mesh=mesh)
+            settings = dict(lr=0.05, momentum=0.9, weight_decay=0.1, adjust_lr_fn=fn)
+            ref = cls([a.weight for a in whole], **settings)
+            opt = ShardedMuon(cls, [b.weight for b in sharded], **settings)
+            for step in range(3):
+                g = torch.Generator().manual_seed(step)
+                for a, b, (r, c) in zip(whole, sharded, SHAPES):
+                    b(torch.randn(4, c, generator=g)).square().sum().backward()
+                    a.weight.grad = b.weight.grad.full_tensor()
+                ref.step(), opt.step(), ref.zero_grad(), opt.zero_grad()
+            name = f"{mesh_name}, {cls.__name__}, {fn}"
+            checks[name] = [torch.equal(b.weight.full_tensor(), a.weight)
+                            and torch.equal(opt.state[b.weight]["momentum_buffer"].full_tensor(),
+                                            ref.state[a.weight]["momentum_buffer"]) for a, b in zip(whole, sharded)]
+            checks[name + ": momentum sharded as its matrix"] = all(
+                opt.state[b.weight]["momentum_buffer"].placements == b.weight.placements for b in sharded)
+
+# 2. the run's optimizer (AdamW + ShardedMuon) on the tiny preset sharded as tools/plan.py builds it,
+# clipped by clip_gradients to 0.05 (the norm is larger), against the same model unsharded (torch's
+# clipping, then torch's Muon) and unsharded unclipped. Two steps: the momentum carries the clipping over.
+# Newton-Schulz in fp32: in bf16 the last bit of a gradient (the norm summed in another order) moves
+# some weights by 2e-3 (seen here), and only equal gradients would compare.
+setup = plan.Setup("tiny", gpus=2, micro_batch_size=1, fsdp=True, seq_len=64, dtype="float32", n_layer=2,
+                   optimizer="muon", muon_float32=True)
+config = preset_config("tiny", n_layer=2)
+model, optimizer = plan.build(config, setup, torch.device("cpu"), meshes["FSDP"])
+model.init_weights(0)
+refs = {clip: GPT(config, seed=0) for clip in (True, False)}
+ref_opts = {clip: configure_optimizers(m, 0.1, 1e-4, "cuda", log=lambda m: None, muon=MuonConfig(float32=True))
+            for clip, m in refs.items()}
+x = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+norms = []
+for step in range(2):
+    model(x, x)[1].backward()
+    norms.append(clip_gradients(list(model.parameters()), optimizer, 0.05).item())
+    optimizer.optimizers["adamw"].step()
+    if step == 0:
+        optimizer.optimizers["muon"].step()
+    else:  # the bytes its step allocates beyond what is held, by torch's CPU allocator (rank 0 steps the largest)
+        start = plan.resident_bytes(model, *optimizer.optimizers.values())
+        peak = plan.measure_peak_bytes(optimizer.optimizers["muon"].step, model, *optimizer.optimizers.values())
+        checks["muon step's temporaries, measured"] = peak - start
+    optimizer.zero_grad(set_to_none=True)
+    for clip, m in refs.items():
+        m(x, x)[1].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+        ref_opts[clip].step()
+        ref_opts[clip].zero_grad(set_to_none=True)
+checks["norms"] = norms
+for clip, m in refs.items():
+    checks[f"max gap to unsharded, clip {clip}"] = max(
+        (p.full_tensor() - r).abs().max().item() for p, r in zip(muon_params(model), muon_params(m)))
+if dist.get_rank() == 0:
+    print("CHECKS " + json.dumps(checks), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_muon_steps_each_matrix_whole_as_torch_muon_and_plan_counts_its_memory(tmp_path):
+    """One torchrun job of 2 gloo processes, three checks (SHARDED_MUON_CHECKS): ShardedMuon against
+    torch's Muon on whole matrices, bit for bit (FSDP, and HSDP's mesh: a shard group of one); the
+    run's optimizer clipped by clip_gradients against torch's clipping and Muon unsharded; the
+    bytes its step allocates, measured, against tools/plan.py's fake step."""
+    import json
+    from test_distributed import run_ok
+    from tools import plan
+    script = tmp_path / "sharded_muon_checks.py"
+    script.write_text(SHARDED_MUON_CHECKS)
+    out = run_ok([], script=(str(script),))
+    checks = json.loads(next(line for line in out.splitlines() if line.startswith("CHECKS "))[len("CHECKS "):])
+    for mesh in ("FSDP", "HSDP 2 x 1"):
+        for cls in ("Muon", "Float32Muon"):
+            for fn in ("original", "match_rms_adamw"):
+                name = f"{mesh}, {cls}, {fn}"
+                assert checks[name] == [True] * 5, name
+                assert checks[name + ": momentum sharded as its matrix"], name
+    assert min(checks["norms"]) > 1  # clipped to 0.05: by 20x and more
+    # the clipped step as torch clips (its norm computed in another order: fp32 rounding), and not
+    # the unclipped one
+    assert checks["max gap to unsharded, clip True"] < 1e-5 < 1e-4 < checks["max gap to unsharded, clip False"]
+    setup = plan.Setup("tiny", gpus=2, micro_batch_size=1, fsdp=True, seq_len=64, dtype="float32", n_layer=2,
+                       optimizer="muon", muon_float32=True)
+    planned, measured = plan.fake_step_peak(setup)["muon_temporaries"], checks["muon step's temporaries, measured"]
+    assert measured > 12 * 1024 * 256  # at least the largest matrix (1024 x 256) whole with its gradient and momentum
+    assert abs(planned / measured - 1) < 0.1, (planned, measured)
+
+
+def test_sharded_muon_refuses_what_fsdp2_did_not_shard_by_rows():
+    from support.sharded_muon import ShardedMuon
+    with pytest.raises(ValueError, match="FSDP2's sharded matrices"):
+        ShardedMuon(torch.optim.Muon, [torch.nn.Parameter(torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match="momentum should be >= 0"):  # torch's own checks of its settings
+        ShardedMuon(torch.optim.Muon, [], momentum=-1)
+
+
+def sharded_checkpoint(folder):
+    """A sharded checkpoint folder as one torch.save file (DCP's converter), loaded weights_only,
+    and which tensors it holds as more than one chunk (sharded: each rank wrote its rows)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(folder, folder + ".pt")
+    chunks = {k: len(v.chunks) for k, v in FileSystemReader(folder).read_metadata().state_dict_metadata.items()
+              if hasattr(v, "chunks")}
+    return torch.load(folder + ".pt", weights_only=True), chunks
+
+
+def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_resumes_exactly(shards, ddp_muon, tmp_path):
+    """2 processes, FSDP2 and ShardedMuon, the fast recipe: the losses, the final weights and Muon's
+    momentum buffers are DDP's bit for bit (the same gradients, gathered whole, stepped by the same
+    torch Muon). The momentum buffers are in the sharded checkpoint as shards. Resumed from the
+    step-3 checkpoint, the steps after it are the uninterrupted run's."""
+    from test_distributed import run_ok
+    fsdp, resumed = str(tmp_path / "fsdp"), str(tmp_path / "resumed")
+    out = run_ok(tiny_args(shards, fsdp, fsdp=True, **MUON_RUN))
+    assert "FSDP" in out and "ShardedMuon: each matrix gathered whole" in out
+    assert train_losses(fsdp) == train_losses(ddp_muon)  # bit for bit
+    assert max(e["grad_norm"] for e in read_metrics(fsdp) if "grad_norm" in e) < 1.0  # below grad_clip: see docs
+    state, chunks = sharded_checkpoint(os.path.join(fsdp, "ckpt_0000006"))
+    ddp = torch.load(os.path.join(ddp_muon, "ckpt_0000006.pt"), weights_only=True)
+    assert state["model"].keys() == ddp["model"].keys()
+    assert all(torch.equal(state["model"][k], v) for k, v in ddp["model"].items())
+    names = [n for n, _ in GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).named_parameters()
+             if n.startswith("transformer.h.") and n.endswith(".weight") and "ln_" not in n]
+    momentum = {n: state["optimizer"]["state"][n]["momentum_buffer"] for n in names}
+    assert len(momentum) == 8 and all(torch.equal(momentum[n], ddp["optimizer"]["muon"]["state"][i]["momentum_buffer"])
+                                      for i, n in enumerate(names))
+    assert all(chunks[f"optimizer.state.{n}.momentum_buffer"] == 2 for n in names)
+    out = run_ok(tiny_args(shards, resumed, fsdp=True, resume=os.path.join(fsdp, "ckpt_0000003"), **MUON_RUN))
+    assert "resumed from" in out
+    after = train_losses(resumed)
+    assert sorted(after) == [3, 4, 5] and after == {s: v for s, v in train_losses(fsdp).items() if s >= 3}
+
+
+def test_hsdp_2x2_with_muon_trains_as_ddp_and_resumes_exactly(shards, ddp_muon, tmp_path):
+    """4 processes as 2 replicas x 2-way FSDP, 2 sequences each: DDP's 8 sequences a step. The
+    gradient is averaged over 4 ranks in another order than DDP's over 2 (fp32 rounding, which
+    Newton-Schulz amplifies: DDP over 4 processes differs from DDP over 2 as much), so the losses
+    agree to 2e-4, where a Muon of each rank's shard would miss by 1e-2 (docs/recipes.md). Resumed
+    from its step-3 checkpoint, it trains the uninterrupted run's steps bit for bit."""
+    from test_distributed import run_ok
+    hsdp, resumed = str(tmp_path / "hsdp"), str(tmp_path / "resumed")
+    args = dict(fsdp=True, fsdp_shard_size=2, micro_batch_size=2, **MUON_RUN)
+    out = run_ok(tiny_args(shards, hsdp, **args), nproc=4)
+    assert "HSDP (2 replicas x 2-way FSDP)" in out and "ShardedMuon" in out
+    la, lb = train_losses(hsdp), train_losses(ddp_muon)
+    assert sorted(la) == sorted(lb) == list(range(6))
+    assert all(la[s] == pytest.approx(lb[s], abs=2e-4) for s in la), (la, lb)
+    run_ok(tiny_args(shards, resumed, resume=os.path.join(hsdp, "ckpt_0000003"), **args), nproc=4)
+    assert train_losses(resumed) == {s: v for s, v in la.items() if s >= 3}
+
+
+def test_fsdp_with_muon_resumed_with_new_settings_trains_them(shards, tmp_path):
+    """keep_settings under FSDP (a group of one): a resume with --muon_momentum=0.8 steps with 0.8
+    (the next checkpoint's Muon group, which is the one that stepped), says so in the log, and
+    trains otherwise than the 0.95 it was saved with. The NaN guard stops an FSDP + Muon run whose
+    update made the weights non-finite."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    args = dict(fsdp=True, recipe="fast", max_steps=4, checkpoint_every=2, val_every=0)
+    train_gpt.main(tiny_args(shards, first, **args))
+    train_gpt.main(tiny_args(shards, second, resume=os.path.join(first, "ckpt_0000002"), muon_momentum=0.8, **args))
+    state, _ = sharded_checkpoint(os.path.join(second, "ckpt_0000004"))
+    groups = state["optimizer"]["param_groups"]
+    muon = [g for g in groups if "momentum" in g]
+    assert len(muon) == 1 and muon[0]["momentum"] == 0.8 and len(groups) == 3
+    assert "settings changed since the checkpoint (these train now): muon_momentum 0.95 -> 0.8" in \
+        open(os.path.join(second, "log.txt")).read()
+    a, b = train_losses(first), train_losses(second)
+    assert b[2] == a[2] and b[3] != a[3]  # step 2 trained with 0.8: step 3's loss shows it
+    fail(tiny_args(shards, str(tmp_path / "nan"), fsdp=True, optimizer="muon", max_lr=1e39, max_steps=2),
+         "step 0's update made the weights NaN/Inf")
