@@ -100,10 +100,6 @@ class ShardedMuon(torch.optim.Optimizer):
     def _step_group(self, matrices, settings, pg, rank, n):
         """Step the matrices sharded over one group of n ranks, round by round (deal)."""
         local = lambda p: (p.to_local(), p.grad.to_local(), self.state[p]["momentum_buffer"].to_local())
-        if n == 1:  # a group of one (HSDP's pure replicas, one GPU): each shard is its matrix whole
-            for p in matrices:
-                step_whole(self.muon_class, *local(p), settings)
-            return
         rounds = [[matrices[i] for i in round_] for round_ in deal([tuple(p.shape) for p in matrices], n)]
         mine = [round_[rank] for round_ in rounds if rank < len(round_)]
         # One set of buffers for the step, the largest any round needs, rather than fresh tensors

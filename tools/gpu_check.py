@@ -2,6 +2,7 @@
 AdamW, DDP and FSDP starting from the same weights, NCCL with one rank. Prints one line per check and exits non-zero if any failed.
 
     python -m tools.gpu_check          # then python -m tools.bench for MFU; bash tools/gpu_check.sh runs both and more
+    python -m tools.gpu_check fsdp_muon_step_share     # one check by name, also those not run by default
 """
 
 import os
@@ -96,10 +97,85 @@ def nccl_single_rank():
     return "all_reduce ok"
 
 
+def fsdp_muon_step_share(config=None, micro_batch=8, accum=64, device="cuda", backend="nccl"):
+    """FSDP2 + Muon (support/sharded_muon.py) on one GPU, a process group of one (every matrix is
+    gathered through the NCCL all_to_all path, from one rank to itself): forward + backward of one
+    micro batch, and the optimizer step (AdamW's part, Muon's part), timed apart. Default: gpt3-xl's
+    width and context with 4 of its 24 blocks (the share does not depend on the depth: both grow by
+    a block's worth) at micro batch 8 x 2048; accum 64 is gpt3-xl's 2**20-token step on this one GPU.
+    Also 3 steps of a small fp32 model against the same steps unsharded (torch's Muon): the gap."""
+    import time
+    from model import MuonConfig, muon_params, preset_config
+    from support.sharded_muon import ShardedMuon, step_flops
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = "29513"
+    dist.init_process_group(backend, rank=0, world_size=1,
+                            device_id=torch.device(device, 0) if device == "cuda" else None)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    try:
+        mesh = init_device_mesh(device, (1,))
+
+        def sharded(cfg, seed):
+            model = GPT(cfg, seed=seed).to(device)
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model, configure_optimizers(model, 0.1, 1e-4, device, log=lambda m: None,
+                                               muon=MuonConfig(float32=device == "cpu"), sharded_muon=ShardedMuon)
+        small = GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64)
+        (fsdp, fsdp_opt), plain = sharded(small, 0), GPT(small, seed=0).to(device)
+        plain_opt = configure_optimizers(plain, 0.1, 1e-4, device, log=lambda m: None,
+                                         muon=MuonConfig(float32=device == "cpu"))
+        x = torch.randint(0, 50257, (4, 64), device=device)
+        for _ in range(3):
+            for m, o in ((fsdp, fsdp_opt), (plain, plain_opt)):
+                m(x, x)[1].backward()
+                o.step()
+                o.zero_grad(set_to_none=True)
+        gap = max((a.full_tensor() - b).abs().max().item() for a, b in zip(muon_params(fsdp), muon_params(plain)))
+        assert gap < 1e-2, f"FSDP + ShardedMuon moved the matrices {gap:.2e} away from torch's Muon unsharded"
+        cfg = config or preset_config("gpt3-xl", n_layer=4)
+        model, opt = sharded(cfg, 0)
+        x = torch.randint(0, 50257, (micro_batch, cfg.block_size), device=device)
+        times = {"forward+backward": [], "AdamW's step": [], "Muon's step": []}
+        for i in range(6):  # the first 2 warm up
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(x, x)[1]
+            loss.backward()
+            sync()
+            t1 = time.perf_counter()
+            opt.optimizers["adamw"].step()
+            sync()
+            t2 = time.perf_counter()
+            opt.optimizers["muon"].step()
+            sync()
+            t3 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                for name, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[name].append(t)
+        fb, adamw, muon = (sorted(v)[len(v) // 2] for v in times.values())
+        flops = step_flops([tuple(p.shape) for p in muon_params(model)], 1, opt.optimizers["muon"].defaults["ns_steps"])
+        share = (adamw + muon) / (accum * fb + adamw + muon)
+        return (f"unsharded gap {gap:.1e}; {cfg.n_layer} blocks of {cfg.n_embd}, micro batch {micro_batch} x "
+                f"{cfg.block_size}: forward+backward {fb * 1e3:.1f} ms, AdamW's step {adamw * 1e3:.1f} ms, Muon's step "
+                f"{muon * 1e3:.1f} ms ({flops / 1e12:.2f} TFLOP of Newton-Schulz: {flops / muon / 1e12:.0f} TFLOP/s); "
+                f"the optimizer's share of a step of {accum} micro batches: {share:.2%} (medians of 4)")
+    finally:
+        dist.destroy_process_group()
+
+
+NAMED = {"fsdp_muon_step_share": fsdp_muon_step_share}  # run by name only (tools/gpu_check.sh section 5)
+
+
 def main():
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     failed = 0
-    for fn in CHECKS:
+    named = {fn.__name__: fn for fn in CHECKS} | NAMED
+    for fn in [named[name] for name in sys.argv[1:]] or CHECKS:
         try:
             print(f"PASS {fn.__name__}: {fn()}", flush=True)
         except Exception:

