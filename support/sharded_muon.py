@@ -101,13 +101,13 @@ class ShardedMuon(torch.optim.Optimizer):
         """Step the matrices sharded over one group of n ranks, round by round (deal)."""
         local = lambda p: (p.to_local(), p.grad.to_local(), self.state[p]["momentum_buffer"].to_local())
         rounds = [[matrices[i] for i in round_] for round_ in deal([tuple(p.shape) for p in matrices], n)]
-        mine = [round_[rank] for round_ in rounds if rank < len(round_)]
+        stepped_here = [round_[rank] for round_ in rounds if rank < len(round_)]
         # One set of buffers for the step, the largest any round needs, rather than fresh tensors
         # each round: a backend may hold a collective's tensors a moment after it returns (seen on
         # gloo: a round's buffers still allocated when the next round's were made).
         like = matrices[0].to_local()
         sent = like.new_empty(max(sum(p.to_local().numel() for p in round_) for round_ in rounds))
-        whole = like.new_empty(3, max((p.numel() for p in mine), default=0))  # weight, gradient, momentum
+        whole = like.new_empty(3, max((p.numel() for p in stepped_here), default=0))  # weight, gradient, momentum
         for round_ in rounds:
             shards = [local(p) for p in round_]
             mine = round_[rank] if rank < len(round_) else None
@@ -149,8 +149,8 @@ def step_whole(muon_class, weight, grad, buf, settings):
     weight.grad = grad
     opt.step()
     # A torch optimizer lives in a reference cycle, freed by the garbage collector's next pass, not
-    # when it goes out of scope: emptied here, it does not keep the step's whole tensors after it
-    # (seen: a round's weight, gradient and momentum still allocated through the next round).
+    # when it goes out of scope: emptied here, it does not keep the whole tensors alive after the
+    # step (seen, when each round made its own: one round's still allocated through the next).
     opt.state.clear()
     opt.param_groups.clear()
 

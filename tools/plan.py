@@ -130,9 +130,10 @@ def fake_step_peak(setup):
     "activations" counts what forward keeps for backward and what backward makes on the way;
     "params" and "grads" include FSDP's gathered (unsharded) copies of a block at the peak.
     With Muon, "muon_step" is the peak of its step, after backward: the state held then, plus
-    the matrix this rank holds whole in its first round (ShardedMuon: weight, gradient and
-    momentum, fp32) and the Newton-Schulz temporaries; "total" is the larger of the two peaks.
-    Rank 0, which the fake step is, steps the largest matrices (sharded_muon.deal)."""
+    "muon_temporaries", what the step makes: under FSDP (ShardedMuon) the whole weight, gradient
+    and momentum (fp32) of the largest matrix this rank steps and a flat buffer of its rows of a
+    round, and the Newton-Schulz temporaries; "total" is the larger of the two peaks. Rank 0,
+    which the fake step is, steps the largest matrices (sharded_muon.deal)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     config = preset_config(setup.model, n_layer=setup.n_layer)
     T = setup.seq_len or config.block_size
