@@ -319,7 +319,8 @@ def auto_micro_batch(s, rt, log):
                f"--model={s.model}", f"--gpus={rt.world_size}", f"--gpu_memory={memory}", f"--fsdp={s.fsdp}",
                f"--fsdp_shard_size={s.fsdp_shard_size}",
                f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
-               f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}"]
+               f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}",
+               f"--attention={s.attention}"] + ([f"--attention_band={s.attention_band}"] if s.attention_band else [])
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         if done.returncode != 0:

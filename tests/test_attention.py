@@ -168,14 +168,23 @@ def test_hf_export_refuses_a_banded_model_in_one_line(tmp_path):
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
 
 
-def test_gpt3_small_training_logs_its_pattern_and_evaluates_with_it(shards, tmp_path, capsys):
-    """gpt3-small's pattern on tiny dimensions (band 8 of 32): the model line names it, training,
-    validation and the samples (40 tokens, past the band) run, and the checkpoint keeps the pattern."""
-    log_dir = str(tmp_path / "log")
-    train_gpt.main(tiny_args(shards, log_dir, model="gpt3-small", attention_band=8, max_steps=2, val_every=2,
-                             sample_every=2, checkpoint_every=2))
+def test_gpt3_small_trains_logs_its_pattern_evaluates_and_resumes_with_it(shards, tmp_path, capsys):
+    """gpt3-small's pattern on tiny dimensions (band 8 of 32): the model line names it; training,
+    validation and the samples (40 tokens, past the band) run; the checkpoint keeps the pattern, a
+    run stopped at step 2 resumes to the same step-4 weights, and a resume as dense is refused."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    args = dict(model="gpt3-small", attention_band=8, max_steps=4, val_every=2, sample_every=4, checkpoint_every=2)
+    train_gpt.main(tiny_args(shards, straight, **args))
     printed = capsys.readouterr().out
     assert "attention gpt3: 1 of 2 layers banded to the last 8 tokens (1), 1 dense (0)" in printed
-    assert "val loss" in printed and "sample 0:" in printed and len(train_losses(log_dir)) == 2
-    saved = torch.load(f"{log_dir}/ckpt_0000002.pt", weights_only=True)
+    assert "val loss" in printed and "sample 0:" in printed and len(train_losses(straight)) == 4
+    saved = torch.load(f"{straight}/ckpt_0000004.pt", weights_only=True)
     assert (saved["model_config"]["attention"], saved["model_config"]["attention_band"]) == ("gpt3", 8)
+    train_gpt.main(tiny_args(shards, resumed, stop_step=2, **args))
+    with pytest.raises(SystemExit, match="the checkpoint's model has attention=gpt3, these settings give dense"):
+        train_gpt.main(tiny_args(shards, resumed, **dict(args, model="tiny", attention_band=None)))
+    train_gpt.main(tiny_args(shards, resumed, **args))
+    assert "resumed from" in capsys.readouterr().out
+    assert train_losses(resumed) == train_losses(straight)
+    weights = torch.load(f"{resumed}/ckpt_0000004.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights[k], saved["model"][k]) for k in weights)

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import GPT, PRESETS, configure_optimizers, flops_per_token, preset_config
+from model import GPT, PRESETS, configure_optimizers, describe_attention, flops_per_token, preset_config
 from support import cli
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 
@@ -79,6 +79,8 @@ class Setup:
     dtype: str = "bfloat16"  # bf16 compute (FSDP: bf16 parameters gathered; DDP: autocast)
     n_layer: Optional[int] = None  # None: the preset's; set to run the fake step on fewer layers
     shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
+    attention: Optional[str] = None  # None: the preset's pattern (train_gpt --attention)
+    attention_band: Optional[int] = None  # None: GPTConfig's (train_gpt --attention_band)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,13 +121,21 @@ def build(config, setup, device, mesh):
     return model, optimizer
 
 
+def setup_config(setup):
+    """The GPTConfig a Setup trains. Banded layers (GPT-3's pattern) keep what dense ones keep: the
+    fake step runs the CPU's masked flash attention, which, as FlexAttention on a GPU, keeps q, k, v,
+    the output and its log-sum-exp, and no T x T scores (one boolean T x T mask a forward)."""
+    return preset_config(setup.model, n_layer=setup.n_layer, attention=setup.attention,
+                         attention_band=setup.attention_band)
+
+
 def fake_step_peak(setup):
     """Peak bytes on one rank during two training steps (the second with the optimizer state
     allocated), by category: {"params", "grads", "optimizer", "activations", "other", "total"}.
     "activations" counts what forward keeps for backward and what backward makes on the way;
     "params" and "grads" include FSDP's gathered (unsharded) copies of a block at the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    config = preset_config(setup.model, n_layer=setup.n_layer)
+    config = setup_config(setup)
     T = setup.seq_len or config.block_size
     device = torch.device("cpu")
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
@@ -252,7 +262,7 @@ def measured_step_peak(setup):
     on. On a GPU (NCCL): torch.cuda.max_memory_allocated. On the CPU (gloo): measure_peak_bytes."""
     from torch.distributed.device_mesh import init_device_mesh
     import os
-    config = preset_config(setup.model, n_layer=setup.n_layer)
+    config = setup_config(setup)
     T = setup.seq_len or config.block_size
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
     cuda = torch.cuda.is_available()
@@ -355,6 +365,7 @@ class Plan:
     gpu: str
     sharding: str
     fits: bool
+    attention: str = ""  # the attention pattern, as model.describe_attention says it
     reason: str = ""
     activation_checkpointing: str = ""
     micro_batch_size: int = 0
@@ -373,10 +384,12 @@ class Plan:
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
-              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, log=print):
+              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, attention=None, attention_band=None,
+              log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
-    gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own)."""
+    gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own).
+    attention, attention_band: the pattern (None: the preset's), whose banded layers cost fewer FLOPs."""
     if model not in PRESETS:
         raise ValueError(f"unknown --model={model!r}; choose one of: {', '.join(PRESETS)}")
     if gpu not in GPUS:
@@ -393,9 +406,11 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     budget = int(USABLE * kind.memory)
     sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
         "FSDP2" if fsdp else "DDP"
-    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model))
     setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
-                  shard_size=fsdp_shard_size if hybrid else None)
+                  shard_size=fsdp_shard_size if hybrid else None, attention=attention, attention_band=attention_band)
+    config = setup_config(setup)
+    plan = Plan(model, gpus, gpu, sharding, False, describe_attention(config, config.block_size),
+                budget_gib=budget / GiB, tokens=tokens or token_budget(model))
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -437,7 +452,6 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     plan.accumulation_steps = total_batch_size // (b * preset.block_size * gpus)
     plan.mfu, plan.mfu_source = estimate_mfu(kind, mfu)
     if plan.mfu:
-        config = preset_config(model)
         recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
         # a recomputed block runs its forward twice: 4 instead of 3 forward-passes' FLOPs
         flops = flops_per_token(config, preset.block_size) * (1 + recomputed / 3)
@@ -479,7 +493,7 @@ def smallest_gpus(setup, total_batch_size, budget, at_one):
 
 
 def format_plan(plan):
-    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}"
+    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}; {plan.attention}"
     lines = [head]
     if plan.memory_gib:
         m = plan.memory_gib
@@ -523,6 +537,8 @@ def main(argv=None):
     parser.add_argument("--gpu_memory", type=float, default=None, help="GiB of one GPU; default the --gpu's")
     parser.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (compute)")
     parser.add_argument("--chunked_loss", default="False", help="True: the chunked loss (no full logits)")
+    parser.add_argument("--attention", default=None, help="dense or gpt3 (train_gpt --attention); default the preset's")
+    parser.add_argument("--attention_band", type=int, default=None, help="gpt3's band; default 256")
     parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
                         "against the measured one, for --micro_batch_size and --activation_checkpointing")
     args = parser.parse_args(argv)
@@ -540,7 +556,8 @@ def main(argv=None):
                          tokens=int(args.tokens) if args.tokens else None, mfu=args.mfu,
                          chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
-                         fsdp_shard_size=args.fsdp_shard_size or None, log=(lambda m: None) if args.json else print)
+                         fsdp_shard_size=args.fsdp_shard_size or None, attention=args.attention,
+                         attention_band=args.attention_band, log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
@@ -572,7 +589,8 @@ def check_against_measured(args):
     import os
     setup = Setup(args.model, int(os.environ.get("WORLD_SIZE", 1)), int(args.micro_batch_size),
                   args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
-                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype)
+                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
+                  attention=args.attention, attention_band=args.attention_band)
     planned = peak_bytes(setup)["total"]
     measured = measured_step_peak(setup)
     if int(os.environ.get("RANK", 0)) == 0:
