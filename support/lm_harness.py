@@ -25,6 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from support import cli
 from support.evals import autocast, evaluating, model_device
 from support.files import replace_atomically
 from support.hf import export_hf, not_plain_gpt2
@@ -165,6 +166,10 @@ def lm_class():
             (key, context tokens, continuation tokens); a sequence longer than the model's
             context loses tokens from the left, as in HFLM. Longest first, batch_size a forward,
             right-padded (attention is causal: padding changes no earlier position)."""
+            too_long = [len(c) for _, _, c in requests if len(c) > self.max_length]
+            if too_long:
+                raise cli.BadInput(f"a continuation of {too_long[0]} tokens is longer than the model's context "
+                                 f"({self.max_length}): it cannot be scored in one window")
             rows = [((context + continuation)[-(self.max_length + 1):][:-1], continuation)
                     for _, context, continuation in requests]
             order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -210,7 +215,7 @@ def lm_class():
                     context, gen_kwargs = request.args
                     gen_kwargs = dict(gen_kwargs)
                     if gen_kwargs.get("do_sample"):  # without it a temperature is ignored, as by HF's generate
-                        raise ValueError("GPTLM decodes greedily only, and this task asks for sampling (do_sample)")
+                        raise cli.BadInput("GPTLM decodes greedily only, and this task asks for sampling (do_sample)")
                     until = gen_kwargs.get("until") or []
                     until = [until] if isinstance(until, str) else list(until)
                     max_new = int(gen_kwargs.get("max_gen_toks", 256))

@@ -290,3 +290,5 @@ def test_rolling_loglikelihood_and_greedy_generation_equal_hflms(lm_eval_run):
         assert generated == theirs.generate_until(prompts) and len(ours.tok_encode(generated[2])) == 6
     with pytest.raises(ValueError, match="greedily only"):
         ours.generate_until(instances("generate_until", [("Hi", dict(do_sample=True))]))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        ours.loglikelihood(instances("loglikelihood", [("Hi", " b" * 100)]))
