@@ -8,6 +8,7 @@ This file imports nothing from the rest of the project and works alone.
 """
 
 import functools
+import importlib.util
 import inspect
 import math
 import warnings
@@ -180,45 +181,32 @@ def attention(q, k, v, band=None):
     T = q.size(-2)
     if band is None or band >= T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.device.type == "cuda" and torch.is_grad_enabled() and flex_attention_available():
-        return flex_band_attention(q, k, v, band)
+    if q.device.type == "cuda" and torch.is_grad_enabled():
+        if HAS_FLEX_ATTENTION:
+            return flex_band_attention(q, k, v, band)
+        _say_flex_is_missing()
     return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, band, q.device))
 
 
-FLEX_MIN_TORCH = "2.6"  # FlexAttention as torch.nn.attention.flex_attention, compiled, with create_block_mask
-
-
-def flex_attention_available():
-    """FlexAttention is there (torch >= 2.6); if not, banded layers fall back on the masked
-    path, said once."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        if not _FLEX_MISSING_SAID:
-            _FLEX_MISSING_SAID.append(True)
-            warnings.warn(f"banded attention on CUDA wants FlexAttention (torch >= {FLEX_MIN_TORCH}); torch "
-                          f"{torch.__version__} has none, so banded layers compute every position, masked: "
-                          f"the same numbers, without the banded speed-up")
-        return False
-    return True
-
-
-_FLEX_MISSING_SAID = []
+# FlexAttention (torch >= 2.6 here): found now, imported when a banded layer first trains on CUDA.
+HAS_FLEX_ATTENTION = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 _BAND_BLOCK_MASKS = {}  # (T, band, device) -> BlockMask: made once, read by every banded layer and step
 
 
 def flex_band_attention(q, k, v, band):
     """FlexAttention over the band: a block mask that lists, for each 128-query block, only the
     key blocks that meet the band, so at T = 2048 with a band of 256 a layer computes 3 of a
-    dense causal layer's ~8.5 key blocks per query block on average. flex_attention is compiled
-    (its fused kernel; run eagerly it would materialize the scores): inside a compiled model it
-    is traced with the model, outside (--compile=False) it compiles on its own, once per shape."""
+    dense causal layer's ~8.5 key blocks per query block on average. flex_attention runs compiled
+    (its fused kernel; eagerly it would materialize the scores): inside a compiled model it is
+    traced with the model, outside (--compile=False) it is compiled on its own, once per shape."""
     T = q.size(-2)
     key = (T, band, q.device.type, q.device.index)
     block_mask = _BAND_BLOCK_MASKS.get(key)
     if block_mask is None:
         block_mask = _BAND_BLOCK_MASKS[key] = band_block_mask(T, band, q.device)
-    return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+    return flex(q, k, v, block_mask=block_mask)
 
 
 def band_block_mask(T, band, device):
@@ -234,6 +222,12 @@ def band_block_mask(T, band, device):
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _say_flex_is_missing():
+    warnings.warn(f"banded attention on CUDA wants FlexAttention (torch >= 2.6); torch {torch.__version__} has "
+                  f"none, so banded layers compute every position, masked: the same numbers, without the speed-up")
 
 
 class CausalSelfAttention(nn.Module):
