@@ -68,8 +68,9 @@ def parse_args(argv=None):
                    help="forward precision (weights stay fp32); auto: bfloat16 on GPUs that support it")
     p.add_argument("--lm_eval", default="", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy,piqa,lambada_openai: "
-                        "the model is exported to Hugging Face format beside the checkpoint and scored by the "
-                        "harness (pip install -r requirements-extras.txt)")
+                        "a plain GPT-2 is exported to Hugging Face format beside the checkpoint, any other model "
+                        "(GPT-3's banded attention) is scored as it is; by the harness "
+                        "(pip install -r requirements-extras.txt)")
     p.add_argument("--lm_eval_include", default=None, metavar="DIR", help="a folder of your own task YAML files")
     p.add_argument("--lm_eval_limit", type=int, default=None, help="score only the first N examples of each task")
     p.add_argument("--lm_eval_fewshot", type=int, default=None, help="examples in each prompt (default: the task's, 0)")
@@ -175,9 +176,9 @@ def evaluate(args):
         for text in sample_text(model, gpt2_tokenizer(), args.prompt, args.num_samples, args.max_new_tokens,
                                 args.temperature, args.top_k, args.seed, amp_dtype=amp_dtype):
             print(f"sample: {text!r}")
-    if args.lm_eval:  # last: the model moves to the CPU for its export, and the harness loads the export
+    if args.lm_eval:  # last: a plain GPT-2 moves to the CPU for its export, and the harness loads the export
         results["lm_eval"] = lm_harness.run(
-            model.cpu(), tasks, lm_eval_stem(args), manager, batch_size=args.batch_size,
+            model, tasks, lm_eval_stem(args), manager, batch_size=args.batch_size,
             device=device, dtype="bfloat16" if amp_dtype else "float32", limit=args.lm_eval_limit,
             num_fewshot=args.lm_eval_fewshot, log_samples=args.lm_eval_samples, quiet=args.quiet)["results"]
     return results

@@ -1,12 +1,17 @@
 """The GPT model: GPT-2 architecture, presets for GPT-2 and GPT-3 sizes, optimizer groups.
+GPT-3's one change to the architecture, alternating dense and locally banded attention layers, is
+the `attention` field of GPTConfig (docs/attention.md).
 
 Parameter names match OpenAI/HF GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so GPT-2
 weights map one to one (HF stores the four matmul weights transposed; see convert_hf.py).
 This file imports nothing from the rest of the project and works alone.
 """
 
+import functools
+import importlib.util
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +28,9 @@ def padded_vocab(vocab_size, multiple=64):
     return math.ceil(vocab_size / multiple) * multiple
 
 
+ATTENTION_PATTERNS = ("dense", "gpt3")  # GPTConfig.attention; banded_layers says which layers band
+
+
 class ConfigError(ValueError):
     """A model that cannot be built as asked (a bad dimension or preset name): a user's mistake,
     which the scripts print as one line."""
@@ -36,9 +44,14 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # GPT-3 "use[s] alternating dense and locally banded sparse attention patterns in the layers"
+    # (Brown et al. 2020, section 2.1): banded_layers(config) attend to the last attention_band
+    # positions only. The paper gives no band: 256 is GPT-Neo's window (docs/attention.md).
+    attention: str = "dense"  # dense: every layer causal over the whole context (GPT-2); or gpt3
+    attention_band: int = 256  # gpt3: a banded layer's position attends to itself and the band - 1 before it
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd", "attention_band"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
@@ -50,6 +63,8 @@ class GPTConfig:
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(f"padded_vocab_size={self.padded_vocab_size} is smaller than "
                              f"vocab_size={self.vocab_size}; use padded_vocab({self.vocab_size}).")
+        if self.attention not in ATTENTION_PATTERNS:
+            raise ConfigError(f"unknown attention pattern {self.attention!r}: choose one of {', '.join(ATTENTION_PATTERNS)}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class Preset:
     train_tokens: int = 0  # the run's token budget
     decay_tokens: int = 0  # the cosine decay reaches min_lr here (then it stays there); 0 = train_tokens
     warmup_tokens: int = 375_000_000  # linear LR warmup (GPT-3: 375M tokens for every size)
+    attention: str = "dense"  # GPTConfig.attention: GPT-3's sizes take GPT-3's pattern, gpt3
 
 
 # GPT-2 sizes train on one epoch of FineWeb-EDU sample-10BT as the seed does: 19,073 steps of
@@ -72,6 +88,7 @@ class Preset:
 # over 260B tokens, then the last 40B at 10%.
 GPT2_TOKENS = dict(train_tokens=19_073 * 2**19, warmup_tokens=715 * 2**19)
 GPT3_TOKENS = dict(train_tokens=300 * 10**9, decay_tokens=260 * 10**9)
+GPT3 = dict(GPT3_TOKENS, attention="gpt3")  # and the paper's attention: every other layer banded
 
 
 # GPT-2 sizes (Radford et al. 2019) use its 1024 context; their learning rates follow the GPT-3
@@ -84,14 +101,14 @@ PRESETS = {
     "gpt2-medium": Preset(24, 16, 1024, 1024, 3e-4, 2**19, **GPT2_TOKENS),
     "gpt2-large": Preset(36, 20, 1280, 1024, 2.5e-4, 2**19, **GPT2_TOKENS),
     "gpt2-xl": Preset(48, 25, 1600, 1024, 2e-4, 2**19, **GPT2_TOKENS),
-    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19, **GPT3_TOKENS),
-    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19, **GPT3_TOKENS),
-    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19, **GPT3_TOKENS),
-    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20, **GPT3_TOKENS),
-    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20, **GPT3_TOKENS),
-    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21, **GPT3_TOKENS),
-    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21, **GPT3_TOKENS),
-    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048, **GPT3_TOKENS),
+    "gpt3-small": Preset(12, 12, 768, 2048, 6e-4, 2**19, **GPT3),
+    "gpt3-medium": Preset(24, 16, 1024, 2048, 3e-4, 2**19, **GPT3),
+    "gpt3-large": Preset(24, 16, 1536, 2048, 2.5e-4, 2**19, **GPT3),
+    "gpt3-xl": Preset(24, 16, 2048, 2048, 2e-4, 2**20, **GPT3),
+    "gpt3-2.7b": Preset(32, 32, 2560, 2048, 1.6e-4, 2**20, **GPT3),
+    "gpt3-6.7b": Preset(32, 32, 4096, 2048, 1.2e-4, 2**21, **GPT3),
+    "gpt3-13b": Preset(40, 40, 5120, 2048, 1e-4, 2**21, **GPT3),
+    "gpt3-175b": Preset(96, 96, 12288, 2048, 6e-5, 1536 * 2048, **GPT3),
     # A CPU-sized model for the offline demo and the tests: same architecture, tiny.
     "tiny": Preset(4, 4, 256, 256, 1e-3, 2**14, train_tokens=150 * 2**14, warmup_tokens=15 * 2**14),
 }
@@ -102,15 +119,122 @@ def preset_config(name, **overrides):
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
-    fields = dict(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, block_size=p.block_size)
+    fields = dict(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, block_size=p.block_size, attention=p.attention)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return GPTConfig(**fields)
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention: dense causal, or GPT-3's locally banded layers
+
+def banded_layers(config):
+    """The layers whose attention is banded: none for dense; for gpt3 every other layer from the
+    second on (1, 3, 5, ...): the first layer is dense, and with an even number of layers the last
+    is banded. That is GPT-Neo's order (global, local, global, ...); the paper says only "alternating"."""
+    return list(range(1, config.n_layer, 2)) if config.attention == "gpt3" else []
+
+
+def layer_band(config, layer):
+    """The band of a layer's attention, or None for a dense (causal) layer."""
+    return config.attention_band if layer in banded_layers(config) else None
+
+
+def describe_attention(config, seq_len=None):
+    """The attention pattern in words, for the run's log."""
+    banded = banded_layers(config)
+    if not banded:
+        return "attention dense (every layer causal over the whole context)"
+    dense = [i for i in range(config.n_layer) if i not in banded]
+    note = (f"; the band covers the whole seq_len={seq_len}: this trains as dense"
+            if seq_len and config.attention_band >= seq_len else "")
+    return (f"attention {config.attention}: {len(banded)} of {config.n_layer} layers banded to the last "
+            f"{config.attention_band} tokens ({_layer_list(banded)}), {len(dense)} dense ({_layer_list(dense)}){note}")
+
+
+def _layer_list(layers):
+    return ", ".join(map(str, layers)) if len(layers) <= 4 else f"{layers[0]}, {layers[1]}, ..., {layers[-1]}"
+
+
+def band_mask_mod(band):
+    """FlexAttention's mask_mod of a band: query position q attends to key position k when
+    q - band < k <= q (itself and the band - 1 before it)."""
+    def in_band(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < band)
+    return in_band
+
+
+def band_mask(T, band, device=None):
+    """(T, T) boolean: True where query t attends to key s (band_mask_mod, evaluated whole)."""
+    positions = torch.arange(T, device=device)
+    return band_mask_mod(band)(None, None, positions[:, None], positions[None, :])
+
+
+def attention(q, k, v, band=None):
+    """Causal self-attention of (B, n_head, T, head_size) q, k, v. band None: each position attends
+    to itself and every position before it (scaled_dot_product_attention's is_causal: flash
+    attention on GPUs). With a band: to itself and the band - 1 positions before it only. A band
+    that covers the whole sequence is dense, and takes the dense path: the same numbers exactly.
+    Banded training on CUDA runs FlexAttention with a sliding-window block mask (flex_band_attention:
+    the blocks outside the band are skipped); elsewhere, and for evaluation's many shapes on CUDA,
+    scaled_dot_product_attention with the boolean band mask (forward and backward on every device,
+    every position computed). All give the masked softmax's numbers to rounding (tests/test_attention.py)."""
+    T = q.size(-2)
+    if band is None or band >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.device.type == "cuda" and torch.is_grad_enabled():
+        if HAS_FLEX_ATTENTION:
+            return flex_band_attention(q, k, v, band)
+        _say_flex_is_missing()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, band, q.device))
+
+
+# FlexAttention (torch >= 2.6 here): found now, imported when a banded layer first trains on CUDA.
+HAS_FLEX_ATTENTION = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+_BAND_BLOCK_MASKS = {}  # (T, band, device) -> BlockMask: made once, read by every banded layer and step
+
+
+def flex_band_attention(q, k, v, band):
+    """FlexAttention over the band: a block mask that lists, for each 128-query block, only the
+    key blocks that meet the band, so at T = 2048 with a band of 256 a layer computes 3 of a
+    dense causal layer's ~8.5 key blocks per query block on average. flex_attention runs compiled
+    (its fused kernel; eagerly it would materialize the scores): inside a compiled model it is
+    traced with the model, outside (--compile=False) it is compiled on its own, once per shape."""
+    T = q.size(-2)
+    key = (T, band, q.device.type, q.device.index)
+    block_mask = _BAND_BLOCK_MASKS.get(key)
+    if block_mask is None:
+        block_mask = _BAND_BLOCK_MASKS[key] = band_block_mask(T, band, q.device)
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+    return flex(q, k, v, block_mask=block_mask)
+
+
+def band_block_mask(T, band, device):
+    """The BlockMask of a band over a sequence of T (create_block_mask over band_mask_mod). Under
+    torch.compile the first call is traced into the graph, which then stores the mask in
+    flex_band_attention's cache; the guard on that cache recompiles once, and from then on the
+    graph reads the stored mask: no graph break, no mask rebuilt a step (seen on torch 2.13, CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(band_mask_mod(band), None, None, T, T, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _say_flex_is_missing():
+    warnings.warn(f"banded attention on CUDA wants FlexAttention (torch >= 2.6); torch {torch.__version__} has "
+                  f"none, so banded layers compute every position, masked: the same numbers, without the speed-up")
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, band=None):
         super().__init__()
         self.n_head = config.n_head
+        self.band = band  # None: dense causal; else attention() sees the band positions up to each
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_scaled_init = True
@@ -122,7 +246,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPUs
+        y = attention(q, k, v, self.band)  # flash attention on GPUs (dense layers)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.c_proj(y)
 
@@ -139,10 +263,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, band=None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, band)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -160,7 +284,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer_band(config, i)) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -422,11 +546,13 @@ def flops_per_token(config, seq_len):
     6 x the parameters that take part in matmuls (every block weight and bias, and the tied
     lm_head; not the position table, which is only looked up), plus attention's QK^T and AV:
     2 x 2 x T x C per layer forward, 12 x L x C x T for forward and backward (counting the full
-    T x T square, as the PaLM paper and nanoGPT do, though causal masking could skip half)."""
+    T x T square, as the PaLM paper and nanoGPT do, though causal masking could skip half). A
+    banded layer counts its band's width, min(band, T) keys a query, as a dense one counts T."""
     L, C, V = config.n_layer, config.n_embd, config.padded_vocab_size
     per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C
     matmul_params = L * per_block + V * C + 2 * C  # blocks, lm_head (tied wte), ln_f
-    return 6 * matmul_params + 12 * L * C * seq_len
+    keys = sum(min(layer_band(config, i) or seq_len, seq_len) for i in range(L))  # per query, over the layers
+    return 6 * matmul_params + 12 * C * keys
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class Settings:
     n_head: int = 12  # attention heads (64 channels each)
     n_embd: int = 768  # the width of the residual stream
     block_size: int = 1024  # the longest context (GPT-3's presets: 2048)
+    attention: str = "dense"  # dense: every layer causal (GPT-2); gpt3: every other layer banded, as GPT-3 (its presets' default; docs/attention.md)
+    attention_band: Optional[int] = None  # gpt3: a banded layer's token sees itself and the band - 1 before it; None: 256 (GPT-Neo's, the paper gives none)
     init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
     # data
     data_dir: str = "edu_fineweb10B"  # a folder of *_train_* / *_val_* shards (fineweb.py makes them)

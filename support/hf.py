@@ -9,6 +9,7 @@ Our parameter names are GPT-2's, so the mapping is one to one, except that
 The command line is convert_hf.py's.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -45,12 +46,41 @@ def hf_config(config):
                       architectures=["GPT2LMHeadModel"])
 
 
+SIZES = ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd")  # GPT-2's format holds any
+
+
+def not_plain_gpt2(config: GPTConfig):
+    """How config's architecture differs from GPT-2's, one "field=value (GPT-2: value)" each; empty
+    when GPT-2's format holds the model exactly. Every GPTConfig field beyond the sizes is an
+    architecture option whose default is GPT-2's, so any other value is a difference (the band
+    only where some layer bands)."""
+    plain = GPTConfig()
+    differences = []
+    for field in dataclasses.fields(GPTConfig):
+        value, gpt2 = getattr(config, field.name), getattr(plain, field.name)
+        if field.name in SIZES or value == gpt2 or (field.name == "attention_band" and config.attention == "dense"):
+            continue
+        differences.append(f"{field.name}={value!r} (GPT-2: {gpt2!r})")
+    return differences
+
+
+def check_plain_gpt2(config: GPTConfig):
+    """Refuse, in one line, a model that Hugging Face's GPT-2 format cannot hold exactly."""
+    differences = not_plain_gpt2(config)
+    if differences:
+        raise cli.BadInput(f"this model is not plain GPT-2 ({', '.join(differences)}): Hugging Face's GPT-2 "
+                           f"format has no place for that, so an export would compute other logits. "
+                           f"evaluate.py --lm_eval scores such a model through our own model (support/lm_harness.py)")
+
+
 def export_hf(model_or_state_dict, config: GPTConfig, out_dir, progress=False):
     """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that
     GPT2LMHeadModel.from_pretrained(out_dir) loads, with our logits on the real ids, and the GPT-2
     tokenizer's files, so AutoTokenizer.from_pretrained(out_dir) works offline too. Takes a GPT
     (also torch.compile'd) or its full state_dict (not a sharded one: gather it first). progress:
-    a progress bar over the tensors."""
+    a progress bar over the tensors. A model that is not plain GPT-2 (GPT-3's banded attention)
+    is refused: check_plain_gpt2."""
+    check_plain_gpt2(config)
     model = getattr(model_or_state_dict, "_orig_mod", model_or_state_dict)
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     missing = [k for k in parameter_names(config) if k not in state]

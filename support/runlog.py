@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from model import num_params
+from model import describe_attention, num_params
 from support import run_guard, tracking
 from support.cli import RunError
 from support.runtime import describe_parallelism
@@ -137,7 +137,8 @@ class RunLog:
     def header(self, s, rt, raw_model, meter, tokens_per_micro, plan, ramp_start):
         """The run's first lines: the model and where it runs, the batch, the plan. ramp_start: the
         tokens a step of the batch-size warmup starts at (train_gpt.BATCH_WARMUP_START)."""
-        self(f"model {s.model}: {num_params(raw_model):,} parameters, {meter.flops_token / 1e6:.1f} MFLOPs/token; "
+        self(f"model {s.model}: {num_params(raw_model):,} parameters, {meter.flops_token / 1e6:.1f} MFLOPs/token, "
+             f"{describe_attention(raw_model.config, s.seq_len)}; "
              f"device {rt.device} x {rt.world_size}, dtype {s.dtype}, compile {s.compile}, "
              f"{describe_parallelism(s, rt)}, activation checkpointing {s.activation_checkpointing}; "
              f"peak {meter.peak / 1e12:.2f} TFLOP/s for MFU")

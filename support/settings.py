@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import MUON_MIN_TORCH, PRESETS, MuonConfig, preset_config
+from model import ATTENTION_PATTERNS, MUON_MIN_TORCH, PRESETS, MuonConfig, preset_config
 from support import cli, tracking
 from support.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from support.cli import RunError, SettingsError
@@ -111,13 +111,14 @@ def parse_settings(argv, cls, demo, recipes):
 
 
 def preset_settings(name):
-    """The settings a model preset sets (model.PRESETS): its dimensions, context, LR, batch and
-    token schedule."""
+    """The settings a model preset sets (model.PRESETS): its dimensions, context, attention
+    pattern, LR, batch and token schedule."""
     if name not in PRESETS:
         raise SettingsError(f"unknown --model={name!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
     values = dict(n_layer=p.n_layer, n_head=p.n_head, n_embd=p.n_embd, block_size=p.block_size, max_lr=p.max_lr,
-                  total_batch_size=p.batch_tokens, max_tokens=p.train_tokens, warmup_tokens=p.warmup_tokens)
+                  total_batch_size=p.batch_tokens, max_tokens=p.train_tokens, warmup_tokens=p.warmup_tokens,
+                  attention=p.attention)
     if p.decay_tokens:
         values["decay_tokens"] = p.decay_tokens
     return values
@@ -129,7 +130,10 @@ def resolve_model_settings(s):
     the model's GPTConfig."""
     if s.model not in PRESETS:
         raise SettingsError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
-    config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
+    check_attention_settings(s)
+    config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size,
+                           attention=s.attention, attention_band=s.attention_band)
+    s.attention_band = config.attention_band if s.attention != "dense" else None  # the band that trains
     s.seq_len = s.seq_len or config.block_size
     s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
@@ -146,6 +150,20 @@ def resolve_model_settings(s):
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
     return config
+
+
+def check_attention_settings(s):
+    """--attention and --attention_band: a known pattern, and a band only where some layer bands."""
+    if s.attention not in ATTENTION_PATTERNS:
+        raise SettingsError(f"unknown --attention={s.attention!r}; choose one of: {', '.join(ATTENTION_PATTERNS)} "
+                            f"(gpt3: every other layer banded, docs/attention.md)")
+    if s.attention_band is None:
+        return
+    if s.attention == "dense":
+        raise SettingsError(f"--attention_band={s.attention_band} bands the layers of --attention=gpt3, but this "
+                            f"model is dense (--attention=dense): give --attention=gpt3, or no band")
+    if s.attention_band <= 0:
+        raise SettingsError(f"--attention_band must be positive (tokens a banded layer sees), got {s.attention_band}")
 
 
 def resolve_token_schedule(s):
@@ -299,7 +317,8 @@ def auto_micro_batch(s, rt, log):
                f"--fsdp_shard_size={s.fsdp_shard_size}",
                f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
                f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}",
-               f"--optimizer={s.optimizer}"]
+               f"--optimizer={s.optimizer}", f"--attention={s.attention}"] + (
+                  [f"--attention_band={s.attention_band}"] if s.attention_band else [])
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         if done.returncode != 0:

@@ -159,10 +159,24 @@ def test_matmul_yardstick_is_a_positive_rate():
 def test_bench_attention_kernel_is_recorded_and_checked(capsys):
     fp32 = TINY_BENCH + ["--loader_tokens=0", "--dtype=float32", "--json"]
     default = bench.main(fp32)
-    math_kernel = bench.main(fp32 + ["--attention=math"])
-    assert math_kernel.attention == "math"
+    math_kernel = bench.main(fp32 + ["--sdpa_kernel=math"])
+    assert math_kernel.sdpa_kernel == "math"
     assert math_kernel.final_loss == pytest.approx(default.final_loss, abs=1e-4)
     with pytest.raises(SystemExit, match="CUDA kernel"):
-        bench.main(fp32 + ["--attention=cudnn"])
+        bench.main(fp32 + ["--sdpa_kernel=cudnn"])
     with pytest.raises(SystemExit, match="choose one of"):
-        bench.main(fp32 + ["--attention=fast"])
+        bench.main(fp32 + ["--sdpa_kernel=fast"])
+
+
+def test_bench_against_other_settings_reports_the_speed_ratio(capsys):
+    """--against: the step measured again with the attention dense; both results and their ratio."""
+    result = bench.main(TINY_BENCH + ["--attention=gpt3", "--attention_band=8", "--loader_tokens=0",
+                                      "--dtype=float32", "--steps=1", "--warmup=0",
+                                      "--against=attention=dense,attention_band=none"])
+    table = capsys.readouterr().out
+    assert (result.attention, result.attention_band) == ("gpt3", 8)
+    assert (result.against.attention, result.against.attention_band) == ("dense", None)
+    assert result.speed_ratio == pytest.approx(result.tokens_per_sec / result.against.tokens_per_sec)
+    assert result.flops_per_token < result.against.flops_per_token  # a banded layer counts 8 keys, not 32
+    assert "attention gpt3 (band 8)" in table and "against --attention=dense --attention_band=none" in table
+    assert f"speed ratio: {result.speed_ratio:.3f}" in table

@@ -28,6 +28,8 @@ def test_results_table_ratio_and_short_runs():
 def test_recipes_and_settings_are_checked():
     assert compare.recipe_args("gpt3") == ["--recipe=gpt3"]
     assert compare.recipe_args("fast:muon_lr=0.04:max_lr=2e-3") == ["--recipe=fast", "--muon_lr=0.04", "--max_lr=2e-3"]
+    assert compare.recipe_args("gpt3:attention=gpt3:attention_band=128") == [  # dense against banded (docs/attention.md)
+        "--recipe=gpt3", "--attention=gpt3", "--attention_band=128"]
     with pytest.raises(ValueError, match="unknown recipe 'slow'"):
         compare.recipe_args("slow")
     with pytest.raises(ValueError, match="name=value"):

@@ -144,6 +144,25 @@ def test_ddp_equals_one_process(single, ddp):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in wb)
 
 
+# GPT-3's attention pattern on TINY (2 layers of 32 positions): layer 1 banded to the last 8.
+BANDED = dict(attention="gpt3", attention_band=8)
+
+
+def test_gpt3_attention_under_ddp_and_fsdp_with_activation_checkpointing(shards, single, tmp_path, one_thread):
+    """The banded pattern on: DDP with selective activation checkpointing (the banded block is the
+    one recomputed) equals one process, and so does FSDP2 (a group of one, in this process: the
+    model built on the meta device, then sharded) with every block recomputed. And it trains
+    otherwise than dense: the pattern is on. (Its exact resume: tests/test_attention.py.)"""
+    import train_gpt
+    one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
+    train_gpt.main(tiny_args(shards, one, **BANDED, **STEPS))
+    run_ok(tiny_args(shards, ddp, activation_checkpointing="selective", **BANDED, **STEPS))
+    assert_close_runs(one, ddp)
+    train_gpt.main(tiny_args(shards, fsdp, fsdp=True, activation_checkpointing="full", **BANDED, **STEPS))
+    assert_close_runs(one, fsdp)
+    assert abs(train_losses(single)[9] - train_losses(one)[9]) > 1e-4  # 10 x the tolerance of equal runs
+
+
 def two_node_job(args, extra=(), script=("train_gpt.py",), env=None):
     """Two torchrun agents of one process each, meeting over c10d on 127.0.0.1: two "nodes".
     Asserts both succeed; returns their outputs."""

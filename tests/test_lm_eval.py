@@ -1,7 +1,9 @@
 """evaluate.py --lm_eval: lm-evaluation-harness on a checkpoint, offline, on local tasks this file
 writes. Its HellaSwag scores agree with evals.hellaswag on the same items: the same
 loglikelihoods, the same acc; its acc_norm divides by the ending's characters where ours divides
-by its tokens; and its own hellaswag task prompts with a preprocessed context."""
+by its tokens; and its own hellaswag task prompts with a preprocessed context. A model GPT-2's
+format cannot hold (GPT-3's banded attention) is scored through GPTLM, the harness's model
+interface over our GPT, which on a plain GPT-2 gives HFLM's numbers."""
 
 import dataclasses
 import importlib.util
@@ -79,31 +81,46 @@ dataset_kwargs:
 
 
 @pytest.fixture(scope="module")
-def lm_eval_run(tmp_path_factory):
-    """A tiny GPT (weights moved off their init, so endings score apart), its checkpoint, and the
-    one command, run offline with no Hugging Face cache to fall back on."""
-    tmp = tmp_path_factory.mktemp("lm_eval")
+def tasks_dir(tmp_path_factory):
+    """The local task YAMLs and their data."""
+    tasks = tmp_path_factory.mktemp("tasks")
+    data = tasks / "hellaswag_local.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in hellaswag_items()))
+    (tasks / "hellaswag_local.yaml").write_text(ours_task_yaml(data))
+    (tasks / "hellaswag_harness_local.yaml").write_text(harness_hellaswag_yaml(data))
+    return tasks
+
+
+def evaluate_offline(tmp, config, tasks_dir, tasks):
+    """A tiny GPT (weights moved off their init, so endings score apart), its checkpoint, and
+    evaluate.py --lm_eval on it, run offline with no Hugging Face cache to fall back on."""
     torch.manual_seed(0)
-    model = GPT(CONFIG)
+    model = GPT(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        model.transformer.wte.weight[CONFIG.vocab_size:] = 0
+        model.transformer.wte.weight[config.vocab_size:] = 0
     ckpt = str(tmp / "run" / "ckpt_0000010.pt")
     os.makedirs(os.path.dirname(ckpt))
-    checkpoint.save_file({"model": model.state_dict(), "model_config": dataclasses.asdict(CONFIG)}, ckpt)
-    data = tmp / "tasks" / "hellaswag_local.jsonl"
-    os.makedirs(data.parent)
-    data.write_text("".join(json.dumps(e) + "\n" for e in hellaswag_items()))
-    (tmp / "tasks" / "hellaswag_local.yaml").write_text(ours_task_yaml(data))
-    (tmp / "tasks" / "hellaswag_harness_local.yaml").write_text(harness_hellaswag_yaml(data))
+    checkpoint.save_file({"model": model.state_dict(), "model_config": dataclasses.asdict(config)}, ckpt)
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"),
                OMP_NUM_THREADS="1")
     command = [sys.executable, "evaluate.py", f"--checkpoint={ckpt}", "--device=cpu", "--dtype=float32",
-               "--lm_eval=hellaswag_local,hellaswag_harness_local", f"--lm_eval_include={tmp / 'tasks'}",
-               "--lm_eval_samples", "--quiet"]
+               f"--lm_eval={tasks}", f"--lm_eval_include={tasks_dir}", "--lm_eval_samples", "--quiet"]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    return ckpt, run
+
+
+@pytest.fixture(scope="module")
+def lm_eval_run(tmp_path_factory, tasks_dir):
+    """Plain GPT-2: exported, scored by the harness's HFLM."""
+    ckpt, run = evaluate_offline(tmp_path_factory.mktemp("lm_eval"), CONFIG, tasks_dir,
+                                 "hellaswag_local,hellaswag_harness_local")
+    return results_of(ckpt, run)
+
+
+def results_of(ckpt, run):
     stem = ckpt.removesuffix(".pt")
     with open(stem + "_lm_eval.json") as f:
         results = json.load(f)["results"]
@@ -204,3 +221,74 @@ def test_lm_eval_without_the_harness_installed_says_what_to_install(monkeypatch,
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint=any.pt", "--lm_eval=hellaswag"])
     assert "pip install -r requirements-extras.txt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTLM: the harness's model interface over our GPT, for models GPT-2's format cannot hold
+
+BANDED = dataclasses.replace(CONFIG, attention="gpt3", attention_band=8)
+LONG_TEXT = " ".join(f"{start.lower()} {next_} {ending}" for start, next_ in zip(STARTS, NEXTS) for ending in ENDINGS)
+
+
+def instances(request_type, arguments):
+    from lm_eval.api.instance import Instance
+    return [Instance(request_type=request_type, doc={}, arguments=args, idx=i) for i, args in enumerate(arguments)]
+
+
+def choice_requests(items):
+    """The requests hellaswag_local makes: the context, then " " + each ending."""
+    return instances("loglikelihood", [(item["ctx"], " " + ending) for item in items for ending in item["endings"]])
+
+
+@pytest.fixture(scope="module")
+def banded_lm_eval_run(tmp_path_factory, tasks_dir):
+    """GPT-3's pattern: evaluate.py --lm_eval scores it through GPTLM, with no export."""
+    ckpt, run = evaluate_offline(tmp_path_factory.mktemp("lm_eval_banded"), BANDED, tasks_dir, "hellaswag_local")
+    return results_of(ckpt, run)
+
+
+def test_a_banded_model_is_scored_by_our_model_with_its_pattern(banded_lm_eval_run):
+    run, items = banded_lm_eval_run, hellaswag_items()
+    model = run["model"]
+    assert model.config.attention == "gpt3" and not os.path.exists(run["stem"] + "_hf")  # nothing exported
+    theirs_ll = harness_logliks(run["samples"]["hellaswag_local"])
+    ours_ll, _ = ending_logliks(model, items)  # evals.ending_losses: the model's forward, banded
+    torch.testing.assert_close(theirs_ll, ours_ll, atol=1e-4, rtol=0)
+    dense = GPT(dataclasses.replace(BANDED, attention="dense"))
+    dense.load_state_dict(model.state_dict())
+    assert (ending_logliks(dense, items)[0] - theirs_ll).abs().max() > 1e-2  # the band mattered
+    assert run["results"]["hellaswag_local"]["acc,none"] == accuracy(ours_ll, items)
+
+
+def test_our_model_interface_gives_hflm_loglikelihoods_on_plain_gpt2(lm_eval_run):
+    """The same plain GPT-2 through GPTLM and through the HF export (the command's HFLM): the same
+    log-likelihoods and greedy flags, in batches of 5 (so padded), as the harness would ask."""
+    lm = lm_harness.lm_class()(lm_eval_run["model"], batch_size=5)
+    ours = lm.loglikelihood(choice_requests(hellaswag_items()))
+    samples = lm_eval_run["samples"]["hellaswag_local"]
+    theirs = [response for i in sorted(samples) for response in samples[i]["filtered_resps"]]
+    torch.testing.assert_close(torch.tensor([ll for ll, _ in ours], dtype=torch.double),
+                               torch.tensor([ll for ll, _ in theirs], dtype=torch.double), atol=1e-4, rtol=0)
+    assert [greedy for _, greedy in ours] == [bool(greedy) for _, greedy in theirs]
+
+
+def test_rolling_loglikelihood_and_greedy_generation_equal_hflms(lm_eval_run):
+    """A text of several context windows (loglikelihood_rolling, as perplexity tasks ask) and
+    greedy continuations cut at a stop string, GPTLM against HFLM on the exported folder."""
+    from lm_eval.models.huggingface import HFLM
+    ours = lm_harness.lm_class()(lm_eval_run["model"], batch_size=3)
+    with lm_harness.progress_bars_hidden(True):
+        theirs = HFLM(pretrained=lm_eval_run["stem"] + "_hf", device="cpu", batch_size=3, dtype="float32")
+        rolling = instances("loglikelihood_rolling", [(LONG_TEXT,), (LONG_TEXT[:100],)])
+        assert len(ours.tok_encode(LONG_TEXT)) > 3 * CONFIG.block_size
+        torch.testing.assert_close(torch.tensor(ours.loglikelihood_rolling(rolling), dtype=torch.double),
+                                   torch.tensor(theirs.loglikelihood_rolling(rolling), dtype=torch.double),
+                                   atol=1e-3, rtol=0)
+        prompts = instances("generate_until", [(ctx, dict(until=["."], max_gen_toks=12)) for ctx in STARTS[:2]]
+                            + [(STARTS[2], dict(until=["zzz"], max_gen_toks=6))])
+        generated = ours.generate_until(prompts)
+        assert generated == theirs.generate_until(prompts) and len(ours.tok_encode(generated[2])) == 6
+    with pytest.raises(ValueError, match="greedily only"):
+        ours.generate_until(instances("generate_until", [("Hi", dict(do_sample=True))]))
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        ours.loglikelihood(instances("loglikelihood", [("Hi", " b" * 100)]))

@@ -111,3 +111,40 @@ def test_muon_under_fsdp_is_planned_with_its_traffic_work_and_step():
     assert "Muon for 16 block matrices" in text and "Muon's extra communication: 0.02 GB" in text
     with pytest.raises(ValueError, match="choose adamw or muon"):
         plan.make_plan("tiny", 2, optimizer="sgd", **kw)
+
+
+def test_the_plan_follows_the_attention_pattern():
+    """A banded tiny (gpt3's pattern, band 64 of 256) plans fewer FLOPs a token, so at the same MFU
+    more tokens a second; the pattern is named in the plan."""
+    from model import flops_per_token, preset_config
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", mfu=0.5, log=lambda m: None)
+    banded = plan.make_plan("tiny", 1, attention="gpt3", attention_band=64, **kw)
+    dense = plan.make_plan("tiny", 1, **kw)
+    per_token = flops_per_token(preset_config("tiny", attention="gpt3", attention_band=64), 256)
+    assert per_token < flops_per_token(preset_config("tiny"), 256)
+    assert banded.tokens_per_second == pytest.approx(plan.GPUS["H100-80GB"].peak_flops * 0.5 / per_token)
+    assert banded.tokens_per_second > dense.tokens_per_second
+    assert "attention gpt3: 2 of 4 layers banded to the last 64 tokens" in plan.format_plan(banded)
+    assert "attention dense" in plan.format_plan(dense)
+
+
+def test_auto_micro_batch_plans_the_pattern_that_trains(monkeypatch):
+    """On a GPU --micro_batch_size=auto runs tools/plan.py: with the run's --attention and band."""
+    import subprocess
+    import types
+    import torch
+    import train_gpt
+    from support import settings
+    s = train_gpt.parse_settings(["--model=gpt3-small", "--attention_band=128", "--micro_batch_size=auto"])
+    settings.resolve_model_settings(s)
+    asked = []
+    answer = dict(fits=True, micro_batch_size=4, memory_gib={"total": 1.0}, budget_gib=2.0)
+
+    def run(cmd, **kwargs):
+        asked.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(answer), stderr="")
+    monkeypatch.setattr(settings.subprocess, "run", run)
+    monkeypatch.setattr(settings.torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=2**36))
+    rt = types.SimpleNamespace(device=torch.device("cuda", 0), world_size=1, is_main=True)
+    assert settings.auto_micro_batch(s, rt, log=lambda m: None) == 4
+    assert "--attention=gpt3" in asked[0] and "--attention_band=128" in asked[0]

@@ -6,13 +6,15 @@ depend on the machine and on whatever else runs on it.
     python -m tools.bench --model=gpt2 --seq_len=256 --micro_batch_size=2        # CPU, GPT-2 124M
     python -m tools.bench --device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=16 --dtype=bfloat16 --compile=True
     python -m tools.bench ... --json                                             # one JSON object
-    python -m tools.bench ... --attention=cudnn                                  # one SDPA kernel: flash, cudnn, efficient, math
+    python -m tools.bench ... --sdpa_kernel=cudnn                                # one SDPA kernel: flash, cudnn, efficient, math
+    python -m tools.bench --model=gpt3-small ... --against=attention=dense       # the same step with other settings: the speed ratio
 
 The step is train_gpt.train_step, the one train_gpt.py runs (forward under autocast, backward,
 gradient clipping, AdamW, zero_grad), fed random tokens. Every train_gpt.py setting is accepted
-(--model, --n_layer, --n_head, --n_embd, --micro_batch_size, --seq_len, --dtype, --compile,
---chunked_loss, --device, --total_batch_size for accumulation, ...) with the same defaults, plus
-the benchmark's own settings in BenchOptions. KEEP_FREED_MEMORY=0 in the environment runs the
+(--model, --n_layer, --n_head, --n_embd, --attention, --micro_batch_size, --seq_len, --dtype,
+--compile, --chunked_loss, --device, --total_batch_size for accumulation, ...) with the same
+defaults, plus the benchmark's own settings in BenchOptions. --against=name=value,... measures the
+step a second time with those settings changed and reports the ratio of the two speeds. KEEP_FREED_MEMORY=0 in the environment runs the
 CPU with glibc's default allocator instead (fastpath.keep_freed_memory), for A/B comparisons.
 
 MFU is model.flops_per_token (6 x parameters + attention) x tokens/s over a peak: on CUDA the
@@ -51,7 +53,8 @@ class BenchOptions:
     loader_tokens: int = 200_000_000  # tokens in the synthetic shard the loader reads; 0: skip the loader
     loader_batches: int = 500  # batches the loader is timed over
     json: bool = False  # print one JSON object instead of the table
-    attention: str = "default"  # SDPA kernel for the whole run: default (torch's choice), flash, cudnn, efficient, math
+    sdpa_kernel: str = "default"  # SDPA kernel for the whole run: default (torch's choice), flash, cudnn, efficient, math
+    against: str = ""  # name=value,...: also measure the step with these train_gpt settings changed, and the speed ratio
 
 
 @dataclass
@@ -79,7 +82,9 @@ class BenchResult:
     dtype: str
     compile: bool
     chunked_loss: bool
-    attention: str  # the SDPA kernel asked for; "default": torch's choice
+    attention: str  # the attention pattern (train_gpt --attention: dense, gpt3)
+    attention_band: Optional[int]  # gpt3's band
+    sdpa_kernel: str  # the SDPA kernel asked for; "default": torch's choice
     threads: int
     keep_freed_memory: bool  # CPU: glibc keeps freed memory (fastpath.keep_freed_memory)
     steps: int
@@ -102,6 +107,9 @@ class BenchResult:
     page_faults_per_step: float
     final_loss: float
     loader: Optional[LoaderResult] = None
+    against: Optional["BenchResult"] = None  # --against: the same step with those settings
+    against_settings: str = ""  # --against's name=value,...
+    speed_ratio: Optional[float] = None  # --against: tokens/s of this step over that one's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,8 +133,8 @@ def parse_args(argv):
     opts = BenchOptions(**own)
     if opts.steps <= 0 or opts.warmup < 0 or opts.loader_tokens < 0 or opts.loader_batches <= 0:
         raise cli.UserError("--steps and --loader_batches must be positive, --warmup and --loader_tokens >= 0")
-    if opts.attention not in ATTENTION_KERNELS:
-        raise cli.UserError(f"--attention={opts.attention!r}; choose one of: {', '.join(ATTENTION_KERNELS)}")
+    if opts.sdpa_kernel not in ATTENTION_KERNELS:
+        raise cli.UserError(f"--sdpa_kernel={opts.sdpa_kernel!r}; choose one of: {', '.join(ATTENTION_KERNELS)}")
     s = train_gpt.parse_settings(rest)
     if not any(arg.partition("=")[0].lstrip("-").replace("-", "_") == "total_batch_size" for arg in rest):
         s.total_batch_size = None  # not given: a step is one micro batch (resolve)
@@ -255,11 +263,11 @@ def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
 
 def bench(s, opts):
     rt = runtime.setup_runtime(s)
-    if opts.attention in ("cudnn", "efficient") and rt.device.type != "cuda":
-        raise cli.UserError(f"--attention={opts.attention} is a CUDA kernel; on {rt.device.type} use default, flash or math")
+    if opts.sdpa_kernel in ("cudnn", "efficient") and rt.device.type != "cuda":
+        raise cli.UserError(f"--sdpa_kernel={opts.sdpa_kernel} is a CUDA kernel; on {rt.device.type} use default, flash or math")
     config, accum = resolve(s)
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
-    with attention_kernel(opts.attention):
+    with attention_kernel(opts.sdpa_kernel):
         raw_model, warmup_s, timers, loss, samples = bench_steps(
             s, opts, rt, config, accum, sample_yardstick=matmul_sampler() if measured else None)
     peak = statistics.median(samples) if measured else runlog.peak_flops(s, rt.device)
@@ -276,7 +284,9 @@ def bench(s, opts):
         device=str(torch.cuda.get_device_name(rt.device) if cuda else rt.device), model=s.model,
         params=num_params(raw_model), n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
         micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, accum=accum, dtype=s.dtype,
-        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), attention=opts.attention, threads=torch.get_num_threads(),
+        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), attention=config.attention,
+        attention_band=config.attention_band if config.attention != "dense" else None,
+        sdpa_kernel=opts.sdpa_kernel, threads=torch.get_num_threads(),
         keep_freed_memory=rt.device.type == "cpu" and fastpath.keep_freed_memory(),  # idempotent: did it take?
         steps=opts.steps, warmup_s=warmup_s, ms_per_step=step_s * 1000,
         ms_per_step_min=min(seconds) * 1000, ms_per_step_max=max(seconds) * 1000,
@@ -354,7 +364,8 @@ def table(r):
         ("config", f"{r.model}: {r.n_layer} layers, {r.n_head} heads, {r.n_embd} wide, {r.params:,} parameters; "
                    f"batch {r.micro_batch_size} x {r.seq_len}" + (f" x {r.accum} accumulation" if r.accum > 1 else "")),
         ("runtime", f"{r.device}, {r.dtype}, chunked loss {r.chunked_loss}, compile {r.compile}, "
-                    f"attention {r.attention}, "
+                    f"attention {r.attention}" + (f" (band {r.attention_band})" if r.attention_band else "") +
+                    f", SDPA kernel {r.sdpa_kernel}, "
                     f"{r.threads} threads" + (f", keep freed memory {r.keep_freed_memory}" if cpu else "")),
         ("step", f"{r.ms_per_step:,.1f} ms median of {r.steps} (min {r.ms_per_step_min:,.1f}, "
                  f"max {r.ms_per_step_max:,.1f}); warm-up {r.warmup_s:.1f} s"),
@@ -372,7 +383,11 @@ def table(r):
                  ("loader memory", f"{L.allocated_mb:.1f} MB allocated, {L.mapped_mb:.0f} MB of shard pages "
                                    f"mapped (page cache) reading a {L.shard_tokens / 1e6:,.0f}M-token shard")]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    if r.against:
+        text += (f"\n\nagainst {r.against_settings}:\n{table(r.against)}\n\nspeed ratio: {r.speed_ratio:.3f} "
+                 f"({r.tokens_per_sec:,.0f} / {r.against.tokens_per_sec:,.0f} tokens/s)")
+    return text
 
 
 def bench_help():
@@ -386,6 +401,18 @@ def bench_help():
             f"{train_settings}.")
 
 
+def against_argv(argv, changed):
+    """The arguments of --against's run: argv with the settings changed (the last given wins),
+    without --against itself and without the loader's benchmark (measured once). The first run's
+    compiled graphs and memory are let go first, so the second is measured on its own."""
+    import gc
+    torch.compiler.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [a for a in argv if not a.startswith("--against=")] + changed + ["--loader_tokens=0"]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -394,6 +421,11 @@ def main(argv=None):
     try:
         s, opts = parse_args(argv)
         result = bench(s, opts)
+        if opts.against:
+            changed = [f"--{setting}" for setting in opts.against.split(",")]
+            result.against = bench(*parse_args(against_argv(argv, changed)))
+            result.against_settings = " ".join(changed)
+            result.speed_ratio = result.tokens_per_sec / result.against.tokens_per_sec
     except train_gpt.USER_ERRORS as e:
         sys.exit(f"bench.py: error: {e}")
     print(json.dumps(dataclasses.asdict(result)) if opts.json else table(result), flush=True)

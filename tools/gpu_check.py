@@ -2,25 +2,29 @@
 AdamW, DDP and FSDP starting from the same weights, NCCL with one rank. Prints one line per check and exits non-zero if any failed.
 
     python -m tools.gpu_check          # then python -m tools.bench for MFU; bash tools/gpu_check.sh runs both and more
-    python -m tools.gpu_check fsdp_muon_step_share     # one check by name, also those not run by default
+    python -m tools.gpu_check banded   # a group: GPT-3's banded attention, FlexAttention against the masked reference
+    python -m tools.gpu_check fsdp_muon_step_share     # one check by name (groups: default, banded, fsdp_muon)
 """
 
 import os
 import sys
+import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, configure_optimizers
+from model import GPT, GPTConfig, attention, band_mask, configure_optimizers, flex_band_attention
 from support import runtime
 
-CHECKS = []
+CHECKS = {"default": [], "banded": [], "fsdp_muon": []}  # python -m tools.gpu_check [group or check ...]
 
 
-def check(fn):
-    CHECKS.append(fn)
+def check(fn=None, group="default"):
+    if fn is None:
+        return lambda fn: check(fn, group)
+    CHECKS[group].append(fn)
     return fn
 
 
@@ -97,6 +101,7 @@ def nccl_single_rank():
     return "all_reduce ok"
 
 
+@check(group="fsdp_muon")
 def fsdp_muon_step_share(config=None, micro_batch=8, accum=64, device="cuda", backend="nccl"):
     """FSDP2 + Muon (support/sharded_muon.py) on one GPU, a process group of one (every matrix is
     gathered through the NCCL all_to_all path, from one rank to itself): forward + backward of one
@@ -168,14 +173,97 @@ def fsdp_muon_step_share(config=None, micro_batch=8, accum=64, device="cuda", ba
         dist.destroy_process_group()
 
 
-NAMED = {"fsdp_muon_step_share": fsdp_muon_step_share}  # run by name only (tools/gpu_check.sh section 5)
+# ----------------------------------------------------------------------------------------------
+# GPT-3's banded attention (model.attention): FlexAttention on CUDA
+
+def relative_error(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def main():
+@check(group="banded")
+def flex_band_attention_matches_the_masked_reference():
+    """model.attention on a banded layer (T 2048, band 256, gpt3-small's heads) takes FlexAttention,
+    compiled, with the band's block mask; against SDPA with the boolean band mask in fp32 (the
+    math kernel): forward and the three gradients, in fp32 and bf16."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    T, band, lines = 2048, 256, []
+    mask = band_mask(T, band, "cuda")
+    for dtype, tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 2e-2)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(2, 12, T, 64, device="cuda", dtype=dtype, generator=g, requires_grad=True) for _ in range(3))
+        out = attention(q, k, v, band)
+        assert torch.equal(out, flex_band_attention(q, k, v, band)), "attention() did not take FlexAttention"
+        grad = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.float())
+        errors = [relative_error(out, ref)] + [relative_error(a, b) for a, b in zip(grads, ref_grads)]
+        assert max(errors) < tolerance, (dtype, errors)
+        lines.append(f"{str(dtype).split('.')[1]}: out/dq/dk/dv relative error " + "/".join(f"{e:.1e}" for e in errors))
+    return "; ".join(lines)
+
+
+@check(group="banded")
+def flex_band_attention_speed():
+    """Forward + backward at T 2048 (bf16, 8 x 12 heads x 64): FlexAttention over the band against
+    flash (dense causal) and SDPA with the band's boolean mask (every block computed). A
+    measurement, no threshold: the band's share of a dense layer's work is about 3 key blocks of 8.5."""
+    T, band = 2048, 256
+    q, k, v = (torch.randn(8, 12, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = band_mask(T, band, "cuda")
+    paths = {"flex band": lambda: flex_band_attention(q, k, v, band),
+             "flash dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             "SDPA masked band": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+    ms = {}
+    for name, fn in paths.items():
+        for _ in range(3):
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        ms[name] = (time.perf_counter() - t0) * 100
+    return ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
+
+
+@check(group="banded")
+def compiled_banded_gpt_trains_as_eager():
+    """A gpt3-pattern GPT (4 layers, T 1024, band 256), bf16: the compiled model's losses over 3
+    AdamW steps against the same model eager (banded layers on FlexAttention either way)."""
+    config = GPTConfig(block_size=1024, n_layer=4, n_head=12, n_embd=768, attention="gpt3", attention_band=256)
+    x = torch.randint(0, 50257, (3, 4, 1024), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    losses = {}
+    for name in ("eager", "compiled"):
+        gpt = GPT(config, seed=0).cuda()
+        step_model = torch.compile(gpt) if name == "compiled" else gpt
+        opt = configure_optimizers(gpt, 0.1, 1e-3, "cuda", log=lambda m: None)
+        losses[name] = []
+        for batch in x:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = step_model(batch, torch.roll(batch, -1, 1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    gaps = [abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])]
+    assert max(gaps) < 2e-2, losses
+    return f"eager {losses['eager']}, compiled {losses['compiled']}"
+
+
+def main(argv=None):
+    """python -m tools.gpu_check [GROUP or CHECK ...]: the default group, or the groups and checks named."""
+    argv = sys.argv[1:] if argv is None else argv
+    named = {fn.__name__: [fn] for fns in CHECKS.values() for fn in fns} | CHECKS
+    unknown = [name for name in argv if name not in named]
+    if unknown:
+        sys.exit(f"gpu_check.py: error: unknown {unknown}; choose groups {', '.join(CHECKS)} or checks "
+                 f"{', '.join(n for n in named if n not in CHECKS)}")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     failed = 0
-    named = {fn.__name__: fn for fn in CHECKS} | NAMED
-    for fn in [named[name] for name in sys.argv[1:]] or CHECKS:
+    for fn in [fn for name in argv or ["default"] for fn in named[name]]:
         try:
             print(f"PASS {fn.__name__}: {fn()}", flush=True)
         except Exception:

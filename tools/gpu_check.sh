@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should confirm, in one call of about 10-15 minutes (its timeouts add up to
-# 22): `SECTIONS="1 3 4" bash tools/gpu_check.sh` runs only those sections, to fit a short device budget:
+# Everything a lent GPU should confirm, in one call of about 25 minutes (its timeouts add up to
+# 32), more than a 15-minute device budget: `SECTIONS="1 3 4" bash tools/gpu_check.sh` runs only those
+# sections (each fits; 5 and 6 together take about 12 minutes):
 #   1. tools/gpu_check.py: bf16 autocast, chunked loss, flash attention, fused AdamW, NCCL with one rank
 #   2. tools/bench.py: gpt2 124M, T 1024, bf16, compiled: tokens/s, MFU, memory; per micro batch, per
 #      optimizer step of the recipe's batch, and with cuDNN attention instead of torch's default
@@ -14,6 +15,11 @@
 #      gpt3-xl's width (4 blocks, one GPU, every matrix through ShardedMuon's NCCL all_to_all path), its
 #      matrices against torch's Muon unsharded; train_gpt.py --fsdp --recipe=fast (bf16) straight to 12
 #      steps, and stopped at 6 then resumed: the same losses.
+#   6. GPT-3's banded attention (not yet run on a GPU): FlexAttention against the masked reference,
+#      forward and backward, fp32 and bf16, and its kernel time; a compiled banded GPT against eager
+#      (graph breaks and recompiles logged); train_gpt.py compiled with --attention=gpt3 and selective
+#      checkpointing (the banded blocks recomputed), val and samples; tools/bench.py gpt3-small at T 2048,
+#      bf16, compiled: tokens/s banded against dense and their ratio.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 cd "$(dirname "$0")/.."  # the repository root: the paths below are relative to it
@@ -36,7 +42,7 @@ echo "== 2a. MFU, one micro batch a step"; timeout 150 python3 -m tools.bench $G
   --loader_tokens=50000000 2>&1 | tee "$OUT/bench.log"
 echo "== 2b. MFU, the recipe's 2**19-token step (16 micro batches, one optimizer step)"
 timeout 120 python3 -m tools.bench $GPT2 --total_batch_size=524288 --steps=4 --loader_tokens=0 2>&1 | tee -a "$OUT/bench.log"
-echo "== 2c. MFU, cuDNN attention"; timeout 150 python3 -m tools.bench $GPT2 --steps=10 --attention=cudnn \
+echo "== 2c. MFU, cuDNN attention"; timeout 150 python3 -m tools.bench $GPT2 --steps=10 --sdpa_kernel=cudnn \
   --loader_tokens=0 2>&1 | tee -a "$OUT/bench.log"
 fi
 if want 3; then
@@ -94,5 +100,18 @@ def losses(d): return {e['step']: e['train_loss'] for e in map(json.loads, open(
 a, b = losses('/tmp/log_fsdp_muon_straight'), losses('/tmp/log_fsdp_muon_resumed')
 print('straight', a); print('resumed ', b); print('resumed = straight, bit for bit:', len(a) == 12 and a == b)
 " 2>&1 | tee -a "$OUT/fsdp_muon.log"
+fi
+if want 6; then
+echo "== 6a. banded attention: FlexAttention against the masked reference, its speed, compiled against eager"
+TORCH_LOGS="graph_breaks,recompiles" timeout 200 python3 -m tools.gpu_check banded 2>&1 | tee "$OUT/banded.log"
+echo "graph breaks / recompiles logged: $(grep -c 'Graph break' "$OUT/banded.log") / $(grep -c 'Recompiling' "$OUT/banded.log")"
+echo "== 6b. train_gpt.py compiled, --attention=gpt3 (band 64 of 256), selective checkpointing, val and samples"
+timeout 120 python3 train_gpt.py $TINY --attention=gpt3 --attention_band=64 --activation_checkpointing=selective \
+  --log_dir=/tmp/log_banded --max_steps=8 --val_every=8 --sample_every=8 --checkpoint_every=8 --compile=True 2>&1 \
+  | grep -E "attention|loss|sample|error|Error" | tail -n 14 | tee "$OUT/banded_train.log"
+echo "== 6c. gpt3-small, T 2048, bf16, compiled: tokens/s banded (the preset's) against dense"
+timeout 300 python3 -m tools.bench --device=cuda --model=gpt3-small --seq_len=2048 --micro_batch_size=8 \
+  --dtype=bfloat16 --compile=True --warmup=2 --steps=5 --loader_tokens=0 --against=attention=dense 2>&1 \
+  | tee "$OUT/banded_bench.log"
 fi
 echo "== done"

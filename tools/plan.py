@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import GPT, PRESETS, MuonConfig, configure_optimizers, flops_per_token, muon_params, preset_config
+from model import (GPT, PRESETS, MuonConfig, configure_optimizers, describe_attention, flops_per_token, muon_params,
+                   preset_config)
 from support import cli, sharded_muon
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 from support.fastpath import cpu_has_bf16
@@ -82,6 +83,8 @@ class Setup:
     shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
     optimizer: str = "adamw"  # or muon: torch's Muon for the blocks' matrices (ShardedMuon under FSDP)
     muon_float32: bool = False  # Muon's Newton-Schulz in fp32 (model.Float32Muon: a CPU without bf16); GPUs: bf16
+    attention: Optional[str] = None  # None: the preset's pattern (train_gpt --attention)
+    attention_band: Optional[int] = None  # None: GPTConfig's (train_gpt --attention_band)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +127,14 @@ def build(config, setup, device, mesh):
     return model, optimizer
 
 
+def setup_config(setup):
+    """The GPTConfig a Setup trains. Banded layers (GPT-3's pattern) keep what dense ones keep: the
+    fake step runs the CPU's masked flash attention, which, as FlexAttention on a GPU, keeps q, k, v,
+    the output and its log-sum-exp, and no T x T scores (one boolean T x T mask a forward)."""
+    return preset_config(setup.model, n_layer=setup.n_layer, attention=setup.attention,
+                         attention_band=setup.attention_band)
+
+
 def fake_step_peak(setup):
     """Peak bytes on one rank during two training steps (the second with the optimizer state
     allocated), by category: {"params", "grads", "optimizer", "activations", "other", "total"}.
@@ -135,7 +146,7 @@ def fake_step_peak(setup):
     round, and the Newton-Schulz temporaries; "total" is the larger of the two peaks. Rank 0,
     which the fake step is, steps the largest matrices (sharded_muon.deal)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    config = preset_config(setup.model, n_layer=setup.n_layer)
+    config = setup_config(setup)
     T = setup.seq_len or config.block_size
     device = torch.device("cpu")
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
@@ -285,7 +296,7 @@ def measured_step_peak(setup):
     on. On a GPU (NCCL): torch.cuda.max_memory_allocated. On the CPU (gloo): measure_peak_bytes."""
     from torch.distributed.device_mesh import init_device_mesh
     import os
-    config = preset_config(setup.model, n_layer=setup.n_layer)
+    config = setup_config(setup)
     T = setup.seq_len or config.block_size
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
     cuda = torch.cuda.is_available()
@@ -388,6 +399,7 @@ class Plan:
     gpu: str
     sharding: str
     fits: bool
+    attention: str = ""  # the attention pattern, as model.describe_attention says it
     reason: str = ""
     activation_checkpointing: str = ""
     micro_batch_size: int = 0
@@ -408,12 +420,14 @@ class Plan:
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
-              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, optimizer="adamw", log=print):
+              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, optimizer="adamw", attention=None,
+              attention_band=None, log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
     gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own).
     optimizer "muon" plans train_gpt's --optimizer=muon (its memory in the fake step, its extra
-    communication and Newton-Schulz work in plan.muon)."""
+    communication and Newton-Schulz work in plan.muon). attention, attention_band: the pattern
+    (None: the preset's), whose banded layers cost fewer FLOPs."""
     if optimizer not in ("adamw", "muon"):
         raise ValueError(f"unknown --optimizer={optimizer!r}; choose adamw or muon")
     if model not in PRESETS:
@@ -432,10 +446,12 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     budget = int(USABLE * kind.memory)
     sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
         "FSDP2" if fsdp else "DDP"
-    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model),
-                optimizer=optimizer)
     setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
-                  shard_size=fsdp_shard_size if hybrid else None, optimizer=optimizer)
+                  shard_size=fsdp_shard_size if hybrid else None, optimizer=optimizer, attention=attention,
+                  attention_band=attention_band)
+    config = setup_config(setup)
+    plan = Plan(model, gpus, gpu, sharding, False, describe_attention(config, config.block_size),
+                budget_gib=budget / GiB, tokens=tokens or token_budget(model), optimizer=optimizer)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -477,7 +493,6 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     plan.accumulation_steps = total_batch_size // (b * preset.block_size * gpus)
     plan.mfu, plan.mfu_source = estimate_mfu(kind, mfu)
     if plan.mfu:
-        config = preset_config(model)
         recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
         # a recomputed block runs its forward twice: 4 instead of 3 forward-passes' FLOPs
         flops = flops_per_token(config, preset.block_size) * (1 + recomputed / 3)
@@ -500,7 +515,7 @@ def muon_costs(setup, peak, accum, flop_rate, step_seconds):
     at the plan's MFU (an estimate: these are large matmuls, which may run faster). Under DDP
     every GPU steps every matrix, with no extra communication."""
     with torch.device("meta"):
-        model = GPT(preset_config(setup.model, n_layer=setup.n_layer))
+        model = GPT(setup_config(setup))
     shapes = [tuple(p.shape) for p in muon_params(model)]
     n = (setup.shard_size or setup.gpus) if setup.fsdp else 1
     ns_steps = torch.optim.Muon([torch.zeros(1, 1)]).defaults["ns_steps"]
@@ -548,7 +563,7 @@ def smallest_gpus(setup, total_batch_size, budget, at_one):
 
 
 def format_plan(plan):
-    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}"
+    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}; {plan.attention}"
     lines = [head]
     if plan.memory_gib:
         m = plan.memory_gib
@@ -615,6 +630,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (compute)")
     parser.add_argument("--chunked_loss", default="False", help="True: the chunked loss (no full logits)")
     parser.add_argument("--optimizer", default="adamw", help="adamw, or muon (train_gpt --optimizer=muon)")
+    parser.add_argument("--attention", default=None, help="dense or gpt3 (train_gpt --attention); default the preset's")
+    parser.add_argument("--attention_band", type=int, default=None, help="gpt3's band; default 256")
     parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
                         "against the measured one, for --micro_batch_size and --activation_checkpointing")
     args = parser.parse_args(argv)
@@ -633,6 +650,7 @@ def main(argv=None):
                          chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
                          fsdp_shard_size=args.fsdp_shard_size or None, optimizer=args.optimizer,
+                         attention=args.attention, attention_band=args.attention_band,
                          log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
@@ -666,7 +684,8 @@ def check_against_measured(args):
     setup = Setup(args.model, int(os.environ.get("WORLD_SIZE", 1)), int(args.micro_batch_size),
                   args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
                   chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
-                  optimizer=args.optimizer, muon_float32=not cpu_has_bf16())
+                  optimizer=args.optimizer, muon_float32=not cpu_has_bf16(), attention=args.attention,
+                  attention_band=args.attention_band)
     planned = peak_bytes(setup)["total"]
     measured = measured_step_peak(setup)
     if int(os.environ.get("RANK", 0)) == 0:
