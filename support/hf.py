@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from model import GPT, GPTConfig, padded_vocab
+from model import GPT, GPTConfig, arch_changes, padded_vocab
 from support import cli
 from support.files import replace_atomically
 from support.tokenizer import gpt2_tokenizer_files
@@ -50,7 +50,14 @@ def export_hf(model_or_state_dict, config: GPTConfig, out_dir, progress=False):
     GPT2LMHeadModel.from_pretrained(out_dir) loads, with our logits on the real ids, and the GPT-2
     tokenizer's files, so AutoTokenizer.from_pretrained(out_dir) works offline too. Takes a GPT
     (also torch.compile'd) or its full state_dict (not a sharded one: gather it first). progress:
-    a progress bar over the tensors."""
+    a progress bar over the tensors. A model with any of the modern architecture's options
+    (model.ARCH_FIELDS: rotary positions, an untied head, ...) is refused: GPT2LMHeadModel has no
+    place for them, and would load it as another model."""
+    changes = arch_changes(config)
+    if changes:
+        raise cli.BadInput(f"GPT-2's Hugging Face format cannot hold this model ("
+                           f"{', '.join(f'{k}={v}' for k, v in changes.items())}): evaluate its checkpoint with "
+                           f"evaluate.py, which runs our own GPT")
     model = getattr(model_or_state_dict, "_orig_mod", model_or_state_dict)
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     missing = [k for k in parameter_names(config) if k not in state]

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import GPT, PRESETS, configure_optimizers, flops_per_token, preset_config
+from model import ARCHITECTURES, GPT, PRESETS, configure_optimizers, flops_per_token, preset_config
 from support import cli
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 
@@ -79,6 +79,7 @@ class Setup:
     dtype: str = "bfloat16"  # bf16 compute (FSDP: bf16 parameters gathered; DDP: autocast)
     n_layer: Optional[int] = None  # None: the preset's; set to run the fake step on fewer layers
     shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
+    arch: str = "gpt"  # model.ARCHITECTURES (modern: an untied head holds a second V x C matrix, no position table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def fake_step_peak(setup):
     "activations" counts what forward keeps for backward and what backward makes on the way;
     "params" and "grads" include FSDP's gathered (unsharded) copies of a block at the peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    config = preset_config(setup.model, n_layer=setup.n_layer)
+    config = preset_config(setup.model, n_layer=setup.n_layer, **ARCHITECTURES[setup.arch])
     T = setup.seq_len or config.block_size
     device = torch.device("cpu")
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
@@ -252,7 +253,7 @@ def measured_step_peak(setup):
     on. On a GPU (NCCL): torch.cuda.max_memory_allocated. On the CPU (gloo): measure_peak_bytes."""
     from torch.distributed.device_mesh import init_device_mesh
     import os
-    config = preset_config(setup.model, n_layer=setup.n_layer)
+    config = preset_config(setup.model, n_layer=setup.n_layer, **ARCHITECTURES[setup.arch])
     T = setup.seq_len or config.block_size
     amp = getattr(torch, setup.dtype) if setup.dtype != "float32" else None
     cuda = torch.cuda.is_available()
@@ -369,11 +370,12 @@ class Plan:
     days: float = 0.0
     gpu_hours: float = 0.0
     smallest_gpus_that_fit: Optional[int] = None
+    arch: str = "gpt"
 
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
-              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, log=print):
+              dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, arch="gpt", log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
     gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own)."""
@@ -383,6 +385,8 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         raise ValueError(f"unknown --gpu={gpu!r}; choose one of: {', '.join(GPUS)}")
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown --arch={arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if fsdp_shard_size and (not fsdp or gpus % fsdp_shard_size):
         raise ValueError(f"--fsdp_shard_size={fsdp_shard_size} needs --fsdp=True and must divide --gpus={gpus}")
     hybrid = fsdp_shard_size and fsdp_shard_size < gpus
@@ -393,9 +397,10 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     budget = int(USABLE * kind.memory)
     sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
         "FSDP2" if fsdp else "DDP"
-    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model))
+    plan = Plan(model, gpus, gpu, sharding, False, budget_gib=budget / GiB, tokens=tokens or token_budget(model),
+                arch=arch)
     setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
-                  shard_size=fsdp_shard_size if hybrid else None)
+                  shard_size=fsdp_shard_size if hybrid else None, arch=arch)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -437,7 +442,7 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
     plan.accumulation_steps = total_batch_size // (b * preset.block_size * gpus)
     plan.mfu, plan.mfu_source = estimate_mfu(kind, mfu)
     if plan.mfu:
-        config = preset_config(model)
+        config = preset_config(model, **ARCHITECTURES[arch])
         recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
         # a recomputed block runs its forward twice: 4 instead of 3 forward-passes' FLOPs
         flops = flops_per_token(config, preset.block_size) * (1 + recomputed / 3)
@@ -479,7 +484,7 @@ def smallest_gpus(setup, total_batch_size, budget, at_one):
 
 
 def format_plan(plan):
-    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}"
+    head = f"plan: {plan.model}{'' if plan.arch == 'gpt' else f' ({plan.arch})'} on {plan.gpus} x {plan.gpu}, {plan.sharding}"
     lines = [head]
     if plan.memory_gib:
         m = plan.memory_gib
@@ -507,6 +512,7 @@ def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="a preset of model.PRESETS")
+    parser.add_argument("--arch", default="gpt", help=f"the architecture: {', '.join(ARCHITECTURES)} (train_gpt --arch)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the cluster (data-parallel ranks)")
     parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
     parser.add_argument("--fsdp", default="True", help="True: FSDP2 (train_gpt --fsdp); False: DDP")
@@ -540,7 +546,8 @@ def main(argv=None):
                          tokens=int(args.tokens) if args.tokens else None, mfu=args.mfu,
                          chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
-                         fsdp_shard_size=args.fsdp_shard_size or None, log=(lambda m: None) if args.json else print)
+                         fsdp_shard_size=args.fsdp_shard_size or None, arch=args.arch,
+                         log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
@@ -572,7 +579,7 @@ def check_against_measured(args):
     import os
     setup = Setup(args.model, int(os.environ.get("WORLD_SIZE", 1)), int(args.micro_batch_size),
                   args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
-                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype)
+                  chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype, arch=args.arch)
     planned = peak_bytes(setup)["total"]
     measured = measured_step_peak(setup)
     if int(os.environ.get("RANK", 0)) == 0:
