@@ -16,7 +16,7 @@ from dataloader import DataError, DataNotFound, ValidationData
 from fineweb import SOURCES
 from model import ConfigError
 from support import checkpoint, cli, lm_harness
-from support.evals import hellaswag, hellaswag_examples, load_checkpoint, sample_text, val_loss
+from support.evals import hellaswag, hellaswag_examples, load_checkpoint, sample_text, validation
 from support.hf import gpt_from_hf
 from support.tokenizer import gpt2_tokenizer
 
@@ -162,9 +162,10 @@ def evaluate(args):
     if args.val:
         data, data_dir = validation_data(args, model, trained_with)
         t0 = time.time()
-        results["val_loss"] = val_loss(model, data, args.batch_size, amp_dtype=amp_dtype, progress=progress)
-        print(f"val_loss {results['val_loss']:.4f} over {data.num_tokens:,} tokens of {data_dir} "
-              f"({time.time() - t0:.1f}s)")
+        v = validation(model, data, args.batch_size, amp_dtype=amp_dtype, progress=progress)
+        results["val_loss"], results["val_bpb"] = v["loss"], v["bpb"]
+        print(f"val_loss {v['loss']:.4f} ({v['bpb']:.4f} bits/byte) over {data.num_tokens:,} tokens "
+              f"({v['bytes']:,} bytes) of {data_dir} ({time.time() - t0:.1f}s)")
     if args.hellaswag:
         examples = hellaswag_examples(args.hellaswag_dir)[:args.hellaswag_limit]
         t0 = time.time()

@@ -4,6 +4,9 @@ the `attention` field of GPTConfig (docs/attention.md).
 
 Parameter names match OpenAI/HF GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so GPT-2
 weights map one to one (HF stores the four matmul weights transposed; see convert_hf.py).
+The modern GPT's changes (rotary positions, QK-norm, ReLU², an untied head, a logit soft-cap,
+zero-initialized projections, no biases, parameter-free RMSNorm) are GPTConfig options, each off
+by default: ARCHITECTURES["modern"] turns them all on (docs/architecture.md).
 This file imports nothing from the rest of the project and works alone.
 """
 
@@ -49,12 +52,33 @@ class GPTConfig:
     # positions only. The paper gives no band: 256 is GPT-Neo's window (docs/attention.md).
     attention: str = "dense"  # dense: every layer causal over the whole context (GPT-2); or gpt3
     attention_band: int = 256  # gpt3: a banded layer's position attends to itself and the band - 1 before it
+    # The modern GPT's options (docs/architecture.md). Each default is GPT-2's architecture, so the
+    # presets train the papers' model, and a checkpoint saved before a field existed (which lacks
+    # it) loads as the model it was.
+    rope: bool = False  # rotary position embeddings on queries and keys, instead of the learned position table
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys (no gains) before attention
+    relu2: bool = False  # the MLP's activation: ReLU squared instead of GELU
+    untied_head: bool = False  # the output head is a matrix of its own, not the token embedding
+    logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap); 0 = off
+    zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    rmsnorm: bool = False  # parameter-free RMSNorm instead of LayerNorm
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd", "attention_band"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        for name in ARCH_FIELDS:
+            value, default = getattr(self, name), GPTConfig.__dataclass_fields__[name].default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"GPTConfig.{name} must be True or False, got {value!r}")
+        if isinstance(self.logit_softcap, bool) or not isinstance(self.logit_softcap, (int, float)) \
+                or not self.logit_softcap >= 0:
+            raise ConfigError(f"logit_softcap must be a number >= 0 (0 = off; nanochat's is 15), got {self.logit_softcap!r}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"rope rotates pairs of channels: the head size n_embd/n_head = "
+                              f"{self.n_embd // self.n_head} must be even")
         if self.n_embd % self.n_head != 0:
             near = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0 and abs(h - self.n_head) <= 8]
             raise ConfigError(
@@ -65,6 +89,22 @@ class GPTConfig:
                              f"vocab_size={self.vocab_size}; use padded_vocab({self.vocab_size}).")
         if self.attention not in ATTENTION_PATTERNS:
             raise ConfigError(f"unknown attention pattern {self.attention!r}: choose one of {', '.join(ATTENTION_PATTERNS)}")
+
+
+# The GPTConfig fields of the architecture (not its size), and the named sets of them (--arch).
+# modern: modded-nanogpt's and nanochat's GPT (docs/architecture.md); soft-cap 15 is nanochat's.
+ARCH_FIELDS = ("rope", "qk_norm", "relu2", "untied_head", "logit_softcap", "zero_init", "bias", "rmsnorm")
+ARCHITECTURES = {
+    "gpt": {},  # GPT-2's and GPT-3's (the defaults)
+    "modern": dict(rope=True, qk_norm=True, relu2=True, untied_head=True, logit_softcap=15.0, zero_init=True,
+                   bias=False, rmsnorm=True),
+}
+
+
+def arch_changes(config):
+    """{option: value} for each architecture option of config that is not GPT-2's (its default)."""
+    return {name: getattr(config, name) for name in ARCH_FIELDS
+            if getattr(config, name) != GPTConfig.__dataclass_fields__[name].default}
 
 
 @dataclass(frozen=True)
@@ -228,6 +268,30 @@ def _compiled_flex_attention():
 def _say_flex_is_missing():
     warnings.warn(f"banded attention on CUDA wants FlexAttention (torch >= 2.6); torch {torch.__version__} has "
                   f"none, so banded layers compute every position, masked: the same numbers, without the speed-up")
+def make_norm(config):
+    """GPT-2's LayerNorm (a gain, and a bias unless bias=False), or with rmsnorm a parameter-free
+    RMSNorm, as nanochat's: x / rms(x), nothing to learn. eps 1e-5 as LayerNorm's (RMSNorm's own
+    default is the dtype's eps, 0.0078 in bf16, larger than the mean square of small activations)."""
+    if config.rmsnorm:
+        return nn.RMSNorm(config.n_embd, eps=1e-5, elementwise_affine=False)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+ROPE_BASE = 10000  # RoFormer's (and LLaMA's, nanochat's)
+
+
+def rotary(x, base=ROPE_BASE):
+    """Rotary position embedding (Su et al. 2021, RoFormer) of x: (B, n_head, T, head_size). The
+    channel pair (i, i + d/2) at position t is rotated by the angle t * base^(-2i/d). A query at m
+    and a key at n rotated so have a dot product that depends on m - n only: attention sees
+    relative positions, with no position table. The T x d/2 angles are made at each call (no
+    buffer: a model built on the meta device and sharded, as FSDP's, has nothing to fill in)."""
+    T, d = x.size(-2), x.size(-1)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -235,8 +299,9 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.band = band  # None: dense causal; else attention() sees the band positions up to each
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.rope, self.qk_norm = config.rope, config.qk_norm
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled_init = True
 
     def forward(self, x):
@@ -246,6 +311,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.qk_norm:  # unit-RMS queries and keys: the attention logits stay bounded (no gains to learn)
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
+        if self.rope:
+            q, k = rotary(q), rotary(k)
         y = attention(q, k, v, self.band)  # flash attention on GPUs (dense layers)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
         return self.c_proj(y)
@@ -254,20 +323,24 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.relu2 = config.relu2
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_scaled_init = True
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2 used the tanh GELU
+        x = self.c_fc(x)
+        if self.relu2:  # ReLU squared (So et al. 2021, Primer; modded-nanogpt's)
+            return self.c_proj(F.relu(x).square())
+        return self.c_proj(F.gelu(x, approximate="tanh"))  # GPT-2 used the tanh GELU
 
 
 class Block(nn.Module):
     def __init__(self, config, band=None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, band)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x):
@@ -281,16 +354,18 @@ class GPT(nn.Module):
     def __init__(self, config, seed=0):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, layer_band(config, i)) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
+        parts = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))
+        if not config.rope:  # rotary positions need no table
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        parts.update(h=nn.ModuleList([Block(config, layer_band(config, i)) for i in range(config.n_layer)]),
+                     ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying (as GPT-2): the output projection is the token embedding. One tensor, so
-        # one gradient, one optimizer state, and 38M fewer parameters at gpt2 size.
-        self.lm_head.weight = self.transformer.wte.weight
+        # one gradient, one optimizer state, and 38M fewer parameters at gpt2 size. untied_head
+        # gives the head a matrix of its own (modded-nanogpt: the same loss in ~10% fewer tokens).
+        if not config.untied_head:
+            self.lm_head.weight = self.transformer.wte.weight
         # Training on the CPU sets this (train_gpt.build_model): see forward.
         self.sparse_embedding_grad = False
         if self.lm_head.weight.device.type != "meta":
@@ -300,7 +375,9 @@ class GPT(nn.Module):
     def init_weights(self, seed=0):
         """GPT-2 init: N(0, 0.02) for weights and embeddings, zero biases, unit LayerNorm gains, and
         the two projections that write into the residual stream at 0.02/sqrt(2*n_layer), so the
-        stream's variance does not grow with depth (each block adds two of them).
+        stream's variance does not grow with depth (each block adds two of them). With zero_init
+        those projections (and an untied head) start at zero instead, as modded-nanogpt's: each
+        block starts as the identity, and the first steps shape the stream from the embedding.
 
         Every tensor is drawn whole, in a fixed order, from one CPU generator seeded with `seed`,
         then copied in. A CPU generator, whatever the parameters' device: CUDA's draws other
@@ -314,14 +391,16 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():  # the tied lm_head appears once, as wte
             module = self.get_submodule(name.rsplit(".", 1)[0])
             full = torch.empty(param.shape, dtype=param.dtype)
+            residual = getattr(module, "residual_scaled_init", False)
             if name.endswith(".bias"):
                 full.zero_()
             elif isinstance(module, nn.LayerNorm):
                 full.fill_(1.0)
+            elif self.config.zero_init and (residual or module is self.lm_head):
+                full.zero_()
             else:
-                std = std_residual if getattr(module, "residual_scaled_init", False) else 0.02
-                full.normal_(0.0, std, generator=generator)
-            if module is self.transformer.wte:
+                full.normal_(0.0, std_residual if residual else 0.02, generator=generator)
+            if module is self.transformer.wte or module is self.lm_head:
                 full[self.config.vocab_size:] = 0.0  # dead rows of the padded vocabulary: inert
             _copy_whole_into(param, full.to(param.device))
 
@@ -331,17 +410,21 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        tok_emb = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_embedding_grad)
-        x = tok_emb + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
+        x = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_embedding_grad)
+        if not self.config.rope:
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+            x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
         for block in self.transformer.h:
             x = block(x)
         return self.transformer.ln_f(x)
 
     def logits(self, h):
-        """(..., C) hidden states -> (..., padded_vocab_size) logits, padded ids at -inf: a padded
-        id then has probability 0, so it is never sampled, scored or learned."""
+        """(..., C) hidden states -> (..., padded_vocab_size) logits, soft-capped (logit_softcap),
+        padded ids at -inf: a padded id then has probability 0, so it is never sampled, scored or
+        learned."""
         logits = self.lm_head(h)
+        if self.config.logit_softcap:
+            logits = softcap(logits, self.config.logit_softcap)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")
         return logits
@@ -357,8 +440,9 @@ class GPT(nn.Module):
         # gradient. With sparse_embedding_grad the embedding's gradient holds just the B*T rows;
         # autograd adds it to the lm_head's dense one, and the sum is dense, as AdamW needs. That
         # pays on the CPU (docs/performance.md); the trainer turns it on there. Never under
-        # torch.compile, which traces no sparse tensors.
-        sparse = self.sparse_embedding_grad and targets is not None and not torch.compiler.is_compiling()
+        # torch.compile, which traces no sparse tensors. Only for the tied embedding: an untied
+        # one's gradient would stay sparse, which AdamW does not take.
+        sparse = self.sparse_embedding_grad and not self.config.untied_head and targets is not None and not torch.compiler.is_compiling()
         h = self.hidden_states(idx, sparse_embedding_grad=sparse)
         if targets is None:
             return self.logits(h), None
@@ -367,7 +451,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             return logits, loss
         loss = lm_head_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                     self.config.vocab_size)
+                                     self.config.vocab_size, softcap=self.config.logit_softcap)
         return None, loss
 
     @torch.no_grad()
@@ -385,6 +469,12 @@ class GPT(nn.Module):
             choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into top_k
             idx = torch.cat([idx, torch.gather(top_ids, -1, choice)], dim=1)
         return idx
+
+
+def softcap(logits, cap):
+    """cap * tanh(logits / cap): near the identity for small logits, never beyond +-cap, so no logit
+    can grow without bound (Gemma 2, modded-nanogpt, nanochat)."""
+    return cap * torch.tanh(logits / cap)
 
 
 def _copy_whole_into(param, full):
@@ -420,13 +510,18 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     less likely than fp32's smallest normal number (a loss above ~87.3 for that token) counts as
     87.3: finite, where its probability is 0.
 
+    With a soft-cap (softcap > 0) the logits are cap * tanh(z / cap) of the matmul's z, and the
+    gradient through it is (softmax - onehot) * (1 - tanh^2), one n x V buffer more per chunk (the
+    tanh, kept until that product).
+
     An ignored target (ignore_index) drops its row from the loss and from both gradient products:
     its target is read as id 0, and its rows of xc and of the gradient of h are zeroed after (n x C
     each, not another n x V pass). The mean is over the `counted` targets. With none ignored (as in
     training) none of that runs."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad, ignore_index, counted):
+    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad, ignore_index, counted,
+                softcap):
         N = h.size(0)
         x, w = h.to(compute_dtype), weight.to(compute_dtype)
         acc = torch.promote_types(compute_dtype, torch.float32)  # the loss and weight-gradient sums
@@ -440,6 +535,9 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
                 ignored = tc == ignore_index
                 tc = tc.masked_fill(ignored, 0)
             logits = xc @ w.t()  # (n, V)
+            if softcap:
+                tanh = logits.div_(softcap).tanh_()  # in place: z's buffer becomes tanh(z / cap)
+                logits = tanh * softcap
             if logits.size(1) > vocab_size:
                 logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
             probs = torch.softmax(logits, dim=1)
@@ -447,6 +545,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             log_p = _target_log_probs(probs, tc, acc, need_grad)  # probs[target] = p - 1 if need_grad
             loss_sum -= (log_p.masked_fill(ignored, 0.0) if masked else log_p).sum()
             if need_grad:
+                if softcap:  # through the cap: d(cap tanh(z / cap)) / dz = 1 - tanh^2
+                    probs.mul_(tanh.square_().neg_().add_(1.0))
                 torch.mm(probs, w, out=grad_x[s:s + chunk_size])
                 if masked:
                     grad_x[s:s + chunk_size].masked_fill_(ignored[:, None], 0.0)
@@ -462,7 +562,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         g = grad_loss * ctx.scale
-        return (_scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1])) + (None,) * 7
+        return (_scaled(grad_x, g, ctx.dtypes[0]), _scaled(grad_w, g, ctx.dtypes[1])) + (None,) * 8
 
 
 def _target_log_probs(probs, targets, acc, make_grad):
@@ -497,9 +597,10 @@ def _add_product(total, a, b, acc):
     return total.addmm_(a, b) if a.dtype == acc else total.add_(a @ b)
 
 
-def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024, ignore_index=-100):
-    """Mean cross-entropy of the logits h @ weight.T, equal to F.cross_entropy on the full logits
-    (ids past vocab_size masked) to fp32 rounding. h: (N, C), weight: (V, C), targets: (N,).
+def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024, ignore_index=-100, softcap=0.0):
+    """Mean cross-entropy of the logits h @ weight.T (soft-capped to softcap * tanh(. / softcap)
+    when softcap > 0), equal to F.cross_entropy on the full logits (ids past vocab_size masked) to
+    fp32 rounding. h: (N, C), weight: (V, C), targets: (N,).
     Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as F.cross_entropy
     would be run. A target equal to ignore_index (F.cross_entropy's default, -100) counts for
     nothing, as there: the mean is over the others (NaN, with zero gradients, if none is left).
@@ -510,7 +611,7 @@ def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024, ignor
     need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     with torch.autocast(device_type=device_type, enabled=False):
         return _LMHeadCrossEntropy.apply(h, weight, targets, vocab_size, chunk_size, compute_dtype, need_grad,
-                                         ignore_index, counted)
+                                         ignore_index, counted, softcap)
 
 
 def _count_targets(targets, vocab_size, ignore_index):
@@ -543,14 +644,18 @@ def num_params(model):
 
 def flops_per_token(config, seq_len):
     """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add):
-    6 x the parameters that take part in matmuls (every block weight and bias, and the tied
-    lm_head; not the position table, which is only looked up), plus attention's QK^T and AV:
-    2 x 2 x T x C per layer forward, 12 x L x C x T for forward and backward (counting the full
-    T x T square, as the PaLM paper and nanoGPT do, though causal masking could skip half). A
-    banded layer counts its band's width, min(band, T) keys a query, as a dense one counts T."""
+    6 x the parameters that take part in matmuls (every block weight and bias, the norms' gains
+    and biases, and the lm_head; not the token embedding or position table, which are only looked
+    up: so an untied head, a second V x C table, adds none, and rotary positions remove none),
+    plus attention's QK^T and AV: 2 x 2 x T x C per layer forward, 12 x L x C x T for forward and
+    backward (counting the full T x T square, as the PaLM paper and nanoGPT do, though causal
+    masking could skip half). A banded layer counts its band's width, min(band, T) keys a query,
+    as a dense one counts T. The rotations, QK-norm and soft-cap are elementwise: not counted."""
     L, C, V = config.n_layer, config.n_embd, config.padded_vocab_size
-    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C
-    matmul_params = L * per_block + V * C + 2 * C  # blocks, lm_head (tied wte), ln_f
+    bias = int(config.bias)
+    norm = 0 if config.rmsnorm else (1 + bias) * C  # a LayerNorm's gain (and bias); RMSNorm has none
+    per_block = (C * 3 * C + C * C + C * 4 * C + 4 * C * C) + bias * (3 * C + C + 4 * C + C) + 2 * norm
+    matmul_params = L * per_block + V * C + norm  # blocks, lm_head, ln_f
     keys = sum(min(layer_band(config, i) or seq_len, seq_len) for i in range(L))  # per query, over the layers
     return 6 * matmul_params + 12 * C * keys
 
@@ -603,7 +708,9 @@ def muon_params(model):
     """The tensors Muon trains: the 2-D weight matrices inside the transformer blocks (attention's
     qkv and projection, the MLP's two layers). Orthogonalizing an update only means something for
     a matrix that maps one hidden space to another; the embeddings (and the head tied to them)
-    are lookup tables over tokens, and biases and gains are vectors, so those stay with AdamW."""
+    are lookup tables over tokens, and biases and gains are vectors, so those stay with AdamW. An
+    untied head (untied_head) maps into the vocabulary, not a hidden space: AdamW too, as in
+    modded-nanogpt and nanochat. QK-norm and RMSNorm (rmsnorm) have no parameters to train."""
     return [p for name, p in model.named_parameters()
             if p.requires_grad and name.startswith("transformer.h.") and p.dim() == 2]
 

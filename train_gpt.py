@@ -54,6 +54,17 @@ class Settings:
     block_size: int = 1024  # the longest context (GPT-3's presets: 2048)
     attention: str = "dense"  # dense: every layer causal (GPT-2); gpt3: every other layer banded, as GPT-3 (its presets' default; docs/attention.md)
     attention_band: Optional[int] = None  # gpt3: a banded layer's token sees itself and the band - 1 before it; None: 256 (GPT-Neo's, the paper gives none)
+    # architecture (model.ARCHITECTURES; docs/architecture.md): GPT-2's unless asked. --arch=modern
+    # turns every option below on; each can still be set on its own (the command line wins)
+    arch: str = "gpt"  # gpt: GPT-2's and GPT-3's, as the papers; modern: all the options below on
+    rope: bool = False  # rotary position embeddings on queries and keys, instead of the learned position table
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys before attention
+    relu2: bool = False  # ReLU squared in the MLP instead of GELU
+    untied_head: bool = False  # an output head of its own instead of the token embedding (AdamW trains it)
+    logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap); 0 = off (modern: 15)
+    zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    rmsnorm: bool = False  # parameter-free RMSNorm instead of LayerNorm
     init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
     # data
     data_dir: str = "edu_fineweb10B"  # a folder of *_train_* / *_val_* shards (fineweb.py makes them)
@@ -129,6 +140,7 @@ DEMO = dict(model="tiny", recipe="fast", data_dir="data/wiki", log_dir="log/demo
 RECIPES = dict(
     gpt3=dict(),  # the defaults: GPT-3's AdamW, warmup and cosine decay to 10%
     fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.04, max_lr_scale=3.0),
+    modern=dict(arch="modern", optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.02, max_lr_scale=16.0),
 )
 
 
@@ -360,10 +372,12 @@ def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     val = None
     with torch.compiler.set_stance("force_eager") if s.fsdp and s.compile else contextlib.nullcontext():
         if "validation" in todo:
-            val = evals.val_loss(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype,
+            v = evals.validation(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype,
                                  progress=rt.is_main)
-            log(f"step {step:5d} | val loss {val:.4f} ({val_data.num_tokens:,} tokens)")
-            log.metrics(step=step, val_loss=val)
+            val = v["loss"]
+            log(f"step {step:5d} | val loss {val:.4f} | {v['bpb']:.4f} bits/byte ({val_data.num_tokens:,} tokens, "
+                f"{v['bytes']:,} bytes)")
+            log.metrics(step=step, val_loss=val, val_bpb=v["bpb"])
         if "HellaSwag" in todo:
             r = evals.hellaswag(raw_model, hellaswag_data, rt.rank, rt.world_size, rt.amp_dtype, progress=rt.is_main)
             log(f"step {step:5d} | HellaSwag acc_norm {r['acc_norm']:.4f} acc {r['acc']:.4f} ({r['n']} examples)")

@@ -1,5 +1,5 @@
-"""Evaluation for the training loop and evaluate.py: validation loss, HellaSwag accuracy, text
-samples, and loading a model from a checkpoint.
+"""Evaluation for the training loop and evaluate.py: validation loss (and bits per byte), HellaSwag
+accuracy, text samples, and loading a model from a checkpoint.
 
 Every function takes the unwrapped model (not the DDP wrapper; under FSDP2 the fully_shard'ed
 module itself; a torch.compile'd module works too), runs it in eval mode without autograd and
@@ -9,10 +9,13 @@ rank must take part in every forward, so ranks with less work run dummy forwards
 """
 
 import contextlib
+import functools
 import json
+import math
 import os
 import urllib.error
 import urllib.request
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -102,9 +105,43 @@ def token_losses(logits, targets, chunk_tokens=4096):
 
 
 def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, progress=False):
-    """Mean cross-entropy over every token of val_data (a dataloader.ValidationData). The same
-    number (to ~1e-6) at any world size and batch size: rows with targets -1 are padding.
-    progress: a bar of this rank's batches."""
+    """Mean cross-entropy over every token of val_data: validation(...)["loss"]."""
+    return validation(model, val_data, batch_size, rank, world_size, amp_dtype, progress)["loss"]
+
+
+@functools.lru_cache(maxsize=None)
+def token_bytes():
+    """(65536,) int64, one entry per id a uint16 shard can hold: the UTF-8 bytes of each GPT-2
+    token's text; 0 for <|endoftext|>, which is no text, and for ids past the vocabulary."""
+    enc = gpt2_tokenizer()
+    return torch.tensor([len(enc.decode_single_token_bytes(i)) if i < enc.n_vocab and i != enc.eot_token else 0
+                         for i in range(2**16)], dtype=torch.int64)
+
+
+_val_bytes = weakref.WeakKeyDictionary()  # ValidationData -> its bytes, counted once
+
+
+def val_bytes(val_data):
+    """The UTF-8 bytes of val_data's scored tokens (every window's targets), decoded: the text a
+    bits-per-byte figure is per. Counted once per validation set, over all of it (every rank the
+    same number, no all-reduce)."""
+    if val_data not in _val_bytes:
+        table = token_bytes()
+        total = 0
+        for _, y in val_data.batches(64):
+            total += int(table[y[y != -1]].sum())
+        _val_bytes[val_data] = total
+    return _val_bytes[val_data]
+
+
+def validation(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, progress=False):
+    """{"loss": mean cross-entropy over every token of val_data (a dataloader.ValidationData),
+    "bpb": bits per byte, "bytes": the text's bytes}. The same numbers (to ~1e-6) at any world size
+    and batch size: rows with targets -1 are padding. Bits per byte is the summed loss in bits over
+    the bytes of the decoded targets (val_bytes): a figure of the text, not of the tokenizer, which
+    models with other vocabularies report too (nanochat). <|endoftext|> has no bytes and its loss
+    counts (nanochat leaves it out of both sums: one token a document). progress: a bar of this
+    rank's batches."""
     device = model_device(model)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, tokens
     per_rank = -(-len(val_data.windows) // world_size)  # ceil, as ValidationData.batches
@@ -119,7 +156,8 @@ def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, 
     loss_sum, count = all_reduce_sum(sums)
     if count == 0:
         raise cli.BadInput("the validation data has no tokens to score; give it more tokens (--val_tokens)")
-    return loss_sum / count
+    num_bytes = val_bytes(val_data)
+    return dict(loss=loss_sum / count, bpb=loss_sum / math.log(2) / max(num_bytes, 1), bytes=num_bytes)
 
 
 # ----------------------------------------------------------------------------------------------

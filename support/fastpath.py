@@ -30,7 +30,12 @@ def keep_freed_memory():
 
 def cpu_has_bf16():
     """True where the CPU multiplies bf16 in hardware (AMX or AVX512-BF16), where bf16 autocast
-    trains faster than fp32; elsewhere bf16 is emulated and slower."""
+    trains faster than fp32; elsewhere bf16 is emulated and slower. CPU_BF16=0 (or 1) in the
+    environment overrides the answer, so a bf16 machine can run what a float32-only one runs (the
+    auto dtype, Muon's fp32 Newton-Schulz): docs/performance.md measures the demo so."""
+    override = os.environ.get("CPU_BF16", "")
+    if override in ("0", "1"):
+        return override == "1"
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import ATTENTION_PATTERNS, MUON_MIN_TORCH, PRESETS, MuonConfig, preset_config
+from model import (ARCH_FIELDS, ARCHITECTURES, ATTENTION_PATTERNS, MUON_MIN_TORCH, PRESETS, GPTConfig, MuonConfig,
+                   arch_changes, preset_config)
 from support import cli, tracking
 from support.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from support.cli import RunError, SettingsError
@@ -64,7 +65,8 @@ def parse_settings(argv, cls, demo, recipes):
     """--name=value arguments -> a cls (train_gpt.Settings). `--name` alone means True for a
     True/False setting. The values come in layers, each replacing the one before: the dataclass's
     defaults (the seed's GPT-2 124M run), the chosen model preset's numbers (model.PRESETS), the
-    demo's (--demo), the recipe's (--recipe), and the command line's, which always win."""
+    demo's (--demo), the architecture's options (--arch, model.ARCHITECTURES), the recipe's
+    (--recipe), and the command line's, which always win."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {}
     for arg in argv:
@@ -85,7 +87,11 @@ def parse_settings(argv, cls, demo, recipes):
     recipe = given.get("recipe", demo_layer.get("recipe", ""))
     if recipe and recipe not in recipes:
         raise SettingsError(f"unknown --recipe={recipe!r}; choose one of: {', '.join(recipes)}")
-    own = {**demo_layer, **(recipes[recipe] if recipe else {}), **given}  # everything but the preset's
+    recipe_layer = recipes[recipe] if recipe else {}
+    arch = given.get("arch", recipe_layer.get("arch", demo_layer.get("arch", fields["arch"].default)))
+    if arch not in ARCHITECTURES:
+        raise SettingsError(f"unknown --arch={arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    own = {**demo_layer, **ARCHITECTURES[arch], **recipe_layer, **given}  # everything but the preset's
     model = own.get("model", fields["model"].default)
     values = {} if model == SEED_PRESET else preset_settings(model)
     values.update(own)
@@ -132,7 +138,7 @@ def resolve_model_settings(s):
         raise SettingsError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
     check_attention_settings(s)
     config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size,
-                           attention=s.attention, attention_band=s.attention_band)
+                           attention=s.attention, attention_band=s.attention_band, **arch_options(s))
     s.attention_band = config.attention_band if s.attention != "dense" else None  # the band that trains
     s.seq_len = s.seq_len or config.block_size
     s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
@@ -164,6 +170,9 @@ def check_attention_settings(s):
                             f"model is dense (--attention=dense): give --attention=gpt3, or no band")
     if s.attention_band <= 0:
         raise SettingsError(f"--attention_band must be positive (tokens a banded layer sees), got {s.attention_band}")
+def arch_options(s):
+    """The settings that are GPTConfig's architecture options (model.ARCH_FIELDS), by name."""
+    return {name: getattr(s, name) for name in ARCH_FIELDS}
 
 
 def resolve_token_schedule(s):
@@ -309,11 +318,16 @@ def auto_micro_batch(s, rt, log):
     if (s.n_layer, s.n_head, s.n_embd, s.seq_len) != (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size):
         raise SettingsError("--micro_batch_size=auto plans the presets as they are; with n_layer, n_head, n_embd "
                          "or seq_len changed, give a number")
+    changes = arch_changes(GPTConfig(**arch_options(s)))
+    arch = next((name for name, options in ARCHITECTURES.items() if options == changes), None)
+    if arch is None:
+        raise SettingsError(f"--micro_batch_size=auto plans the named architectures ({', '.join(ARCHITECTURES)}) as "
+                            f"they are; with single options changed ({changes}), give a number")
     answer = [None]
     if rt.is_main:
         memory = torch.cuda.get_device_properties(rt.device).total_memory / 2**30
         cmd = [sys.executable, "-m", "tools.plan", "--json",
-               f"--model={s.model}", f"--gpus={rt.world_size}", f"--gpu_memory={memory}", f"--fsdp={s.fsdp}",
+               f"--model={s.model}", f"--arch={arch}", f"--gpus={rt.world_size}", f"--gpu_memory={memory}", f"--fsdp={s.fsdp}",
                f"--fsdp_shard_size={s.fsdp_shard_size}",
                f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
                f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}",

@@ -206,6 +206,36 @@ def test_fsdp_resumes_exactly(shards, ddp, tmp_path):
     assert_close_runs(ddp, log_dir)
 
 
+@pytest.fixture(scope="module")
+def ddp_modern(shards, tmp_path_factory):
+    """DDP with the modern architecture (--arch=modern): the reference of the two tests below."""
+    log_dir = str(tmp_path_factory.mktemp("ddp_modern"))
+    out = run_ok(tiny_args(shards, log_dir, arch="modern", **STEPS))
+    assert '"rope": true' in out and '"untied_head": true' in out
+    return log_dir
+
+
+def test_ddp_with_the_modern_architecture_equals_one_process(shards, ddp_modern, ddp, tmp_path):
+    log_dir = str(tmp_path)
+    code, out = finish(start([sys.executable, "train_gpt.py", *tiny_args(shards, log_dir, arch="modern", **STEPS)]))
+    assert code == 0, out
+    assert_close_runs(log_dir, ddp_modern)
+    assert train_losses(ddp_modern)[9] != pytest.approx(train_losses(ddp)[9], abs=1e-3)  # another model than GPT-2's
+    wa, wb = weights(log_dir), weights(ddp_modern)
+    assert "lm_head.weight" in wb and "transformer.wpe.weight" not in wb
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+
+
+def test_fsdp_with_the_modern_architecture_and_checkpointing_equals_ddp(shards, ddp_modern, tmp_path):
+    """FSDP2 with the bundle and every block recomputed: the same losses as DDP's. (Its exact
+    resume: tests/test_architecture.py, with Muon; FSDP's sharded resume: test_fsdp_resumes_exactly.)"""
+    log_dir = str(tmp_path)
+    out = run_ok(tiny_args(shards, log_dir, arch="modern", fsdp=True, activation_checkpointing="full", **STEPS))
+    assert "FSDP" in out
+    assert_close_runs(ddp_modern, log_dir)
+
+
 def test_hybrid_sharding_2x2_equals_ddp_and_resumes(shards, ddp, tmp_path):
     """HSDP: 4 processes as 2 replicas x 2-way FSDP (--fsdp_shard_size=2), 2 sequences each: the
     same 8 sequences a step as DDP's 2 x 4. Stopped at step 5 and resumed from its sharded checkpoint."""

@@ -3,6 +3,7 @@
     python -m tools.compare                                            # GPT-3 recipe vs --recipe=fast, tiny model, data/wiki
     python -m tools.compare --data_dir=data/vimdoc --n_embd=384 --n_head=6     # another data set, a wider model
     python -m tools.compare --recipes=gpt3,fast,fast:muon_lr=0.04,gpt3:schedule=wsd   # more recipes (an LR sweep)
+    python -m tools.compare --recipes=gpt3,fast,modern --short=modern@0.7,modern@0.3   # per-recipe short runs
     python -m tools.compare --model=gpt2 --data_dir=edu_fineweb10B --tokens=1e9 --total_batch_size=524288 \\
         --micro_batch_size=32 --device=cuda                      # the same at 124M on a GPU
 
@@ -15,9 +16,11 @@ A schedule that decays at the end (cosine, and wsd even more) reaches low losses
 decayed, so a curve of one long run understates how few tokens a recipe needs. --short=0.6 trains
 each other recipe a second time with 0.6x the budget (its schedule fitted to the shorter run) and
 reports whether that run ends at or below the baseline's final val loss: the direct test of "the same
-loss in 0.6x the tokens".
+loss in 0.6x the tokens". --short=modern@0.7,modern@0.3 trains only the named recipes, each with its
+own fraction; every short run is checked against the final val loss of each recipe listed before it
+(modern at 0.7x against fast's and gpt3's, at 0.3x too), so one call tests two baselines.
 
-Recipes: a name in train_gpt.RECIPES (gpt3: train_gpt's defaults, AdamW, warmup + cosine to 10%; fast),
+Recipes: a name in train_gpt.RECIPES (gpt3: train_gpt's defaults, AdamW, warmup + cosine to 10%; fast, modern),
 each optionally followed by :name=value settings of its own. Any other --name=value is a train_gpt
 setting given to every recipe (model size, data, batch, device ...).
 """
@@ -42,7 +45,7 @@ class Bench:
     recipes: str = "gpt3,fast"  # comma-separated; the first is the baseline; name[:setting=value...]
     tokens: float = 286_720  # token budget of each run (35 steps of 8192: half an epoch of data/wiki; 16 min in all on 2 idle CPU cores)
     evals: int = 5  # evaluations per run, evenly spaced in tokens (and one at the end)
-    short: float = 0.6  # also train each non-baseline recipe with this fraction of the budget; 0 = off
+    short: str = "0.6"  # also train each non-baseline recipe with this fraction of the budget, or RECIPE@FRACTION,... for named ones; 0 = off
     out_dir: str = "log/compare"  # one folder per run, the table (results.md) and the plot (val_loss.png)
 
 
@@ -81,6 +84,24 @@ def recipe_args(spec):
         if "=" not in o:
             raise ValueError(f"recipe {spec!r}: write its settings as name=value, got {o!r}")
     return [f"--recipe={name}"] + [f"--{o}" for o in overrides]
+
+
+def short_runs(text, specs):
+    """--short -> [(recipe spec, fraction)]: "0.6" is every recipe but the baseline at 0.6x (0: none),
+    "modern@0.7,modern@0.3" the named recipes (as --recipes spells them) at their fractions."""
+    runs = []
+    for item in text.split(","):
+        spec, at, fraction = item.rpartition("@")
+        try:
+            value = float(fraction)
+        except ValueError:
+            raise ValueError(f"--short={text}: {item!r} is neither a fraction nor RECIPE@FRACTION") from None
+        if not 0 <= value < 1:
+            raise ValueError(f"--short={text}: a fraction must be in [0, 1), got {fraction}")
+        if at and spec not in specs[1:]:
+            raise ValueError(f"--short={text}: {spec!r} is not one of the non-baseline --recipes ({', '.join(specs[1:])})")
+        runs += [(name, value) for name in ([spec] if at else specs[1:]) if value > 0 and (name, value) not in runs]
+    return runs
 
 
 def train_tokens(data_dir):
@@ -122,28 +143,39 @@ def tokens_to_reach(curve, target):
     return None
 
 
-def results_table(curves, short=None, short_fraction=0.0):
-    """Markdown: val loss at equal tokens, then tokens to the baseline's final loss and the ratio."""
+def results_table(curves, short=None):
+    """Markdown: val loss at equal tokens; then, for the baseline (and each later recipe that a
+    later one is measured against), the tokens each recipe after it needs to reach its final loss
+    and the ratio; then the short runs ({(spec, fraction): curve}), each against the final loss of
+    every recipe listed before it."""
     names = list(curves)
     base = names[0]
-    target = curves[base][max(curves[base])]
+    finals = {n: curves[n][max(curves[n])] for n in names}
     lines = ["| tokens | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for tokens in sorted(curves[base]):
         lines.append(f"| {tokens:,} | " + " | ".join(f"{curves[n].get(tokens, math.nan):.4f}" for n in names) + " |")
     full = max(curves[base])
-    lines += ["", f"Tokens to reach the baseline's ({base}) final val loss {target:.4f}:", "",
-              "| recipe | final val loss | tokens to reach it | ratio to baseline |", "|---|---:|---:|---:|"]
-    for n in names:
-        t = tokens_to_reach(curves[n], target)
-        lines.append(f"| {n} | {curves[n][max(curves[n])]:.4f} | {'not reached' if t is None else f'{t:,.0f}'} | "
-                     f"{'-' if t is None else f'{t / full:.2f}'} |")
+    for i, target_name in enumerate(names[:-1]):
+        target = finals[target_name]
+        which = "the baseline's" if i == 0 else f"{target_name}'s"
+        lines += ["", f"Tokens to reach {which} ({target_name}) final val loss {target:.4f}:", "",
+                  f"| recipe | final val loss | tokens to reach it | ratio to {'baseline' if i == 0 else target_name} |",
+                  "|---|---:|---:|---:|"]
+        for n in names[i:] if i == 0 else names[i + 1:]:
+            t = tokens_to_reach(curves[n], target)
+            lines.append(f"| {n} | {finals[n]:.4f} | {'not reached' if t is None else f'{t:,.0f}'} | "
+                         f"{'-' if t is None else f'{t / full:.2f}'} |")
     if short:
-        lines += ["", f"Trained with {short_fraction:g}x the tokens (schedule fitted to the shorter run):", "",
-                  "| recipe | tokens | final val loss | reaches the baseline's final |", "|---|---:|---:|---|"]
-        for n, curve in short.items():
+        lines += ["", "Trained with a fraction of the tokens (schedule fitted to the shorter run), against the final "
+                  "val loss of each recipe listed before it:", "",
+                  "| recipe | tokens | final val loss | " + " | ".join(f"reaches {n}'s {finals[n]:.4f}" for n in names[:-1])
+                  + " |", "|---|---:|---:|" + "---|" * (len(names) - 1)]
+        for (n, _), curve in short.items():
             end = max(curve)
-            lines.append(f"| {n} | {end:,} ({end / full:.2f}x) | {curve[end]:.4f} | {'yes' if curve[end] <= target else 'no'} "
-                         f"({curve[end] - target:+.4f}) |")
+            before = names[:names.index(n)]
+            cells = [f"{'yes' if curve[end] <= finals[b] else 'no'} ({curve[end] - finals[b]:+.4f})" if b in before
+                     else "-" for b in names[:-1]]
+            lines.append(f"| {n} | {end:,} ({end / full:.2f}x) | {curve[end]:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,9 +188,11 @@ def plot_curves(curves, short, out_png):
     for i, (name, curve) in enumerate(curves.items()):
         x = sorted(curve)
         ax.plot(x, [curve[t] for t in x], marker="o", markersize=3, color=f"C{i}", label=name)
-        if name in short:
-            xs = sorted(short[name])
-            ax.plot(xs, [short[name][t] for t in xs], marker="x", linestyle=":", color=f"C{i}", label=f"{name} (short run)")
+        for (spec, fraction), curve in short.items():
+            if spec == name:
+                xs = sorted(curve)
+                ax.plot(xs, [curve[t] for t in xs], marker="x", linestyle=":", color=f"C{i}",
+                        label=f"{name} ({fraction:g}x run)")
     base = next(iter(curves.values()))
     ax.axhline(base[max(base)], color="grey", linestyle="--", linewidth=0.8, label="baseline final")
     ax.set(xlabel="tokens", ylabel="val loss", title="Validation loss per token")
@@ -193,23 +227,26 @@ def main(argv=None):
         have = train_tokens(shared["data_dir"])
         if have == 0:
             raise ValueError(f"no *_train_* shards in {shared['data_dir']}: prepare it (python fineweb.py --source wiki)")
+        specs = bench.recipes.split(",")
+        shorts = short_runs(bench.short, specs)
+        for spec, fraction in shorts:
+            if int(steps * fraction) < 1:
+                raise ValueError(f"--short: {spec} at {fraction:g}x of {steps} steps is no step; raise --tokens")
     except ValueError as e:
         sys.exit(f"compare.py: error: {e}")
     note = epoch_note(steps * batch, have, shared["data_dir"])
     print(note, flush=True)
-    specs = bench.recipes.split(",")
     val_every = steps // bench.evals
     curves, short = {}, {}
     for i, spec in enumerate(specs):
         curves[spec] = run_recipe(spec, steps, val_every, shared, os.path.join(bench.out_dir, f"run{i}"))
-    short_steps = int(steps * bench.short)  # rounded down: never more than the fraction
-    if bench.short > 0:
-        for i, spec in enumerate(specs[1:], 1):
-            short[spec] = run_recipe(spec, short_steps, max(1, short_steps // 4), shared,
-                                     os.path.join(bench.out_dir, f"run{i}_short"))
+    for spec, fraction in shorts:
+        short_steps = int(steps * fraction)  # rounded down: never more than the fraction
+        short[spec, fraction] = run_recipe(spec, short_steps, max(1, short_steps // 4), shared,
+                                           os.path.join(bench.out_dir, f"run{specs.index(spec)}_short{fraction:g}"))
     header = (f"python -m tools.compare {' '.join(argv)}\n\n"
               f"settings: {', '.join(f'{k}={v}' for k, v in shared.items())}; {steps} steps\n\n{note}\n")
-    table = header + "\n" + results_table(curves, short, bench.short)
+    table = header + "\n" + results_table(curves, short)
     with open(os.path.join(bench.out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     png = plot_curves(curves, short, os.path.join(bench.out_dir, "val_loss.png"))

@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import (GPT, PRESETS, MuonConfig, configure_optimizers, describe_attention, flops_per_token, muon_params,
-                   preset_config)
+from model import (ARCHITECTURES, GPT, PRESETS, MuonConfig, configure_optimizers, describe_attention, flops_per_token,
+                   muon_params, preset_config)
 from support import cli, sharded_muon
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 from support.fastpath import cpu_has_bf16
@@ -85,6 +85,7 @@ class Setup:
     muon_float32: bool = False  # Muon's Newton-Schulz in fp32 (model.Float32Muon: a CPU without bf16); GPUs: bf16
     attention: Optional[str] = None  # None: the preset's pattern (train_gpt --attention)
     attention_band: Optional[int] = None  # None: GPTConfig's (train_gpt --attention_band)
+    arch: str = "gpt"  # model.ARCHITECTURES (modern: an untied head holds a second V x C matrix, no position table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def setup_config(setup):
     fake step runs the CPU's masked flash attention, which, as FlexAttention on a GPU, keeps q, k, v,
     the output and its log-sum-exp, and no T x T scores (one boolean T x T mask a forward)."""
     return preset_config(setup.model, n_layer=setup.n_layer, attention=setup.attention,
-                         attention_band=setup.attention_band)
+                         attention_band=setup.attention_band, **ARCHITECTURES[setup.arch])
 
 
 def fake_step_peak(setup):
@@ -416,12 +417,13 @@ class Plan:
     smallest_gpus_that_fit: Optional[int] = None
     optimizer: str = "adamw"
     muon: dict = dataclasses.field(default_factory=dict)  # with Muon: its step's costs (muon_costs)
+    arch: str = "gpt"
 
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
               dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, optimizer="adamw", attention=None,
-              attention_band=None, log=print):
+              attention_band=None, arch="gpt", log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
     gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own).
@@ -436,6 +438,8 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         raise ValueError(f"unknown --gpu={gpu!r}; choose one of: {', '.join(GPUS)}")
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown --arch={arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if fsdp_shard_size and (not fsdp or gpus % fsdp_shard_size):
         raise ValueError(f"--fsdp_shard_size={fsdp_shard_size} needs --fsdp=True and must divide --gpus={gpus}")
     hybrid = fsdp_shard_size and fsdp_shard_size < gpus
@@ -448,10 +452,10 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         "FSDP2" if fsdp else "DDP"
     setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
                   shard_size=fsdp_shard_size if hybrid else None, optimizer=optimizer, attention=attention,
-                  attention_band=attention_band)
+                  attention_band=attention_band, arch=arch)
     config = setup_config(setup)
     plan = Plan(model, gpus, gpu, sharding, False, describe_attention(config, config.block_size),
-                budget_gib=budget / GiB, tokens=tokens or token_budget(model), optimizer=optimizer)
+                budget_gib=budget / GiB, tokens=tokens or token_budget(model), optimizer=optimizer, arch=arch)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
         workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
@@ -563,7 +567,7 @@ def smallest_gpus(setup, total_batch_size, budget, at_one):
 
 
 def format_plan(plan):
-    head = f"plan: {plan.model} on {plan.gpus} x {plan.gpu}, {plan.sharding}; {plan.attention}"
+    head = f"plan: {plan.model}{'' if plan.arch == 'gpt' else f' ({plan.arch})'} on {plan.gpus} x {plan.gpu}, {plan.sharding}; {plan.attention}"
     lines = [head]
     if plan.memory_gib:
         m = plan.memory_gib
@@ -613,6 +617,7 @@ def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="a preset of model.PRESETS")
+    parser.add_argument("--arch", default="gpt", help=f"the architecture: {', '.join(ARCHITECTURES)} (train_gpt --arch)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the cluster (data-parallel ranks)")
     parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
     parser.add_argument("--fsdp", default="True", help="True: FSDP2 (train_gpt --fsdp); False: DDP")
@@ -650,7 +655,7 @@ def main(argv=None):
                          chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
                          fsdp_shard_size=args.fsdp_shard_size or None, optimizer=args.optimizer,
-                         attention=args.attention, attention_band=args.attention_band,
+                         attention=args.attention, attention_band=args.attention_band, arch=args.arch,
                          log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
@@ -685,7 +690,7 @@ def check_against_measured(args):
                   args.activation_checkpointing, fsdp=args.fsdp.lower() in ("true", "1", "yes"),
                   chunked_loss=args.chunked_loss.lower() in ("true", "1", "yes"), dtype=args.dtype,
                   optimizer=args.optimizer, muon_float32=not cpu_has_bf16(), attention=args.attention,
-                  attention_band=args.attention_band)
+                  attention_band=args.attention_band, arch=args.arch)
     planned = peak_bytes(setup)["total"]
     measured = measured_step_peak(setup)
     if int(os.environ.get("RANK", 0)) == 0:
