@@ -268,6 +268,8 @@ def _compiled_flex_attention():
 def _say_flex_is_missing():
     warnings.warn(f"banded attention on CUDA wants FlexAttention (torch >= 2.6); torch {torch.__version__} has "
                   f"none, so banded layers compute every position, masked: the same numbers, without the speed-up")
+
+
 def make_norm(config):
     """GPT-2's LayerNorm (a gain, and a bias unless bias=False), or with rmsnorm a parameter-free
     RMSNorm, as nanochat's: x / rms(x), nothing to learn. eps 1e-5 as LayerNorm's (RMSNorm's own
@@ -442,7 +444,8 @@ class GPT(nn.Module):
         # pays on the CPU (docs/performance.md); the trainer turns it on there. Never under
         # torch.compile, which traces no sparse tensors. Only for the tied embedding: an untied
         # one's gradient would stay sparse, which AdamW does not take.
-        sparse = self.sparse_embedding_grad and not self.config.untied_head and targets is not None and not torch.compiler.is_compiling()
+        sparse = (self.sparse_embedding_grad and not self.config.untied_head and targets is not None
+                  and not torch.compiler.is_compiling())
         h = self.hidden_states(idx, sparse_embedding_grad=sparse)
         if targets is None:
             return self.logits(h), None
@@ -545,8 +548,8 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
             log_p = _target_log_probs(probs, tc, acc, need_grad)  # probs[target] = p - 1 if need_grad
             loss_sum -= (log_p.masked_fill(ignored, 0.0) if masked else log_p).sum()
             if need_grad:
-                if softcap:  # through the cap: d(cap tanh(z / cap)) / dz = 1 - tanh^2
-                    probs.mul_(tanh.square_().neg_().add_(1.0))
+                if softcap:  # through the cap: d(cap tanh(z / cap)) / dz = 1 - tanh^2; as probs - probs * tanh^2,
+                    probs.addcmul_(probs, tanh.square_(), value=-1.0)  # two passes over the n x V buffers, not four
                 torch.mm(probs, w, out=grad_x[s:s + chunk_size])
                 if masked:
                     grad_x[s:s + chunk_size].masked_fill_(ignored[:, None], 0.0)

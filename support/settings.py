@@ -170,6 +170,8 @@ def check_attention_settings(s):
                             f"model is dense (--attention=dense): give --attention=gpt3, or no band")
     if s.attention_band <= 0:
         raise SettingsError(f"--attention_band must be positive (tokens a banded layer sees), got {s.attention_band}")
+
+
 def arch_options(s):
     """The settings that are GPTConfig's architecture options (model.ARCH_FIELDS), by name."""
     return {name: getattr(s, name) for name in ARCH_FIELDS}

@@ -152,6 +152,22 @@ def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
         assert fastpath.keep_freed_memory() is True  # mallopt accepted both values
 
 
+def test_cpu_bf16_can_be_overridden_for_a_float32_machines_run(monkeypatch):
+    """CPU_BF16=0 runs what a CPU without bf16 units runs (docs/performance.md measures the demo so):
+    the auto dtype float32 and Muon's fp32 Newton-Schulz; CPU_BF16=1 the other way."""
+    import train_gpt
+    from support import settings
+    from support.runtime import setup_runtime
+    for value, dtype in (("0", "float32"), ("1", "bfloat16")):
+        monkeypatch.setenv("CPU_BF16", value)
+        assert fastpath.cpu_has_bf16() is (value == "1")
+        s = train_gpt.parse_settings(["--demo", "--log_dir=unused"])
+        train_gpt.resolve_model_settings(s)
+        rt = setup_runtime(s)
+        assert s.dtype == dtype, value
+        assert settings.muon_config(s, rt.device).float32 is (value == "0")
+
+
 def test_matmul_yardstick_is_a_positive_rate():
     assert runlog.measure_matmul_flops(n=64, trials=2) > 0
 

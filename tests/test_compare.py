@@ -18,11 +18,31 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 
 def test_results_table_ratio_and_short_runs():
     curves = {"gpt3": {100: 5.0, 200: 4.0}, "fast": {100: 4.5, 200: 3.5}}
-    table = compare.results_table(curves, {"fast": {120: 3.9}}, 0.6)
+    table = compare.results_table(curves, {("fast", 0.6): {120: 3.9}})
     assert "| 100 | 5.0000 | 4.5000 |" in table
     assert "| fast | 3.5000 | 150 | 0.75 |" in table  # 4.0 reached halfway between 100 and 200
     assert "| gpt3 | 4.0000 | 200 | 1.00 |" in table
     assert "| fast | 120 (0.60x) | 3.9000 | yes (-0.1000) |" in table
+
+
+def test_a_third_recipe_is_measured_against_each_one_before_it():
+    """gpt3, fast, modern: modern's tokens to fast's final as well as to gpt3's, and each short run
+    checked against both finals (--short=modern@0.7,modern@0.3)."""
+    curves = {"gpt3": {100: 5.0, 200: 4.0}, "fast": {100: 4.5, 200: 3.5}, "modern": {100: 3.5, 200: 3.0}}
+    short = {("modern", 0.7): {140: 3.4}, ("modern", 0.3): {60: 3.8}}
+    table = compare.results_table(curves, short)
+    assert "Tokens to reach fast's (fast) final val loss 3.5000" in table
+    assert "| modern | 3.0000 | 100 | 0.50 |" in table  # fast's 3.5 at modern's first evaluation
+    assert "| modern | 140 (0.70x) | 3.4000 | yes (-0.6000) | yes (-0.1000) |" in table
+    assert "| modern | 60 (0.30x) | 3.8000 | yes (-0.2000) | no (+0.3000) |" in table
+    specs = ["gpt3", "fast", "modern"]
+    assert compare.short_runs("modern@0.7,modern@0.3", specs) == [("modern", 0.7), ("modern", 0.3)]
+    assert compare.short_runs("0.6", specs) == [("fast", 0.6), ("modern", 0.6)]
+    assert compare.short_runs("0", specs) == []
+    with pytest.raises(ValueError, match="not one of the non-baseline --recipes"):
+        compare.short_runs("gpt3@0.5", specs)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        compare.short_runs("modern@1.5", specs)
 
 
 def test_recipes_and_settings_are_checked():
@@ -50,7 +70,7 @@ def test_compare_trains_recipes_side_by_side(shards, tmp_path, capsys):
     curves, short = compare.main(args)
     assert list(curves) == ["gpt3", "fast:muon_lr=0.05"]
     assert sorted(curves["gpt3"]) == sorted(curves["fast:muon_lr=0.05"]) == [1024, 2048]  # the same token counts
-    assert max(short["fast:muon_lr=0.05"]) == 1024
+    assert max(short["fast:muon_lr=0.05", 0.5]) == 1024
     printed = capsys.readouterr().out
     assert "under one epoch" in printed and "ratio to baseline" in printed
     assert os.path.getsize(os.path.join(out, "val_loss.png")) > 1000

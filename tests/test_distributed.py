@@ -47,7 +47,6 @@ train_gpt.main(sys.argv[1:])
 """
 
 
-
 def start(cmd, env=None):
     # A session of its own: on timeout or failure the whole process tree is killed, ports freed.
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -144,21 +143,30 @@ def test_ddp_equals_one_process(single, ddp):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in wb)
 
 
-# GPT-3's attention pattern on TINY (2 layers of 32 positions): layer 1 banded to the last 8.
-BANDED = dict(attention="gpt3", attention_band=8)
+# GPT-3's attention pattern on TINY (2 layers of 32 positions: layer 1 banded to the last 8), and the
+# modern GPT's options (--arch=modern: rotary positions, QK-norm, ReLU², untied head, soft-cap, ...).
+BEYOND_GPT2 = dict(attention="gpt3", attention_band=8, arch="modern")
 
 
-def test_gpt3_attention_under_ddp_and_fsdp_with_activation_checkpointing(shards, single, tmp_path, one_thread):
-    """The banded pattern on: DDP with selective activation checkpointing (the banded block is the
-    one recomputed) equals one process, and so does FSDP2 (a group of one, in this process: the
-    model built on the meta device, then sharded) with every block recomputed. And it trains
-    otherwise than dense: the pattern is on. (Its exact resume: tests/test_attention.py.)"""
+def test_banded_attention_and_the_modern_bundle_under_ddp_and_fsdp_with_activation_checkpointing(
+        shards, single, tmp_path, one_thread):
+    """GPT-3's banded pattern and the modern bundle on: DDP over 2 ranks with selective activation
+    checkpointing (the banded block is the one recomputed) equals one process, losses and every
+    weight, and so does FSDP2 sharded over 2 ranks with every block recomputed. And it trains
+    otherwise than GPT-2: the options are on. (Their exact resumes: tests/test_attention.py and
+    tests/test_architecture.py.)"""
     import train_gpt
     one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
-    train_gpt.main(tiny_args(shards, one, **BANDED, **STEPS))
-    run_ok(tiny_args(shards, ddp, activation_checkpointing="selective", **BANDED, **STEPS))
+    train_gpt.main(tiny_args(shards, one, **BEYOND_GPT2, **STEPS))
+    out = run_ok(tiny_args(shards, ddp, activation_checkpointing="selective", **BEYOND_GPT2, **STEPS))
+    assert '"rope": true' in out and '"untied_head": true' in out and "DDP" in out
     assert_close_runs(one, ddp)
-    train_gpt.main(tiny_args(shards, fsdp, fsdp=True, activation_checkpointing="full", **BANDED, **STEPS))
+    wa, wb = weights(one), weights(ddp)
+    assert "lm_head.weight" in wb and "transformer.wpe.weight" not in wb
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+    out = run_ok(tiny_args(shards, fsdp, fsdp=True, activation_checkpointing="full", **BEYOND_GPT2, **STEPS))
+    assert "FSDP" in out
     assert_close_runs(one, fsdp)
     assert abs(train_losses(single)[9] - train_losses(one)[9]) > 1e-4  # 10 x the tolerance of equal runs
 
@@ -183,14 +191,6 @@ def test_two_nodes_on_loopback_equal_one_process(shards, single, tmp_path):
     assert_close_runs(single, log_dir)
 
 
-def test_fsdp_equals_ddp(shards, ddp, tmp_path):
-    log_dir = str(tmp_path)
-    out = run_ok(tiny_args(shards, log_dir, fsdp=True, **STEPS))
-    assert "FSDP" in out
-    assert_close_runs(ddp, log_dir)
-    assert os.path.isdir(os.path.join(log_dir, "ckpt_0000010"))  # sharded checkpoint folder
-
-
 def test_fsdp_unsharded_accumulation_equals_ddp(shards, ddp, tmp_path):
     """2 micro steps of 2 sequences a rank, reduce-scattered once a step: the same steps."""
     log_dir = str(tmp_path)
@@ -198,54 +198,16 @@ def test_fsdp_unsharded_accumulation_equals_ddp(shards, ddp, tmp_path):
     assert_close_runs(ddp, log_dir)
 
 
-def test_fsdp_resumes_exactly(shards, ddp, tmp_path):
+def test_fsdp_equals_ddp_and_resumes_exactly(shards, ddp, tmp_path):
+    """FSDP2 over 2 ranks, stopped at step 5 (a sharded checkpoint folder) and resumed: every step
+    equals DDP's, the 5 before the stop and the 5 after."""
     log_dir = str(tmp_path)
-    run_ok(tiny_args(shards, log_dir, fsdp=True, stop_step=5, **STEPS))
+    out = run_ok(tiny_args(shards, log_dir, fsdp=True, stop_step=5, **STEPS))
+    assert "FSDP" in out and os.path.isdir(os.path.join(log_dir, "ckpt_0000005"))  # sharded checkpoint folder
     out = run_ok(tiny_args(shards, log_dir, fsdp=True, **STEPS))
     assert "resumed from" in out
     assert_close_runs(ddp, log_dir)
-
-
-@pytest.fixture(scope="module")
-def ddp_modern(shards, tmp_path_factory):
-    """DDP with the modern architecture (--arch=modern): the reference of the two tests below."""
-    log_dir = str(tmp_path_factory.mktemp("ddp_modern"))
-    out = run_ok(tiny_args(shards, log_dir, arch="modern", **STEPS))
-    assert '"rope": true' in out and '"untied_head": true' in out
-    return log_dir
-
-
-def test_ddp_with_the_modern_architecture_equals_one_process(shards, ddp_modern, ddp, tmp_path):
-    log_dir = str(tmp_path)
-    code, out = finish(start([sys.executable, "train_gpt.py", *tiny_args(shards, log_dir, arch="modern", **STEPS)]))
-    assert code == 0, out
-    assert_close_runs(log_dir, ddp_modern)
-    assert train_losses(ddp_modern)[9] != pytest.approx(train_losses(ddp)[9], abs=1e-3)  # another model than GPT-2's
-    wa, wb = weights(log_dir), weights(ddp_modern)
-    assert "lm_head.weight" in wb and "transformer.wpe.weight" not in wb
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
-
-
-def test_fsdp_with_the_modern_architecture_and_checkpointing_equals_ddp(shards, ddp_modern, tmp_path):
-    """FSDP2 with the bundle and every block recomputed: the same losses as DDP's. (Its exact
-    resume: tests/test_architecture.py, with Muon; FSDP's sharded resume: test_fsdp_resumes_exactly.)"""
-    log_dir = str(tmp_path)
-    out = run_ok(tiny_args(shards, log_dir, arch="modern", fsdp=True, activation_checkpointing="full", **STEPS))
-    assert "FSDP" in out
-    assert_close_runs(ddp_modern, log_dir)
-
-
-def test_hybrid_sharding_2x2_equals_ddp_and_resumes(shards, ddp, tmp_path):
-    """HSDP: 4 processes as 2 replicas x 2-way FSDP (--fsdp_shard_size=2), 2 sequences each: the
-    same 8 sequences a step as DDP's 2 x 4. Stopped at step 5 and resumed from its sharded checkpoint."""
-    log_dir = str(tmp_path)
-    args = tiny_args(shards, log_dir, fsdp=True, fsdp_shard_size=2, micro_batch_size=2, **STEPS)
-    out = run_ok(args + ["--stop_step=5"], nproc=4)
-    assert "HSDP (2 replicas x 2-way FSDP)" in out
-    out = run_ok(args, nproc=4)
-    assert "resumed from" in out
-    assert_close_runs(ddp, log_dir)
+    assert os.path.isdir(os.path.join(log_dir, "ckpt_0000010"))
 
 
 def test_a_dead_rank_stops_the_job_quickly(shards, tmp_path, crash_script):
@@ -309,7 +271,6 @@ def test_relaunch_after_a_crash_resumes_exactly(shards, ddp, tmp_path, crash_scr
 
 # ----------------------------------------------------------------------------------------------
 # Stopping a job: signals, a dead launcher, a frozen rank (issue 13)
-
 
 
 @pytest.fixture

@@ -141,7 +141,6 @@ def reference_predictions(model, examples):
     return preds
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -2,7 +2,7 @@
 writes. Its HellaSwag scores agree with evals.hellaswag on the same items: the same
 loglikelihoods, the same acc; its acc_norm divides by the ending's characters where ours divides
 by its tokens; and its own hellaswag task prompts with a preprocessed context. A model GPT-2's
-format cannot hold (GPT-3's banded attention) is scored through GPTLM, the harness's model
+format cannot hold (GPT-3's banded attention, the modern GPT's options) is scored through GPTLM, the harness's model
 interface over our GPT, which on a plain GPT-2 gives HFLM's numbers."""
 
 import dataclasses
@@ -18,7 +18,7 @@ import torch
 from support import checkpoint, evals, lm_harness
 import evaluate
 from fineweb import gpt2_tokenizer
-from model import GPT, GPTConfig
+from model import ARCHITECTURES, GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +226,8 @@ def test_lm_eval_without_the_harness_installed_says_what_to_install(monkeypatch,
 # ----------------------------------------------------------------------------------------------
 # GPTLM: the harness's model interface over our GPT, for models GPT-2's format cannot hold
 
-BANDED = dataclasses.replace(CONFIG, attention="gpt3", attention_band=8)
+# GPT-3's banded attention and the modern GPT's options (--arch=modern): neither fits GPT-2's format.
+BANDED = dataclasses.replace(CONFIG, attention="gpt3", attention_band=8, **ARCHITECTURES["modern"])
 LONG_TEXT = " ".join(f"{start.lower()} {next_} {ending}" for start, next_ in zip(STARTS, NEXTS) for ending in ENDINGS)
 
 
@@ -242,15 +243,16 @@ def choice_requests(items):
 
 @pytest.fixture(scope="module")
 def banded_lm_eval_run(tmp_path_factory, tasks_dir):
-    """GPT-3's pattern: evaluate.py --lm_eval scores it through GPTLM, with no export."""
+    """GPT-3's pattern on the modern GPT: evaluate.py --lm_eval scores it through GPTLM, with no export."""
     ckpt, run = evaluate_offline(tmp_path_factory.mktemp("lm_eval_banded"), BANDED, tasks_dir, "hellaswag_local")
     return results_of(ckpt, run)
 
 
-def test_a_banded_model_is_scored_by_our_model_with_its_pattern(banded_lm_eval_run):
+def test_a_banded_modern_model_is_scored_by_our_model_with_its_pattern(banded_lm_eval_run):
     run, items = banded_lm_eval_run, hellaswag_items()
     model = run["model"]
     assert model.config.attention == "gpt3" and not os.path.exists(run["stem"] + "_hf")  # nothing exported
+    assert model.config.rope and model.config.untied_head and model.config.logit_softcap == 15
     theirs_ll = harness_logliks(run["samples"]["hellaswag_local"])
     ours_ll, _ = ending_logliks(model, items)  # evals.ending_losses: the model's forward, banded
     torch.testing.assert_close(theirs_ll, ours_ll, atol=1e-4, rtol=0)

@@ -178,8 +178,8 @@ def test_one_batch_can_be_overfit():
     model = GPT(SMALL)
     x = torch.randint(0, 1000, (4, 32))
     y = torch.roll(x, -1, dims=1)
-    opt = configure_optimizers(model, 0.0, 3e-3, "cpu", log=lambda m: None)
-    for _ in range(150):
+    opt = configure_optimizers(model, 0.0, 1e-2, "cpu", log=lambda m: None)
+    for _ in range(60):  # seen: 0.015 at step 60 (0.17 at 40)
         _, loss = model(x, y, return_logits=False)
         opt.zero_grad()
         loss.backward()

@@ -239,10 +239,14 @@ def test_fast_recipe_and_the_command_line_wins():
         assert getattr(s, name) == value
     assert s.optimizer == "muon"
     assert parse_settings(["--recipe=fast", "--optimizer=adamw"]).optimizer == "adamw"
-    demo = parse_settings(["--demo"])  # the demo trains with the recipe that won its budget
-    assert demo.model == "tiny" and demo.recipe == "fast" and demo.optimizer == "muon" and demo.schedule == "wsd"
-    seed_recipe = parse_settings(["--demo", "--recipe=gpt3"])
+    demo = parse_settings(["--demo"])  # the demo trains with the recipe that won its time (docs/recipes.md)
+    assert demo.model == "tiny" and demo.recipe == "modern" and demo.optimizer == "muon" and demo.schedule == "wsd"
+    assert (demo.arch, demo.rope, demo.n_embd, demo.muon_lr) == ("modern", True, 128, train_gpt.RECIPES["modern"]["muon_lr"])
+    seed_recipe = parse_settings(["--demo", "--recipe=gpt3"])  # GPT-2's architecture, AdamW, cosine
     assert (seed_recipe.optimizer, seed_recipe.schedule, seed_recipe.max_lr_scale) == ("adamw", "cosine", 1.0)
+    assert (seed_recipe.arch, seed_recipe.rope) == ("gpt", False)
+    fast_demo = parse_settings(["--demo", "--recipe=fast"])
+    assert (fast_demo.arch, fast_demo.muon_lr, fast_demo.n_embd) == ("gpt", 0.04, 128)
 
 
 def test_max_lr_scale_scales_the_presets_lr_unless_max_lr_is_given():
@@ -425,7 +429,9 @@ def test_hsdp_2x2_with_muon_trains_as_ddp_and_resumes_exactly(shards, ddp_muon, 
     gradient is averaged over 4 ranks in another order than DDP's over 2 (fp32 rounding, which
     Newton-Schulz amplifies), so the losses agree to 2e-4 (seen: 4.3e-5; DDP over 4 processes
     against 2: 2.3e-5), where a Muon of each rank's own shard misses by 1.9e-3 (docs/recipes.md).
-    Resumed from its step-3 checkpoint, it trains the uninterrupted run's steps bit for bit."""
+    Resumed from its step-3 checkpoint, it trains the uninterrupted run's steps bit for bit. It is
+    also the suite's HSDP test: AdamW trains the embeddings, gains and biases here, whose gradients
+    cross the same shard groups and replicas as a plain AdamW run's."""
     from test_distributed import run_ok
     hsdp, resumed = str(tmp_path / "hsdp"), str(tmp_path / "resumed")
     args = dict(fsdp=True, fsdp_shard_size=2, micro_batch_size=2, **MUON_RUN)

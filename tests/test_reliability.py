@@ -344,7 +344,6 @@ def test_resume_from_a_log_folder(shards, run_dir, tmp_path, one_thread):
 # 5. SIGINT / SIGTERM / SIGHUP / SIGQUIT
 
 
-
 def test_ctrl_c_finishes_the_step_saves_and_prints_one_line(shards, reference, tmp_path):
     log_dir = str(tmp_path / "run")
     proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, "SIGINT", "0", "5",  # mid step 2

@@ -1,9 +1,9 @@
 """Quality benchmark: train recipes side by side and compare validation loss per token.
 
-    python -m tools.compare                                            # GPT-3 recipe vs --recipe=fast, tiny model, data/wiki
-    python -m tools.compare --data_dir=data/vimdoc --n_embd=384 --n_head=6     # another data set, a wider model
-    python -m tools.compare --recipes=gpt3,fast,fast:muon_lr=0.04,gpt3:schedule=wsd   # more recipes (an LR sweep)
-    python -m tools.compare --recipes=gpt3,fast,modern --short=modern@0.7,modern@0.3   # per-recipe short runs
+    python -m tools.compare                                            # gpt3, fast and modern at the demo's size, data/wiki
+    python -m tools.compare --data_dir=data/vimdoc --n_layer=8                 # another data set, a deeper model
+    python -m tools.compare --recipes=gpt3,fast,fast:muon_lr=0.04,gpt3:schedule=wsd   # other recipes (an LR sweep)
+    python -m tools.compare --short=modern@0.7,modern@0.3              # short runs of one recipe, each at its fraction
     python -m tools.compare --model=gpt2 --data_dir=edu_fineweb10B --tokens=1e9 --total_batch_size=524288 \\
         --micro_batch_size=32 --device=cuda                      # the same at 124M on a GPU
 
@@ -16,7 +16,7 @@ A schedule that decays at the end (cosine, and wsd even more) reaches low losses
 decayed, so a curve of one long run understates how few tokens a recipe needs. --short=0.6 trains
 each other recipe a second time with 0.6x the budget (its schedule fitted to the shorter run) and
 reports whether that run ends at or below the baseline's final val loss: the direct test of "the same
-loss in 0.6x the tokens". --short=modern@0.7,modern@0.3 trains only the named recipes, each with its
+loss in 0.6x the tokens" (the default: 0.7). --short=modern@0.7,modern@0.3 trains only the named recipes, each with its
 own fraction; every short run is checked against the final val loss of each recipe listed before it
 (modern at 0.7x against fast's and gpt3's, at 0.3x too), so one call tests two baselines.
 
@@ -42,17 +42,18 @@ from support import cli
 
 @dataclass
 class Bench:
-    recipes: str = "gpt3,fast"  # comma-separated; the first is the baseline; name[:setting=value...]
-    tokens: float = 286_720  # token budget of each run (35 steps of 8192: half an epoch of data/wiki; 16 min in all on 2 idle CPU cores)
-    evals: int = 5  # evaluations per run, evenly spaced in tokens (and one at the end)
-    short: str = "0.6"  # also train each non-baseline recipe with this fraction of the budget, or RECIPE@FRACTION,... for named ones; 0 = off
+    recipes: str = "gpt3,fast,modern"  # comma-separated; the first is the baseline; name[:setting=value...]
+    tokens: float = 245_760  # token budget of each run (60 steps of the demo's 4,096: 0.4 epoch of data/wiki)
+    evals: int = 4  # evaluations per run, evenly spaced in tokens (and one at the end)
+    short: str = "0.7"  # also train each non-baseline recipe with this fraction of the budget, or RECIPE@FRACTION,... for named ones; 0 = off
     out_dir: str = "log/compare"  # one folder per run, the table (results.md) and the plot (val_loss.png)
 
 
-# What every run shares unless given: the demo's model, data and batch, the whole val shard, no
-# HellaSwag or samples, a checkpoint only at the end, warmup over 10% of the steps.
-SHARED = dict(model="tiny", data_dir="data/wiki", total_batch_size=2**13, micro_batch_size=16, val_tokens=2**14,
-              hellaswag_every=0, sample_every=0, device="cpu", resume="off")
+# What every run shares unless given: the demo's model, data and batch (train_gpt.DEMO), 16,384 val
+# tokens, no HellaSwag or samples, a checkpoint only at the end, warmup over 10% of the steps.
+DEMO_MODEL = ("model", "n_layer", "n_head", "n_embd", "block_size", "data_dir", "total_batch_size", "micro_batch_size")
+SHARED = dict({k: v for k, v in train_gpt.DEMO.items() if k in DEMO_MODEL}, val_tokens=2**14, hellaswag_every=0,
+              sample_every=0, device="cpu", resume="off")
 
 
 def parse_args(argv):
@@ -188,11 +189,11 @@ def plot_curves(curves, short, out_png):
     for i, (name, curve) in enumerate(curves.items()):
         x = sorted(curve)
         ax.plot(x, [curve[t] for t in x], marker="o", markersize=3, color=f"C{i}", label=name)
-        for (spec, fraction), curve in short.items():
-            if spec == name:
-                xs = sorted(curve)
-                ax.plot(xs, [curve[t] for t in xs], marker="x", linestyle=":", color=f"C{i}",
-                        label=f"{name} ({fraction:g}x run)")
+        runs = [(fraction, short_curve) for (spec, fraction), short_curve in short.items() if spec == name]
+        for (fraction, short_curve), (marker, style) in zip(runs, [("x", ":"), ("+", "-."), ("^", "--")] * 9):
+            xs = sorted(short_curve)
+            ax.plot(xs, [short_curve[t] for t in xs], marker=marker, linestyle=style, color=f"C{i}",
+                    label=f"{name} ({fraction:g}x run)")
     base = next(iter(curves.values()))
     ax.axhline(base[max(base)], color="grey", linestyle="--", linewidth=0.8, label="baseline final")
     ax.set(xlabel="tokens", ylabel="val loss", title="Validation loss per token")

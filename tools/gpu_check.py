@@ -3,7 +3,7 @@ AdamW, DDP and FSDP starting from the same weights, NCCL with one rank. Prints o
 
     python -m tools.gpu_check          # then python -m tools.bench for MFU; bash tools/gpu_check.sh runs both and more
     python -m tools.gpu_check banded   # a group: GPT-3's banded attention, FlexAttention against the masked reference
-    python -m tools.gpu_check fsdp_muon_step_share     # one check by name (groups: default, banded, fsdp_muon)
+    python -m tools.gpu_check fsdp_muon_step_share     # one check by name (groups: default, banded, fsdp_muon, modern)
 """
 
 import os
@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, attention, band_mask, configure_optimizers, flex_band_attention
+from model import ARCHITECTURES, GPT, GPTConfig, attention, band_mask, configure_optimizers, flex_band_attention
 from support import runtime
 
-CHECKS = {"default": [], "banded": [], "fsdp_muon": []}  # python -m tools.gpu_check [group or check ...]
+CHECKS = {"default": [], "banded": [], "fsdp_muon": [], "modern": []}  # python -m tools.gpu_check [group or check ...]
 
 
 def check(fn=None, group="default"):
@@ -229,11 +229,8 @@ def flex_band_attention_speed():
     return ", ".join(f"{name} {t:.2f} ms" for name, t in ms.items())
 
 
-@check(group="banded")
-def compiled_banded_gpt_trains_as_eager():
-    """A gpt3-pattern GPT (4 layers, T 1024, band 256), bf16: the compiled model's losses over 3
-    AdamW steps against the same model eager (banded layers on FlexAttention either way)."""
-    config = GPTConfig(block_size=1024, n_layer=4, n_head=12, n_embd=768, attention="gpt3", attention_band=256)
+def compiled_trains_as_eager(config):
+    """The compiled model's losses over 3 AdamW steps (bf16 autocast) against the same model eager."""
     x = torch.randint(0, 50257, (3, 4, 1024), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     losses = {}
     for name in ("eager", "compiled"):
@@ -251,6 +248,26 @@ def compiled_banded_gpt_trains_as_eager():
     gaps = [abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])]
     assert max(gaps) < 2e-2, losses
     return f"eager {losses['eager']}, compiled {losses['compiled']}"
+
+
+@check(group="banded")
+def compiled_banded_gpt_trains_as_eager():
+    """A gpt3-pattern GPT (4 layers, T 1024, band 256), bf16: compiled against eager (banded layers
+    on FlexAttention either way)."""
+    return compiled_trains_as_eager(GPTConfig(block_size=1024, n_layer=4, n_head=12, n_embd=768, attention="gpt3",
+                                              attention_band=256))
+
+
+# ----------------------------------------------------------------------------------------------
+# The modern GPT (--arch=modern, docs/architecture.md): inductor on the bundle
+
+@check(group="modern")
+def compiled_modern_gpt_trains_as_eager():
+    """The modern bundle (rotary positions, QK-norm, ReLU², untied head, soft-cap 15, zero-init, no
+    biases, RMSNorm), 4 layers at gpt2's width, T 1024, bf16: inductor's graph against eager (the
+    CPU suite traces it with aot_eager only)."""
+    return compiled_trains_as_eager(GPTConfig(block_size=1024, n_layer=4, n_head=12, n_embd=768,
+                                              **ARCHITECTURES["modern"]))
 
 
 def main(argv=None):

@@ -20,6 +20,9 @@
 #      (graph breaks and recompiles logged); train_gpt.py compiled with --attention=gpt3 and selective
 #      checkpointing (the banded blocks recomputed), val and samples; tools/bench.py gpt3-small at T 2048,
 #      bf16, compiled: tokens/s banded against dense and their ratio.
+#   7. The modern GPT (--arch=modern, not yet run on a GPU): the bundle compiled by inductor against
+#      eager; train_gpt.py --recipe=modern compiled, bf16, stopped and resumed: the same losses; tools/bench.py
+#      gpt2 at T 1024: tokens/s modern against GPT-2's architecture.
 # Results go to $OUT (the device tool's output folder) or ./gpu_out.
 set -u
 cd "$(dirname "$0")/.."  # the repository root: the paths below are relative to it
@@ -113,5 +116,22 @@ echo "== 6c. gpt3-small, T 2048, bf16, compiled: tokens/s banded (the preset's) 
 timeout 300 python3 -m tools.bench --device=cuda --model=gpt3-small --seq_len=2048 --micro_batch_size=8 \
   --dtype=bfloat16 --compile=True --warmup=2 --steps=5 --loader_tokens=0 --against=attention=dense 2>&1 \
   | tee "$OUT/banded_bench.log"
+fi
+if want 7; then
+echo "== 7a. the modern bundle compiled (inductor) against eager"
+TORCH_LOGS="graph_breaks,recompiles" timeout 200 python3 -m tools.gpu_check modern 2>&1 | tee "$OUT/modern.log"
+echo "graph breaks / recompiles logged: $(grep -c 'Graph break' "$OUT/modern.log") / $(grep -c 'Recompiling' "$OUT/modern.log")"
+echo "== 7b. train_gpt.py --recipe=modern compiled, 12 steps straight, and stopped at 6 then resumed"
+for run in straight resumed; do
+  rm -rf /tmp/log_modern_$run
+  [ $run = resumed ] && timeout 150 python3 train_gpt.py $TINY --recipe=modern --compile=True --max_steps=12 \
+    --stop_step=6 --checkpoint_every=6 --log_dir=/tmp/log_modern_$run > /dev/null 2>&1
+  timeout 150 python3 train_gpt.py $TINY --recipe=modern --compile=True --max_steps=12 --checkpoint_every=6 \
+    --log_dir=/tmp/log_modern_$run 2>&1 | grep -E "^step +(1[01]) " | tee "$OUT/modern_$run.log"
+done
+cmp <(cut -d'|' -f2 "$OUT/modern_straight.log") <(cut -d'|' -f2 "$OUT/modern_resumed.log") && echo "modern resume: same losses"
+echo "== 7c. gpt2, T 1024, bf16, compiled: tokens/s of the modern architecture against GPT-2's"
+timeout 300 python3 -m tools.bench --device=cuda --model=gpt2 --micro_batch_size=16 --dtype=bfloat16 --compile=True \
+  --warmup=2 --steps=5 --loader_tokens=0 --arch=modern --against=arch=gpt 2>&1 | tee "$OUT/modern_bench.log"
 fi
 echo "== done"
