@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import model as model_module
 import train_gpt
-from conftest import read_metrics, tiny_args, train_losses
+from conftest import assert_chunked_loss_equals_full_logits, read_metrics, tiny_args, train_losses
 from model import (ARCH_FIELDS, ARCHITECTURES, GPT, GPTConfig, arch_changes, configure_optimizers,
                    flops_per_token, lm_head_cross_entropy, num_params, preset_config, rotary)
 from support import checkpoint, cli, evals
@@ -193,13 +193,7 @@ def test_the_whole_bundle_chunked_equals_full_logits_and_zero_init_starts_unifor
     with torch.no_grad():  # away from the init, so every gradient is nonzero
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    _, ref = model(x, y)
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    _, chunked = model(x, y, return_logits=False)
-    grads = torch.autograd.grad(chunked, list(model.parameters()))
-    assert abs(chunked.item() - ref.item()) < 1e-5
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    assert_chunked_loss_equals_full_logits(model, x, y)
 
 
 def test_bias_false_and_rmsnorm():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import assert_chunked_loss_equals_full_logits
 from model import (GPT, GPTConfig, PRESETS, configure_optimizers, flops_per_token, lm_head_cross_entropy,
                    num_params, optimizer_groups, padded_vocab, preset_config)
 
@@ -127,13 +128,7 @@ def test_chunked_loss_through_the_model_matches_full_logits():
     torch.manual_seed(0)
     model = GPT(SMALL)
     x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
-    _, ref = model(x, y)
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    _, loss = model(x, y, return_logits=False)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    assert abs(loss.item() - ref.item()) < 1e-5
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+    assert_chunked_loss_equals_full_logits(model, x, y)
 
 
 def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch):
