@@ -13,12 +13,12 @@ token counts. The table gives the val loss at equal tokens, the tokens each reci
 baseline's (first recipe's) final val loss, and their ratio; the plot shows val loss against tokens.
 
 A schedule that decays at the end (cosine, and wsd even more) reaches low losses only once it has
-decayed, so a curve of one long run understates how few tokens a recipe needs. --short=0.6 trains
-each other recipe a second time with 0.6x the budget (its schedule fitted to the shorter run) and
-reports whether that run ends at or below the baseline's final val loss: the direct test of "the same
-loss in 0.6x the tokens" (the default: 0.7). --short=modern@0.7,modern@0.3 trains only the named recipes, each with its
-own fraction; every short run is checked against the final val loss of each recipe listed before it
-(modern at 0.7x against fast's and gpt3's, at 0.3x too), so one call tests two baselines.
+decayed, so a curve of one long run understates how few tokens a recipe needs. --short=0.7 (the
+default) trains each other recipe a second time with 0.7x the budget (its schedule fitted to the
+shorter run) and reports whether that run ends at or below the final val loss of each recipe listed
+before it: the direct test of "the same loss in 0.7x the tokens". --short=modern@0.7,modern@0.3
+trains only the named recipes, each at its own fraction (modern at 0.7x and at 0.3x, each against
+fast's final and gpt3's), so one call tests two baselines.
 
 Recipes: a name in train_gpt.RECIPES (gpt3: train_gpt's defaults, AdamW, warmup + cosine to 10%; fast, modern),
 each optionally followed by :name=value settings of its own. Any other --name=value is a train_gpt
