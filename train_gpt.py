@@ -54,6 +54,7 @@ class Settings:
     block_size: int = 1024  # the longest context (GPT-3's presets: 2048)
     attention: str = "dense"  # dense: every layer causal (GPT-2); gpt3: every other layer banded, as GPT-3 (its presets' default; docs/attention.md)
     attention_band: Optional[int] = None  # gpt3: a banded layer's token sees itself and the band - 1 before it; None: 256 (GPT-Neo's, the paper gives none)
+    init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
     # architecture (model.ARCHITECTURES; docs/architecture.md): GPT-2's unless asked. --arch=modern
     # turns every option below on; each can still be set on its own (the command line wins)
     arch: str = "gpt"  # gpt: GPT-2's and GPT-3's, as the papers; modern: all the options below on
@@ -65,7 +66,6 @@ class Settings:
     zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero
     bias: bool = True  # biases in the linear layers and LayerNorms
     rmsnorm: bool = False  # parameter-free RMSNorm instead of LayerNorm
-    init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
     # data
     data_dir: str = "edu_fineweb10B"  # a folder of *_train_* / *_val_* shards (fineweb.py makes them)
     seq_len: Optional[int] = None  # None: block_size
