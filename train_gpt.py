@@ -190,12 +190,17 @@ def wsd_multiplier(position, warmup, total, decay_fraction):
     then linear down to 0 at total. Holding the peak and decaying only at the end trains as well
     as cosine at its planned length (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
     Beyond Fixed Training Durations"). position, warmup and total are on one clock, steps or tokens."""
-    decay_start = max(warmup, total - decay_fraction * total)
+    decay_start = wsd_decay_start(warmup, total, decay_fraction)
     if position <= decay_start:
         return 1.0
     if position >= total:
         return 0.0
     return (total - position) / (total - decay_start)
+
+
+def wsd_decay_start(warmup, total, decay_fraction):
+    """Where WSD's stable phase ends: decay_fraction of the run before its end, never before the warmup's end."""
+    return max(warmup, total - decay_fraction * total)
 
 
 def accum_steps_at(tokens_seen, s, tokens_per_micro):
@@ -238,7 +243,7 @@ def describe_plan(s, tokens_per_micro):
             f"over the first {s.batch_warmup_tokens:,}" if s.batch_warmup_tokens > 0 else "")
     muon = f" (Muon's peak: {s.muon_lr:g})" if s.optimizer == "muon" else ""
     if s.schedule == "wsd":
-        stable_until = max(s.warmup_tokens, int(s.decay_tokens - s.decay_fraction * s.decay_tokens))
+        stable_until = int(wsd_decay_start(s.warmup_tokens, s.decay_tokens, s.decay_fraction))
         decay = (f"constant until {steps(stable_until)}, then (wsd) linear decay to {s.min_lr:g} at "
                  f"{steps(s.decay_tokens)}")
     else:

@@ -61,12 +61,6 @@ def list_checkpoints(log_dir):
     return sorted(found, reverse=True)
 
 
-def checkpoint_step(path):
-    """The step in a checkpoint's name, or None for a path not named as checkpoints are."""
-    m = CKPT_RE.match(os.path.basename(os.path.normpath(path)))
-    return int(m.group(1)) if m else None
-
-
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:

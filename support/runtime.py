@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from support import run_guard
-from support.cli import RunError, SettingsError
+from support.cli import RunError
 from support.fastpath import cpu_has_bf16, keep_freed_memory
 
 
@@ -85,8 +85,6 @@ def setup_runtime(s):
         init_process_group(backend, device if device_type == "cuda" else None, s.collective_timeout)
     if s.dtype == "auto":
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
-    if s.dtype not in ("float32", "bfloat16"):
-        raise SettingsError(f"--dtype={s.dtype}: choose float32 or bfloat16")
     if s.compile is None:
         s.compile = device_type == "cuda"
     if s.chunked_loss is None:

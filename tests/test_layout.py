@@ -109,3 +109,13 @@ def test_the_readme_tree_names_every_module_and_the_recipe_stays_short():
             assert os.path.basename(path) in readme, f"README's layout tree does not name {os.path.relpath(path, ROOT)}"
     with open(os.path.join(ROOT, "train_gpt.py")) as f:
         assert len(f.readlines()) <= 550  # the recipe, readable in one sitting (issue 21)
+
+
+def test_the_front_page_and_the_schedule_doc_describe_the_demo_that_runs():
+    """Docs drift when a default changes: the demo's steps and batch, as train_gpt.DEMO has them,
+    are what the quick start and docs/schedule.md say."""
+    import train_gpt
+    said = f"{train_gpt.DEMO['max_steps']} steps of {train_gpt.DEMO['total_batch_size']:,} tokens"
+    for doc in ("README.md", "docs/schedule.md"):
+        with open(os.path.join(ROOT, doc)) as f:
+            assert said in " ".join(f.read().split()), f"{doc} does not say the demo trains {said}"
