@@ -226,7 +226,9 @@ def test_a_dead_rank_stops_the_job_quickly(shards, tmp_path, crash_script):
     assert code != 0
     # torchrun names the rank that failed first and its exit code, and ends the other rank
     assert re.search(r"Root Cause.*rank\s*:\s*1 .*exitcode\s*:\s*3", out, re.S), out[-2000:]
-    assert time.time() - t0 < 30
+    # far below the 600 s a collective would wait: rank 0 is not stuck (its clean exit, line
+    # printed, takes seconds on a busy machine: torchrun's SIGTERM no longer cuts it short)
+    assert time.time() - t0 < 60
     assert_one_line_for_the_lost_rank(out)
 
 
