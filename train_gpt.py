@@ -440,12 +440,12 @@ def train(s, stop=None):
                     if s.val_every > 0 else None)
         checkpointer = Checkpointer(s, rt, log, raw_model, optimizer, loader)
         progress = checkpointer.resume(candidates)  # the newest good checkpoint's step and tokens, or 0
-        log.start(open_trackers(s, rt))  # the run starts: from here it writes to log_dir
+        log.start(open_trackers(s, rt), progress.step)  # the run starts: from here it writes to log_dir
         meter = StepMeter(s, rt, flops_per_token(config, s.seq_len), progress)  # time, MFU, ETA
         log.header(s, rt, raw_model, meter, tokens_per_micro, describe_plan(s, tokens_per_micro),
                    BATCH_WARMUP_START)
         hellaswag_data = evals.hellaswag_for_training(s.hellaswag_every, rt.rank, log)
-        guard = run_guard.NanGuard(s.max_bad_steps, s.log_dir)
+        guard = run_guard.NanGuard(s.max_bad_steps, s.log_dir, rt.is_main)
 
         # The schedule's clock is tokens: the run ends once max_tokens are trained (the last step
         # may pass it by less than one step); --stop_step only ends this session.
@@ -462,7 +462,7 @@ def train(s, stop=None):
             stopping = stop.agreed()  # a signal to any rank: it rode on this step's loss all-reduce
             progress.tokens += step_tokens
             log.step(progress.step, loss, norm, lr, step_tokens, finite, meter.stop(step_tokens, progress), guard)
-            guard.stop_if_too_many(progress.bad_steps)
+            guard.stop_if_too_many(progress.step)  # its broken weights' checkpoint set aside
             progress.step += 1
             last = progress.tokens >= s.max_tokens or progress.step == s.stop_step
             if stopping:  # the checkpoint first: an evaluation could outlast the launcher's grace period

@@ -4,7 +4,6 @@ that the settings given now are the ones that train after a resume. The file for
 support/checkpoint.py's."""
 
 import dataclasses
-import errno
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import torch.distributed as dist
 
 from support import checkpoint
 from support.cli import RunError, SettingsError
+from support.files import write_failure_advice
 from support.runtime import count_on_all_ranks
 
 
@@ -58,6 +58,11 @@ class Checkpointer:
         last step) or asked for now; returns its path, or None."""
         if not (now or last or progress.step % self.s.checkpoint_every == 0):
             return None
+        if progress.bad_steps:  # the NaN guard distrusts these weights until a step from them is finite
+            bad = "the last step" if progress.bad_steps == 1 else f"the last {progress.bad_steps} steps"
+            self.log(f"step {progress.step:5d} | no checkpoint: {bad} from these weights had a NaN/Inf loss or "
+                     f"gradient")
+            return None
         extra = dict(tokens_seen=progress.tokens, bad_steps=progress.bad_steps, val_loss=progress.last_val)
         return save_checkpoint(self.s, self.rt, progress.step, self.raw_model, self.optimizer, self.loader, extra,
                                self.log)
@@ -100,25 +105,10 @@ def save_checkpoint(s, rt, step, raw_model, optimizer, loader, extra, log):
         raise RunError(f"{e}. {write_failure_advice(e.errno)}, then resume: the checkpoints written before are "
                        f"intact.") from e
     if rt.is_main:
-        checkpoint.prune(s.log_dir, s.keep_checkpoints, step)
+        # and the one before it: the newest is trusted only once a step from it is finite (run_guard.NanGuard)
+        checkpoint.prune(s.log_dir, max(s.keep_checkpoints, 2), step)
         log(f"saved checkpoint {path}")
     return path
-
-
-def write_failure_advice(code):
-    """What to do about a checkpoint write the system refused, by its errno: free space only
-    helps a full disk."""
-    move = "move --log_dir (with its checkpoints) to"
-    return {
-        errno.ENOSPC: f"Free space on that disk, or {move} one with room",
-        errno.EDQUOT: f"Free space within your quota (or have it raised), or {move} a disk with room",
-        errno.EACCES: f"Give this user write permission on --log_dir, or {move} a folder it can write",
-        errno.EPERM: f"Give this user write permission on --log_dir, or {move} a folder it can write",
-        errno.EROFS: f"That disk is mounted read-only: remount it read-write, or {move} a writable disk",
-        errno.EIO: f"The disk may be failing (see the kernel log, dmesg): {move} a sound disk",
-        errno.EFBIG: f"A file-size limit (ulimit -f) or the filesystem's largest file was reached: raise the "
-                     f"limit, or {move} another filesystem",
-    }.get(code, f"Fix what the error names, or {move} another disk")
 
 
 def is_sharded_checkpoint(path):

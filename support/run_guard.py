@@ -14,6 +14,8 @@ import datetime
 import fcntl
 import gc
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -21,7 +23,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from support import checkpoint
 from support.cli import RunError
+from support.files import write_failure_advice
 
 
 class Refused(RuntimeError):
@@ -111,23 +115,29 @@ class StopOnSignal:
             dist.barrier()
         signum = self.signum if self.signum is not None else signal.SIGTERM
         name = SIGNAL_NAMES.get(signum, f"signal {signum}") if self.signum is not None else "a signal to another rank"
+        if path is None:  # the NaN guard distrusts the weights: none is written
+            return Stopped(f"stopped by {name} at step {step}: no checkpoint written, as the last steps had a NaN/Inf "
+                           f"loss or gradient (see the log); run the same command to resume from the newest "
+                           f"checkpoint", 128 + signum)
         then = ("training is complete, but its final evaluations were skipped (evaluate.py --checkpoint runs them)"
                 if complete else "run the same command to resume")
         return Stopped(f"stopped by {name} at step {step}: saved {path}; {then}", 128 + signum)
 
 
 class _Lock:
-    """The lock file of a log_dir, held; claim() writes who holds it."""
+    """The lock file of a log_dir, held (rank 0; None elsewhere); claim() writes who holds it."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, log_dir):
+        self.f, self.log_dir = f, log_dir
 
     def claim(self):
         if self.f is not None:
-            self.f.truncate(0)
-            self.f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                         f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-            self.f.flush()
+            text = f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%dT%H:%M:%S}\n"
+            try:  # unbuffered: a write that fails is not tried again when the file is closed
+                os.ftruncate(self.f.fileno(), 0)
+                os.write(self.f.fileno(), text.encode())
+            except OSError as e:  # a full disk shows here first: creating the empty file needed no room
+                raise log_dir_write_failed(self.log_dir, e) from e
 
 
 @contextlib.contextmanager
@@ -135,25 +145,63 @@ def log_dir_lock(log_dir, rank=0):
     """One run per log_dir: rank 0 holds an flock on log_dir/run.lock while the run lives. The
     kernel releases it when the process dies, however it dies, so a crash never leaves it stuck.
     Yields the lock; its claim() records this process as the holder, once the run is sure to
-    start (a run refused at start leaves the file as it was)."""
-    if rank != 0:
-        yield _Lock(None)
-        return
-    os.makedirs(log_dir, exist_ok=True)
-    path = os.path.join(log_dir, "run.lock")
-    f = open(path, "a+")
-    try:
+    start (a run refused at start leaves the file as it was). Every rank calls this: a refusal,
+    or a folder rank 0 cannot write, stops them all with the same line."""
+    f, error = None, None
+    if rank == 0:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise Refused(f"{log_dir} is in use by another run ({holder}): two runs in one log_dir would "
-                          f"overwrite each other's checkpoints and logs. Wait for it to end (or stop it), or "
-                          f"give this run another --log_dir.") from None
-        yield _Lock(f)
+            f = _take_lock(log_dir)
+        except (Refused, RunError) as e:
+            error = e
+    raise_on_every_rank(error)
+    try:
+        yield _Lock(f, log_dir)
     finally:
-        f.close()  # releases the lock
+        if f is not None:
+            f.close()  # releases the lock
+
+
+def _take_lock(log_dir):
+    """log_dir made if need be and its lock file locked, open; Refused if another run holds it."""
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        f = open(os.path.join(log_dir, "run.lock"), "a+")
+    except OSError as e:
+        raise log_dir_write_failed(log_dir, e) from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise Refused(f"{log_dir} is in use by another run ({holder}): two runs in one log_dir would "
+                      f"overwrite each other's checkpoints and logs. Wait for it to end (or stop it), or "
+                      f"give this run another --log_dir.") from None
+    except OSError as e:  # a filesystem without locks (ENOLCK), say
+        f.close()
+        raise log_dir_write_failed(log_dir, e) from e
+    return f
+
+
+def log_dir_write_failed(log_dir, error):
+    """The RunError for a write in log_dir that the system refused (error: the OSError), with the
+    advice that fits it: a full disk, a read-only one, permissions..."""
+    return RunError(f"cannot write in --log_dir={log_dir}: {error}. {write_failure_advice(error.errno)}, then "
+                    f"run the command again")
+
+
+def raise_on_every_rank(error):
+    """Raise rank 0's error (a Refused or RunError, or None) on every rank; every rank calls this
+    at the same point. Otherwise the others would train on and die in their next collective once
+    rank 0 has exited, each with a traceback about a lost connection."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        said = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(said, src=0)
+        if dist.get_rank() != 0 and said[0] is not None:
+            kind, message = said[0]
+            error = {"Refused": Refused, "RunError": RunError}[kind](message)
+    if error is not None:
+        raise error
 
 
 def stop_with_launcher():
@@ -170,6 +218,24 @@ def stop_with_launcher():
     if ok and parent == 1:  # the launcher died before the call: the kernel will not tell us
         os.kill(os.getpid(), signal.SIGTERM)
     return ok
+
+
+# What gloo and NCCL say when a collective's peer is gone (its process died, or its machine or the
+# network failed). NCCL more often hangs instead, until the collective timeout.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote process exited or there was a network error")
+
+
+def lost_peer_message(error):
+    """A clear message for a collective that failed because another rank is gone, or None for
+    any other error."""
+    text = str(error)
+    if not any(k in text for k in LOST_PEER):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". ")[0][:200]  # no "[file:line] "
+    return (f"lost another rank of the job mid-run: it died (a crash, out of memory, killed) or its machine or the "
+            f"network failed; its own output, or torchrun's summary, says which rank and why. This rank stops too. "
+            f"Run the same command to resume from the newest checkpoint. ({first})")
 
 
 def collective_timeout_message(error, timeout_s):
@@ -191,27 +257,70 @@ def collective_timeout_message(error, timeout_s):
 
 class NanGuard:
     """A step whose loss or gradient is NaN/Inf is skipped (train_step does not step the optimizer)
-    and counted; max_bad_steps of them in a row stop the run. A finite step whose update made the
-    weights NaN/Inf (a learning rate far too high) stops it at once, before anything is saved:
-    undoing the update would need a copy of every weight and moment. Either way the newest
-    checkpoint holds no NaN (none is written with one)."""
+    and counted. The weights it started from are distrusted until a step from them is finite
+    again: no checkpoint is written meanwhile (Checkpointer.save). max_bad_steps in a row stop
+    the run: skipped steps change nothing, so they all started from the same weights, which are
+    broken, most likely by the update before them. A checkpoint holding those weights (written
+    before the first bad step) is moved to log_dir/distrusted/, and the advice names the newest
+    checkpoint before it, where --resume=auto then starts. A finite step whose update made the
+    weights NaN/Inf (a learning rate far too high) stops the run at once, before anything is
+    saved: undoing the update would need a copy of every weight and moment."""
 
-    def __init__(self, max_bad_steps, log_dir):
-        self.max_bad_steps, self.log_dir = max_bad_steps, log_dir
+    def __init__(self, max_bad_steps, log_dir, is_main=True):
+        self.max_bad_steps, self.log_dir, self.is_main = max_bad_steps, log_dir, is_main
         self.in_a_row = 0  # a resumed session starts afresh: it may be the fix (a lower --max_lr)
+        self.last_finite = None  # (step, lr) of this session's newest finite step
 
     def step_done(self, finite, raw_model, step, lr):
         """Count the step; for a finite one, check the weights it made. Returns the bad steps in a row."""
         self.in_a_row = 0 if finite else self.in_a_row + 1
         if finite:
+            self.last_finite = (step, lr)
             check_weights_finite(raw_model, step, lr, self.log_dir)
         return self.in_a_row
 
-    def stop_if_too_many(self, in_a_row):
-        if in_a_row >= self.max_bad_steps:
-            raise RunError(f"{in_a_row} steps in a row had a NaN/Inf loss or gradient; stopping. The newest "
-                           f"checkpoint in {self.log_dir} holds no NaN: lower --max_lr or raise --warmup_tokens "
-                           f"and resume from it.")
+    def stop_if_too_many(self, step):
+        """After step `step`: stop the run if it ends max_bad_steps bad steps in a row, with the
+        checkpoint of the weights they started from set aside and advice that resumes before it."""
+        if self.in_a_row < self.max_bad_steps:
+            return
+        first = step - self.in_a_row + 1  # its weights are the checkpoint of step `first`, if one was written
+        cause = ""
+        if self.last_finite and self.last_finite[0] == first - 1:
+            cause = f", made by step {first - 1}'s update (at lr {self.last_finite[1]:.3g}: most likely too high)"
+        elif first > 0:
+            cause = f", made by step {first - 1}'s update"
+        text = (f"{self.in_a_row} steps in a row had a NaN/Inf loss or gradient (steps {first} to {step}), all from "
+                f"the same weights{cause}: those weights are broken, so the run stops.{self.set_aside(first)}")
+        good = [(s, path) for s, path in checkpoint.list_checkpoints(self.log_dir)
+                if s < first and checkpoint.looks_intact(path)]
+        if good:
+            raise RunError(f"{text} Lower --max_lr (or raise --warmup_tokens) and run again with --resume=auto (the "
+                           f"default): it resumes from {good[0][1]}, the newest checkpoint before them (step "
+                           f"{good[0][0]}).")
+        raise RunError(f"{text} No checkpoint holds weights from before them: lower --max_lr (or raise "
+                       f"--warmup_tokens) and run again; with --resume=auto (the default) it starts afresh.")
+
+    def set_aside(self, step):
+        """Move log_dir's checkpoint of `step` (rank 0), if there is one, into log_dir/distrusted/,
+        where --resume=auto does not look; returns the sentence that says so."""
+        found = [path for s, path in checkpoint.list_checkpoints(self.log_dir) if s == step]
+        if not found:
+            return ""
+        folder = os.path.join(self.log_dir, "distrusted")
+        moved = os.path.join(folder, os.path.basename(found[0]))
+        if self.is_main:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                if os.path.isdir(moved):  # set aside before, by a run that went the same way
+                    shutil.rmtree(moved)
+                for path in (found[0], found[0] + checkpoint.CHECKSUM_SUFFIX):
+                    if os.path.exists(path):
+                        os.replace(path, os.path.join(folder, os.path.basename(path)))
+            except OSError as e:
+                return (f" The checkpoint holding them, {found[0]}, could not be moved aside ({e}): move it out of "
+                        f"{self.log_dir} before running again (mkdir -p {folder} && mv {found[0]}* {folder}/).")
+        return f" The checkpoint holding them was moved to {moved}."
 
 
 def check_weights_finite(raw_model, step, lr, log_dir):
@@ -242,10 +351,10 @@ def check_weights_finite(raw_model, step, lr, log_dir):
 class OneLineErrors:
     """Around a command's work: a user's mistake (an exception of user_errors) ends it with one
     line naming the problem and the fix; a stop on a signal prints its line and exits 128 + the
-    signal's number; a collective that timed out (another rank frozen or dead) says so, naming
-    `collective_timeout` (set it once the settings are parsed). Anything else is a bug and keeps
-    its traceback. On the way out the process group is destroyed, here rather than at
-    interpreter exit."""
+    signal's number; a collective whose peer is gone (another rank died) or that timed out
+    (another rank frozen or dead) says so, naming `collective_timeout` (set it once the settings
+    are parsed). Anything else is a bug and keeps its traceback. On the way out the process group
+    is destroyed, here rather than at interpreter exit."""
 
     def __init__(self, prog, user_errors):
         self.prog, self.user_errors = prog, user_errors
@@ -255,6 +364,7 @@ class OneLineErrors:
         return self
 
     def __exit__(self, kind, error, tb):
+        quiet = self._ignore_sigterm() if kind is not None else None
         try:
             if kind is None:
                 return False
@@ -266,8 +376,10 @@ class OneLineErrors:
             if issubclass(kind, KeyboardInterrupt):
                 print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
                 sys.exit(130)
-            if issubclass(kind, RuntimeError) and dist.is_initialized() and self.collective_timeout is not None:
-                message = collective_timeout_message(error, self.collective_timeout)
+            if issubclass(kind, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1:
+                message = lost_peer_message(error)
+                if message is None and self.collective_timeout is not None:
+                    message = collective_timeout_message(error, self.collective_timeout)
                 if message is not None:
                     sys.exit(f"{self.prog}: error: {message}")
             return False
@@ -278,3 +390,15 @@ class OneLineErrors:
                 # tensors can abort the process (seen in a test worker).
                 gc.collect()
                 dist.destroy_process_group()
+            if quiet is not None:
+                signal.signal(signal.SIGTERM, quiet)
+
+    @staticmethod
+    def _ignore_sigterm():
+        """On the way out with an error, SIGTERM is ignored during the clean-up above: when one
+        worker fails, torchrun SIGTERMs the others at once, and killed there they would end
+        without their line. Returns the handler to restore (None: not the main thread)."""
+        try:
+            return signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        except ValueError:
+            return None

@@ -12,6 +12,7 @@ import torch
 from model import describe_attention, num_params
 from support import run_guard, tracking
 from support.cli import RunError
+from support.files import replace_atomically
 from support.runtime import describe_parallelism
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU (V100: fp16). A key
@@ -77,9 +78,10 @@ def matmul_rate(a, b):
 class RunLog:
     """What a run writes to its log_dir, and the lock that keeps it the only writer there
     (run_guard.log_dir_lock; entered as a context manager, which also closes the trackers).
-    Rank 0 prints, and appends to log_dir/log.txt and log_dir/metrics.jsonl (never truncated, so a
-    resumed run continues the same files). Other ranks stay silent. Each metrics event also goes
-    to the trackers (tracking.py: W&B, TensorBoard).
+    Rank 0 prints, and appends to log_dir/log.txt and log_dir/metrics.jsonl, so a resumed run
+    continues the same files; metrics.jsonl is first cut back to the step it resumes from
+    (cut_metrics). Other ranks stay silent. Each metrics event also goes to the trackers
+    (tracking.py: W&B, TensorBoard).
 
     Lines are printed at once, but written to log.txt only from start() on (the earlier ones
     then too): start() is called once the run is sure to start, so a run refused at start
@@ -101,19 +103,59 @@ class RunLog:
         self.close()
         return self._lock_context.__exit__(*exc)
 
-    def start(self, trackers=()):
-        """The run starts: claim log_dir's lock, write the lines so far, and log to the trackers."""
-        if self._lock is not None:
-            self._lock.claim()
-        self.trackers = list(trackers) if self.is_main else []
+    def start(self, trackers=(), step=0):
+        """The run starts after `step` steps (0, or its checkpoint's): claim log_dir's lock, cut
+        metrics.jsonl back to that step, write the lines so far, and log to the trackers. Every
+        rank calls this: a write rank 0 cannot make stops them all."""
+        error, again = None, []
         if self.is_main:
-            os.makedirs(self.log_dir, exist_ok=True)
-            self._append("log.txt", "".join(line + "\n" for line in self.pending))
+            try:
+                self._lock.claim()
+                os.makedirs(self.log_dir, exist_ok=True)
+                again = [event for event in self.cut_metrics(step) if event["step"] == step]
+                self._append("log.txt", "".join(line + "\n" for line in self.pending))
+            except RunError as e:
+                error = e
+        run_guard.raise_on_every_rank(error)
+        self.trackers = list(trackers) if self.is_main else []
+        for tracker in self.trackers:
+            tracker.start(step, again)
         self.pending = None
 
+    def cut_metrics(self, step):
+        """Cut metrics.jsonl back to a run that trains on after `step` steps, so that every reader
+        sees one line per step: the events of the steps it trains again go, and lines that do not
+        parse (cut short by a crash). Rewritten atomically, and only if something goes. Returns
+        the events kept."""
+        path = os.path.join(self.log_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            lines = f.readlines()
+        kept, events = [], []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if logged_before(event, step):
+                kept.append(line if line.endswith("\n") else line + "\n")
+                events.append(event)
+        if kept != lines:
+            try:
+                with replace_atomically(path) as tmp:
+                    with open(tmp, "w") as f:
+                        f.writelines(kept)
+            except OSError as e:
+                raise run_guard.log_dir_write_failed(self.log_dir, e) from e
+        return events
+
     def _append(self, name, text):
-        with open(os.path.join(self.log_dir, name), "a") as f:
-            f.write(text)
+        try:
+            with open(os.path.join(self.log_dir, name), "a") as f:
+                f.write(text)
+        except OSError as e:  # a full disk mid-run: said in one line (the checkpoints written are intact)
+            raise run_guard.log_dir_write_failed(self.log_dir, e) from e
 
     def __call__(self, msg):
         if self.is_main:
@@ -164,6 +206,15 @@ class RunLog:
             self(f"step {step:5d} | skipped: loss {loss_value} grad norm {norm_value} is not finite "
                  f"({guard.in_a_row} in a row; stopping at {guard.max_bad_steps})")
             self.metrics(step=step, skipped=True, train_loss=str(loss_value), grad_norm=str(norm_value))
+
+
+def logged_before(event, step):
+    """Whether a metrics event belongs to the run's first `step` steps. A step's own event has
+    the step's index (the step after `step` steps is step `step`), an evaluation the steps done:
+    the evaluations after `step` steps were made before that step's checkpoint was written."""
+    if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+        return False
+    return event["step"] < step if "train_loss" in event else event["step"] <= step
 
 
 @dataclasses.dataclass

@@ -8,7 +8,8 @@ x axis. The run's settings are recorded as its config.
 A resumed run continues its runs: W&B by the run id kept in log_dir/wandb_run_id (W&B's own resume),
 TensorBoard by writing to the same log_dir, where the reader merges the event files of every
 session. A resume from a checkpoint older than the last logged step logs those steps again:
-TensorBoard then shows the new values only, W&B both (metrics.jsonl too keeps both).
+TensorBoard then shows the new values only, as metrics.jsonl keeps them (RunLog.cut_metrics); W&B
+shows both, as its history only grows.
 """
 
 import atexit
@@ -40,11 +41,11 @@ class TensorBoardTracker:
     """Event files in log_dir, for `tensorboard --logdir=log_dir` (or a folder above several
     runs' log_dirs). Each session adds its own file and the reader merges them.
 
-    The writer opens at the session's first event, the train loss of step N: a run resumed from
-    the checkpoint after N steps. Events of an earlier session from step N + 1 on came after that
-    checkpoint and are logged again now, so the new file starts with TensorBoard's restart marker
-    (purge_step) at N + 1, and the reader drops them. (Step N's train values stay twice; its
-    validation and HellaSwag, made before the checkpoint, stay once.)"""
+    A session that trains on after N steps (a checkpoint's, or 0) starts its file with
+    TensorBoard's restart marker (purge_step) at N: the reader drops the earlier sessions'
+    events from step N on, which this one logs again, and, before its own, the evaluations at
+    step N that metrics.jsonl keeps (made before the checkpoint, not made again). So TensorBoard
+    shows what metrics.jsonl holds, one value a step."""
 
     def __init__(self, log_dir):
         from torch.utils.tensorboard import SummaryWriter  # imported now: a broken install fails before training
@@ -52,9 +53,13 @@ class TensorBoardTracker:
         self.writer = None
         atexit.register(self.close)  # a run that stops on an error keeps its last events too
 
+    def start(self, step, again):
+        """The session trains on after `step` steps; `again`: metrics.jsonl's events at that step."""
+        self.writer = self.new_writer(purge_step=step)
+        for event in again:
+            self.log(event)
+
     def log(self, event):
-        if self.writer is None:
-            self.writer = self.new_writer(purge_step=event["step"] + 1)
         for name, value in scalars(event).items():
             self.writer.add_scalar(name, value, event["step"])
 
@@ -84,6 +89,10 @@ class WandbTracker:
         # x axis: the training step, not W&B's own counter of log calls (which a resume does not rewind)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
+
+    def start(self, step, again):
+        """Nothing to do: W&B's history only grows, so after a resume from a checkpoint older than
+        the last logged step it holds those steps twice (docs/tracking.md)."""
 
     def log(self, event):
         self.run.log({"step": event["step"], **scalars(event)})

@@ -67,7 +67,7 @@ def read_metrics(log_dir):
 
 
 def train_losses(log_dir):
-    """The last logged train loss of each step (a resumed run may log a step twice)."""
+    """The train loss of each step (the last logged, should a step appear twice)."""
     return {e["step"]: e["train_loss"] for e in read_metrics(log_dir) if "train_loss" in e and not e.get("skipped")}
 
 

@@ -2,7 +2,9 @@
 kept and a message that says what to do (issue 13). Tiny model, a few steps."""
 
 import errno
+import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -17,7 +19,7 @@ import torch.distributed as dist
 from support import checkpoint, run_guard
 import model as model_module
 import train_gpt
-from conftest import ROOT, SIGNAL_AT, tiny_args, train_losses
+from conftest import ROOT, SIGNAL_AT, read_metrics, tiny_args, train_losses
 
 STEPS = dict(max_steps=6, checkpoint_every=2, val_every=0)
 
@@ -123,6 +125,8 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(shards, reference
     assert "warning: checkpoint" in text and "ckpt_0000004.pt does not match the checksum" in text
     assert "resumed from" in text and "ckpt_0000002.pt at step 2" in text
     assert train_losses(run_dir) == train_losses(reference)  # nothing of the damage reached training
+    # issue 28.6: metrics.jsonl was cut back to step 2, so steps 2 and 3, trained again, appear once
+    assert [e["step"] for e in read_metrics(run_dir) if "train_loss" in e] == list(range(6))
 
 
 def test_a_checkpoint_holding_nan_is_never_loaded_as_good(shards, reference, run_dir, one_thread):
@@ -243,6 +247,60 @@ def test_a_failed_write_is_named_with_advice_that_fits_it(shards, tmp_path, monk
     assert steps_in(log_dir) == []
 
 
+# A log_dir on a disk of its own, in a mount namespace of its own (unshare: root, or a user
+# namespace), so that the faults are the kernel's: a read-only mount, then a full disk. The advice
+# of each is followed in turn (remount it read-write, free space) and the third attempt trains.
+# python -c DISK_FAULTS RESULTS DISK ARGS...: RESULTS gets each attempt's SystemExit text.
+DISK_FAULTS = """
+import json, os, subprocess, sys
+import train_gpt
+results, disk, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+log_dir = os.path.join(disk, "log")
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", disk], check=True)
+os.mkdir(log_dir)
+subprocess.run(["dd", "if=/dev/zero", "of=" + os.path.join(disk, "fill"), "bs=1M"], capture_output=True)
+subprocess.run(["mount", "--bind", "-o", "ro", log_dir, log_dir], check=True)
+
+def attempt():
+    try:
+        train_gpt.main(args + ["--log_dir=" + log_dir])
+    except SystemExit as e:
+        return str(e.code)
+    return sorted(os.listdir(log_dir))
+
+said = [attempt()]
+subprocess.run(["umount", log_dir], check=True)  # remount it read-write
+said.append(attempt())
+os.remove(os.path.join(disk, "fill"))  # free space
+said.append(attempt())
+with open(results, "w") as f:
+    json.dump(said, f)
+"""
+
+
+def test_a_read_only_or_full_log_dir_at_start_is_one_line_whose_advice_works(shards, tmp_path):
+    """Issue 28.4: both ended in an OSError traceback from the lock (opening run.lock on the
+    read-only disk; writing its holder once the disk is full, as creating the empty file needs
+    no room)."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -rm (mount namespaces) to mount a small disk")
+    disk, results = tmp_path / "disk", tmp_path / "results.json"
+    disk.mkdir()
+    proc = subprocess.run(["unshare", "-rm", sys.executable, "-c", DISK_FAULTS, str(results), str(disk),
+                           *[a for a in tiny_args(shards, "-", max_steps=1, warmup_steps=0, val_every=0)
+                             if not a.startswith("--log_dir=")]],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    read_only, full, freed = json.loads(results.read_text())
+    log_dir = f"--log_dir={disk}/log"
+    assert read_only.startswith(f"train_gpt.py: error: cannot write in {log_dir}: [Errno 30] Read-only file system")
+    assert "remount it read-write" in read_only and "\n" not in read_only
+    assert full.startswith(f"train_gpt.py: error: cannot write in {log_dir}: [Errno 28] No space left on device")
+    assert "Free space on that disk" in full and "\n" not in full
+    assert freed == ["ckpt_0000001.pt", "ckpt_0000001.pt.sha256", "log.txt", "metrics.jsonl", "run.lock"]
+
+
 def test_a_failed_sharded_write_names_the_os_error(tmp_path, gloo_group):
     """DCP gathers each rank's error by pickling it, which drops the OSError that torch.save
     chains to its RuntimeError; save_sharded's writer raises the OSError itself (EFBIG here, from
@@ -298,6 +356,30 @@ def test_lower_lr_and_resume_works_as_the_advice_says(shards, run_dir, one_threa
     assert "resumed from" in log_text(run_dir) and steps_in(run_dir)[0] == 6
     weights = checkpoint.load_file(os.path.join(run_dir, "ckpt_0000006.pt"), verify=True)["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_streak_of_nan_steps_sets_aside_the_weights_it_came_from_and_the_advice_trains_on(shards, run_dir,
+                                                                                              one_thread):
+    """Issue 28.1: at --max_lr=1e4 step 4's update is finite but breaks the weights (no NaN in
+    them), and every step from them has a NaN/Inf loss or gradient. Before, checkpoints written
+    during that streak held the broken weights and pruned the good ones (keep 1), and the advice
+    resumed from one of them, failing the same way. Now none is written from weights a step
+    failed from, the one written from them before the streak (step 5) is set aside, pruning kept
+    the one before it, and the advice, followed with a lower LR, trains to the end."""
+    args = dict(STEPS, max_steps=10, checkpoint_every=1, keep_checkpoints=1)
+    message = fail(tiny_args(shards, run_dir, max_lr=1e4, max_bad_steps=3, **args),
+                   "3 steps in a row had a NaN/Inf loss or gradient (steps 5 to 7)", "made by step 4's update",
+                   f"moved to {run_dir}/distrusted/ckpt_0000005.pt", "Lower --max_lr")
+    assert steps_in(run_dir) == [4] and sorted(os.listdir(os.path.join(run_dir, "distrusted"))) == [
+        "ckpt_0000005.pt", "ckpt_0000005.pt.sha256"]
+    resume_from = re.search(r"it resumes from (\S+), the newest checkpoint before them", message).group(1)
+    run(tiny_args(shards, run_dir, **args))  # the advice: a lower --max_lr (TINY's 3e-3), --resume=auto
+    assert f"resumed from {resume_from} at step 4" in log_text(run_dir) and steps_in(run_dir) == [10, 9]
+    weights = checkpoint.load_file(os.path.join(run_dir, "ckpt_0000010.pt"), verify=True)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(10)) and losses[9] < losses[0]
+    assert not any(e.get("skipped") for e in read_metrics(run_dir))  # cut back to step 4 on resume (28.6)
 
 
 def test_a_resumed_run_gets_a_fresh_allowance_of_bad_steps(shards, run_dir, monkeypatch, one_thread):
@@ -373,6 +455,8 @@ def test_signal_rules_before_training_repeated_sigterm_and_a_second_ctrl_c():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
         assert e.value.code == 130 and "quit without saving" in e.value.message
+        # a stop while the NaN guard distrusts the weights: nothing was saved, and it says so
+        assert "no checkpoint written" in stop.stopped(3, None).message
     assert signal.getsignal(signal.SIGTERM) is previous
 
 

@@ -80,14 +80,21 @@ def test_wandb_offline_and_tensorboard_get_every_event_and_a_resume_continues_th
     args = tiny_args(shards, log_dir, hellaswag_every=5, wandb_project="tests", wandb_run_name="tiny-run",
                      tensorboard=True)
     train_gpt.main(args)  # steps 0-9; checkpoints after 5 and 10 steps
-    first = len(read_metrics(log_dir))
+    before = read_metrics(log_dir)
     os.remove(os.path.join(log_dir, "ckpt_0000010.pt"))  # as if the run had died before its last checkpoint
     train_gpt.main(args)  # resumes after 5 steps: steps 5-9 again
     events = read_metrics(log_dir)
-    before, after = events[:first], events[first:]
+    # metrics.jsonl was cut back to the checkpoint: steps 0-4 and the evaluations after 5 steps, made
+    # before it was written; then the resumed session's events. One line per step (issue 28.6).
+    kept = [e for e in before if e["step"] < 5 or (e["step"] == 5 and "train_loss" not in e)]
+    assert events[:len(kept)] == kept and len(kept) < len(before)
+    after = events[len(kept):]
     assert after[0]["step"] == 5 and {e["step"] for e in before if "hellaswag_acc" in e} == {5, 10}
+    assert [e["step"] for e in events if "train_loss" in e] == list(range(10))
+    assert [e["step"] for e in events if "val_loss" in e] == [5, 10]
 
-    # W&B: two offline sessions of one run, each holding its session's events and the settings
+    # W&B: two offline sessions of one run, each holding its session's events and the settings (its
+    # history only grows: steps 5-9 are in both)
     run_dirs = sorted(glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*")))
     assert len(run_dirs) == 2
     with open(os.path.join(log_dir, tracking.WANDB_ID_FILE)) as f:
@@ -98,14 +105,13 @@ def test_wandb_offline_and_tensorboard_get_every_event_and_a_resume_continues_th
         assert history == scalar_rows(session)
         assert config["model"] == "tiny" and config["max_steps"] == 10 and config["wandb_project"] == "tests"
 
-    # TensorBoard: its reader merges both sessions' files; the first session's events after the
-    # resumed checkpoint (steps 6 and up) are dropped, the second session's all kept
+    # TensorBoard: its reader merges both sessions' files; the first session's events from the
+    # resumed checkpoint on (step 5 and up) are dropped, so it shows what metrics.jsonl holds
     accumulator = EventAccumulator(log_dir)
     accumulator.Reload()
     assert set(accumulator.Tags()["scalars"]) >= set(TAGS)
-    kept = [e for e in before if e["step"] <= 5] + after
     for tag in TAGS:
-        expected = sorted((e["step"], e[tag]) for e in kept if tag in e)
+        expected = sorted((e["step"], e[tag]) for e in events if tag in e)
         got = sorted((s.step, s.value) for s in accumulator.Scalars(tag))
         assert [step for step, _ in got] == [step for step, _ in expected], tag
         assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-6), tag
