@@ -121,8 +121,10 @@ class _Lock:
 
     def __init__(self, f):
         self.f = f
+        self.claimed = False
 
     def claim(self):
+        self.claimed = True
         if self.f is not None:
             self.f.truncate(0)
             self.f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
@@ -135,24 +137,47 @@ def log_dir_lock(log_dir, rank=0):
     """One run per log_dir: rank 0 holds an flock on log_dir/run.lock while the run lives. The
     kernel releases it when the process dies, however it dies, so a crash never leaves it stuck.
     Yields the lock; its claim() records this process as the holder, once the run is sure to
-    start (a run refused at start leaves the file as it was)."""
+    start. A run refused before that leaves log_dir as it was: the run.lock and folders it made
+    are removed (while it holds the lock; a run that locked the removed file locks anew)."""
     if rank != 0:
         yield _Lock(None)
         return
-    os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, "run.lock")
-    f = open(path, "a+")
-    try:
+    made = []  # the folders this run makes, deepest first
+    folder = os.path.abspath(log_dir)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    while True:
+        os.makedirs(log_dir, exist_ok=True)
+        made_file = not os.path.exists(path)
+        try:
+            f = open(path, "a+")
+        except FileNotFoundError:  # a refused run removed the folder it made, just now
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise Refused(f"{log_dir} is in use by another run ({holder}): two runs in one log_dir would "
                           f"overwrite each other's checkpoints and logs. Wait for it to end (or stop it), or "
                           f"give this run another --log_dir.") from None
-        yield _Lock(f)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        f.close()  # a refused run removed this file between our open and our lock: lock the new one
+    lock = _Lock(f)
+    try:
+        yield lock
     finally:
+        if not lock.claimed:
+            with contextlib.suppress(OSError):
+                if made_file:
+                    os.remove(path)
+                for folder in made:
+                    os.rmdir(folder)  # only if empty; stops at the first that is not
         f.close()  # releases the lock
 
 
