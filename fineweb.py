@@ -27,10 +27,12 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import logging
 import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -140,6 +142,7 @@ def download_shards(repo="edu", out_dir=None, train_shards=None):
     from huggingface_hub.errors import LocalEntryNotFoundError
     repo_id, default_dir = DOWNLOADS.get(repo, (repo, repo.split("/")[-1]))
     out_dir = out_dir or default_dir
+    check_out_dir(out_dir)
     patterns = ["*_val_*", "*_train_*"]
     if train_shards is not None:
         patterns = ["*_val_*"] + [f"*_train_{i:06d}.*" for i in range(1, train_shards + 1)]
@@ -211,34 +214,109 @@ def local_documents(paths, txt_sample_by):
     for path in paths:
         builder = LOCAL_LOADERS[os.path.splitext(path)[1].lower()]
         options = {"sample_by": txt_sample_by} if builder == "text" else {}
-        rows = load_dataset(builder, data_files=path, split="train", streaming=True, **options)
         found = False
         try:
-            for i, row in enumerate(rows):
-                text = row.get("text")
-                if text is None:
-                    fields = sorted(k for k, v in row.items() if v is not None)
-                    raise cli.BadInput(f"input file {path!r}: record {i + 1} has no 'text' field (it has "
-                                     f"{fields}). Every record needs its document in a field named 'text'.")
-                if not isinstance(text, str):
-                    raise cli.BadInput(f"input file {path!r}: record {i + 1}: field 'text' is {kind_of(text)} "
-                                     f"({repr(text)[:40]}), not a string. Every record's 'text' must be "
-                                     f"its document as a string.")
-                if text:
-                    found = True
-                    yield text
-        except UnicodeDecodeError as e:
-            where = first_invalid_utf8(path) if builder != "parquet" else None
-            where = f"byte {where[0]} (line {where[1]}) is not valid UTF-8" if where else f"{e.reason}"
-            raise cli.BadInput(f"input file {path!r} is not UTF-8 text: {where}. Convert it to UTF-8 "
-                             f"(e.g. `iconv -f latin1 -t utf-8`) and rerun.") from None
+            with readers_quiet():
+                rows = load_dataset(builder, data_files=path, split="train", streaming=True, **options)
+                for i, row in enumerate(rows):
+                    text = row.get("text")
+                    if text is None:
+                        fields = sorted(k for k, v in row.items() if v is not None)
+                        raise cli.BadInput(f"input file {path!r}: record {i + 1} has no 'text' field (it has "
+                                         f"{fields}). Every record needs its document in a field named 'text'.")
+                    if not isinstance(text, str):
+                        raise cli.BadInput(f"input file {path!r}: record {i + 1}: field 'text' is {kind_of(text)} "
+                                         f"({repr(text)[:40]}), not a string. Every record's 'text' must be "
+                                         f"its document as a string.")
+                    if text:
+                        found = True
+                        yield text
+        except cli.UserError:
+            raise
+        except ValueError as e:  # UnicodeDecodeError, pyarrow's ArrowInvalid, the JSON readers' errors
+            problem = unreadable(path, builder)
+            if problem is None:  # not the file's fault that we can see: a bug, with its traceback
+                raise
+            raise cli.BadInput(problem) from None
         if not found:
             raise cli.BadInput(f"input file {path!r} holds no documents (only empty texts)")
 
 
+@contextlib.contextmanager
+def readers_quiet():
+    """datasets' file readers log their errors ("Failed to load JSON from file ...") before raising
+    them; local_documents says what is wrong instead, in one line."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def unreadable(path, builder):
+    """What is wrong with an input file that datasets' reader failed on, naming the byte or line;
+    None when this finds nothing wrong (then the failure is a bug)."""
+    if builder == "parquet":
+        import pyarrow.parquet
+        try:
+            pyarrow.parquet.ParquetFile(path)
+        except (OSError, ValueError) as e:
+            return f"input file {path!r} is not a readable Parquet file ({str(e).rstrip('.')}). Write it again, or give the text as .jsonl."
+        return None
+    with open(path, "rb") as f:
+        nul = f.read(8192).find(b"\0")
+    if nul >= 0:
+        return (f"input file {path!r} is not text: byte {nul} is 0, as in a compressed or binary file. Give the "
+                f"text itself (decompress it first).")
+    where = first_invalid_utf8(path)
+    if where:
+        return (f"input file {path!r} is not UTF-8 text: byte {where[0]} (line {where[1]}) is not valid UTF-8. "
+                f"Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) and rerun.")
+    where = first_bad_json(path) if builder == "json" else None
+    if where:
+        return (f"input file {path!r}, line {where[0]}: {where[1]}. Fix it and rerun: every record is a JSON "
+                f"object with its document in 'text', e.g. {{\"text\": \"...\"}}, one per line in a .jsonl file.")
+    return None
+
+
+def first_bad_json(path):
+    """(line number, what is wrong) of the first record of a JSON file that is not a JSON object,
+    or None. A file that starts as one JSON document (an array of records, or an object over
+    several lines; datasets' reader takes those too) is parsed whole."""
+    with open(path, encoding="utf-8") as f:
+        lines = ((number, line) for number, line in enumerate(f, 1) if line.strip())
+        for number, line in lines:
+            if number == 1 and line.lstrip().startswith("["):
+                return first_bad_json_document(path)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                if number == 1 and line.lstrip().startswith("{"):
+                    return first_bad_json_document(path)
+                return number, not_json(e)
+            if not isinstance(record, dict):
+                return number, f"{kind_of(record)}, not a JSON object"
+    return None
+
+
+def first_bad_json_document(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            json.load(f)
+        except json.JSONDecodeError as e:
+            return e.lineno, not_json(e)
+    return None
+
+
+def not_json(error):
+    return f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+
+
 def kind_of(value):
     """'a number', 'a list', ... : a JSON reader's value type in words."""
-    kinds = ((bool, "a boolean"), ((int, float), "a number"), (list, "a list"), (dict, "an object"))
+    kinds = ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"), (dict, "an object"))
     return next((word for types, word in kinds if isinstance(value, types)), f"a {type(value).__name__}")
 
 
@@ -318,7 +396,8 @@ def tokenized(docs, workers=1):
         yield from map(tokenize_document, docs)
         return
     # The pool starts before `docs` is read: fork should not copy the dataset reader's threads.
-    with mp.Pool(workers) as pool:
+    # Ctrl-C reaches every process of the terminal's group: the workers leave it to this one.
+    with mp.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         in_flight = collections.deque()
         for batch in batched(docs, workers * CHUNKSIZE * 4):
             in_flight.append(pool.imap(tokenize_document, batch, chunksize=CHUNKSIZE))
@@ -357,6 +436,17 @@ def is_disk_full(error):
     a full disk causes and which carries no errno."""
     short_write = re.search(r"\d+ requested and \d+ written", str(error))
     return error.errno in (errno.ENOSPC, errno.EDQUOT) or short_write is not None
+
+
+def check_out_dir(out_dir):
+    """An out_dir that is a file, or inside one, is named before any work (not as "[Errno 17] File
+    exists" once the inputs are read)."""
+    path = os.path.abspath(out_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise cli.BadInput(f"--out-dir {out_dir!r}: {path!r} is a file, not a folder. Give a folder: a new one, or "
+                           f"one that fineweb.py made before.")
 
 
 def save_manifest(manifest, out_dir):
@@ -476,6 +566,7 @@ def prepare_dataset(source="fineweb-edu", out_dir=None, shard_size=None, inputs=
     workers = available_cores() if workers is None else workers
     if shard_size < 1 or workers < 1:
         raise cli.BadInput(f"shard_size ({shard_size}) and workers ({workers}) must be positive")
+    check_out_dir(out_dir)
     corpus = open_corpus(source, inputs, remote_name, txt_sample_by)
     manifest = Manifest(source, corpus.dataset, shard_size)
     previous = load_manifest(out_dir)
@@ -574,6 +665,13 @@ def main(argv=None):
                   f"in {len(manifest['shards'])} shards")
     except USER_ERRORS as e:
         sys.exit(f"fineweb.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: what is finished is kept
+        out_dir = args.out_dir or SOURCES[args.source].out_dir
+        then = ("" if args.benchmark else f": run the same command again to continue (the files already in "
+                f"{args.out_dir or 'its folder'} are not fetched again)" if args.download else
+                f": run the same command again to continue (the finished shards in {out_dir} are kept)")
+        print(f"fineweb.py: interrupted (Ctrl-C){then}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # the guard lets spawn-based platforms (macOS, Windows) start the pool

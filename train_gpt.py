@@ -93,7 +93,7 @@ class Settings:
     muon_adjust_lr: str = "original"  # Muon's lr per matrix shape: original (Keller Jordan's) or match_rms_adamw (Moonshot's)
     schedule: str = "cosine"  # cosine (GPT-3: warmup, cosine to min_lr), or wsd: warmup, constant, linear decay at the end
     decay_fraction: float = 0.2  # wsd: the last fraction of the schedule (of decay_tokens) that decays linearly to min_lr
-    recipe: str = ""  # a named set of settings (RECIPES: gpt3, fast); settings given on the command line still win
+    recipe: str = ""  # a named set of settings (RECIPES: gpt3, fast, modern); settings given on the command line still win
     # evaluation (steps counted as optimizer updates done)
     val_every: int = 250  # validation loss every this many steps and at the end; 0 = never
     val_tokens: int = 10_485_760  # fixed validation budget; the whole split if smaller

@@ -139,13 +139,20 @@ def check_architecture(hf):
         raise cli.BadInput(f"this Hugging Face model is not plain GPT-2 ({wrong}); our GPT cannot load it exactly")
 
 
+def is_hub_name(path_or_name):
+    """Whether path_or_name can name a Hugging Face Hub repo ("gpt2", "org/name"): no local path
+    exists there, and it does not look like one (absolute, ./ or ../, deeper than org/name, .pt)."""
+    path = os.path.expanduser(path_or_name)
+    return not (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1 or path.endswith(".pt"))
+
+
 def local_folder(path_or_name):
     """A folder holding the model: path_or_name itself, or its snapshot downloaded from the hub
     (config and weights only, safetensors preferred; the hub repos also hold TF/Flax/ONNX copies)."""
     path = os.path.expanduser(path_or_name)
     if os.path.isdir(path):
         return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:  # a path, not "org/name"
+    if not is_hub_name(path_or_name):
         raise cli.NotFound(f"{path_or_name!r} is not a folder with config.json and model.safetensors "
                                 f"(or pytorch_model.bin)")
     from huggingface_hub import snapshot_download

@@ -129,8 +129,10 @@ class _Lock:
 
     def __init__(self, f, log_dir):
         self.f, self.log_dir = f, log_dir
+        self.claimed = False
 
     def claim(self):
+        self.claimed = True
         if self.f is not None:
             text = f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%dT%H:%M:%S}\n"
             try:  # unbuffered: a write that fails is not tried again when the file is closed
@@ -145,42 +147,62 @@ def log_dir_lock(log_dir, rank=0):
     """One run per log_dir: rank 0 holds an flock on log_dir/run.lock while the run lives. The
     kernel releases it when the process dies, however it dies, so a crash never leaves it stuck.
     Yields the lock; its claim() records this process as the holder, once the run is sure to
-    start (a run refused at start leaves the file as it was). Every rank calls this: a refusal,
-    or a folder rank 0 cannot write, stops them all with the same line."""
-    f, error = None, None
+    start. A run refused before that leaves log_dir as it was: the run.lock and folders it made
+    are removed (while it holds the lock; a run that locked the removed file locks anew). Every
+    rank calls this: a refusal, or a folder rank 0 cannot write, stops them all with the same line."""
+    f, made, error = None, [], None
     if rank == 0:
         try:
-            f = _take_lock(log_dir)
+            f, made = _take_lock(log_dir)
         except (Refused, RunError) as e:
             error = e
     raise_on_every_rank(error)
+    lock = _Lock(f, log_dir)
     try:
-        yield _Lock(f, log_dir)
+        yield lock
     finally:
         if f is not None:
+            if not lock.claimed:
+                with contextlib.suppress(OSError):
+                    for made_path in made:  # the lock file, then the folders, deepest first
+                        (os.rmdir if os.path.isdir(made_path) else os.remove)(made_path)  # a folder only if empty
             f.close()  # releases the lock
 
 
 def _take_lock(log_dir):
-    """log_dir made if need be and its lock file locked, open; Refused if another run holds it."""
-    try:
-        os.makedirs(log_dir, exist_ok=True)
-        f = open(os.path.join(log_dir, "run.lock"), "a+")
-    except OSError as e:
-        raise log_dir_write_failed(log_dir, e) from e
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise Refused(f"{log_dir} is in use by another run ({holder}): two runs in one log_dir would "
-                      f"overwrite each other's checkpoints and logs. Wait for it to end (or stop it), or "
-                      f"give this run another --log_dir.") from None
-    except OSError as e:  # a filesystem without locks (ENOLCK), say
-        f.close()
-        raise log_dir_write_failed(log_dir, e) from e
-    return f
+    """(the lock file of log_dir, locked and open; the paths made for it, the file first, then the
+    folders deepest first). log_dir is made if need be; Refused if another run holds it."""
+    path = os.path.join(log_dir, "run.lock")
+    folders = []
+    folder = os.path.abspath(log_dir)
+    while not os.path.exists(folder):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    while True:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            made_file = not os.path.exists(path)
+            f = open(path, "a+")
+        except FileNotFoundError:  # a refused run removed the folder it made, just now
+            continue
+        except OSError as e:
+            raise log_dir_write_failed(log_dir, e) from e
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise Refused(f"{log_dir} is in use by another run ({holder}): two runs in one log_dir would "
+                          f"overwrite each other's checkpoints and logs. Wait for it to end (or stop it), or "
+                          f"give this run another --log_dir.") from None
+        except OSError as e:  # a filesystem without locks (ENOLCK), say
+            f.close()
+            raise log_dir_write_failed(log_dir, e) from e
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                return f, ([path] if made_file else []) + folders
+        f.close()  # a refused run removed this file between our open and our lock: lock the new one
 
 
 def log_dir_write_failed(log_dir, error):

@@ -6,6 +6,7 @@ values that work)."""
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from model import (ARCH_FIELDS, ARCHITECTURES, ATTENTION_PATTERNS, MUON_MIN_TORCH, PRESETS, GPTConfig, MuonConfig,
                    arch_changes, preset_config)
-from support import cli, tracking
+from support import cli, hf, tracking
 from support.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from support.cli import RunError, SettingsError
 from support.fastpath import cpu_has_bf16
@@ -35,9 +36,14 @@ def parse_value(name, text, field_type):
             return False
         raise SettingsError(f"--{name} takes True or False, got {text!r}")
     try:
-        if base is int:
-            return int(float(text)) if "e" in text.lower() else int(text, 0)
-        return base(text)
+        if base is not int:
+            return base(text)
+        if "e" in text.lower() and not text.lower().startswith("0x"):  # 1e9, 5.24288e5: whole numbers only
+            number = float(text)
+            if not number.is_integer():  # 2.5e0, and 1e999 (Inf)
+                raise ValueError(text)
+            return int(number)
+        return int(text, 0)
     except ValueError:
         kind = {int: "an integer", float: "a number"}.get(base, f"a {base.__name__}")
         raise SettingsError(f"--{name} takes {kind}, got {text!r}") from None
@@ -59,6 +65,23 @@ SEED_PRESET = "gpt2"
 
 # Settings that name one value in two units: give one of each pair (resolve_token_schedule).
 SAME_THING = (("max_tokens", "max_steps"), ("warmup_tokens", "warmup_steps"))
+
+# The range of every numeric setting, checked first (check_ranges): a finite number, above 0, or at
+# least 0 where 0 means something (Settings' comments say what: off, never, no warmup, ...). How
+# settings bound each other (min_lr <= max_lr, seq_len <= block_size, ...) is checked where they
+# are resolved, below. A numeric setting added later gets the finiteness check without a line here;
+# tests/test_train.py feeds every one 0, -1, NaN and Inf.
+POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "attention_band", "seq_len", "total_batch_size",
+            "micro_batch_size", "max_lr_scale", "max_tokens", "decay_tokens", "max_steps", "max_bad_steps",
+            "muon_lr", "decay_fraction", "val_tokens", "checkpoint_every", "keep_checkpoints", "collective_timeout")
+NOT_NEGATIVE = ("logit_softcap", "batch_warmup_tokens", "max_lr", "min_lr", "warmup_tokens", "warmup_steps",
+                "stop_step", "weight_decay", "grad_clip", "muon_momentum", "muon_weight_decay", "val_every",
+                "hellaswag_every", "sample_every", "fsdp_shard_size", "peak_flops", "seed")
+RANGE_NOTES = dict(  # what a refusal adds where the range alone does not say what to give
+    seq_len="or none: the model's block_size", micro_batch_size="or auto: the largest that fits",
+    attention_band="the tokens a banded layer sees", collective_timeout="in seconds",
+    checkpoint_every="a checkpoint is also written at the end and when stopped by a signal; a large value "
+                     "checkpoints rarely")
 
 
 def parse_settings(argv, cls, demo, recipes):
@@ -109,8 +132,7 @@ def parse_settings(argv, cls, demo, recipes):
     decays_to_zero = now("min_lr") == 0 or (now("min_lr") is None and now("schedule") == "wsd")
     if "decay_tokens" not in own and ({"max_tokens", "max_steps"} & own.keys() or decays_to_zero):
         values.pop("decay_tokens", None)
-    if now("max_lr_scale") <= 0:
-        raise SettingsError(f"--max_lr_scale must be positive, got {now('max_lr_scale'):g}")
+    check_range("max_lr_scale", now("max_lr_scale"))  # now: it scales max_lr below
     if "max_lr" not in own:  # a recipe's LR is relative to the preset's
         values["max_lr"] = now("max_lr") * now("max_lr_scale")
     return cls(**values)
@@ -130,23 +152,42 @@ def preset_settings(name):
     return values
 
 
+def check_range(name, value):
+    """A numeric setting's value against its range (POSITIVE, NOT_NEGATIVE); never NaN or Inf."""
+    shown = f"{value:g}" if isinstance(value, float) else value
+    note = f" ({RANGE_NOTES[name]})" if name in RANGE_NOTES else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(f"--{name} must be a finite number, got {shown}{note}")
+    if name in POSITIVE and not value > 0:
+        raise SettingsError(f"--{name} must be positive, got {shown}{note}")
+    if name in NOT_NEGATIVE and value < 0:
+        raise SettingsError(f"--{name} must not be negative, got {shown}{note}")
+
+
+def check_ranges(s):
+    """Every numeric setting of s (a train_gpt.Settings) in its range, before anything uses it."""
+    for field in dataclasses.fields(s):
+        value = getattr(s, field.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_range(field.name, value)
+
+
 def resolve_model_settings(s):
     """Fill the settings that follow others (seq_len, min_lr, the token schedule) and check every
     setting's value: a bad one stops the run here, before any work, with the fix named. Returns
     the model's GPTConfig."""
     if s.model not in PRESETS:
         raise SettingsError(f"unknown --model={s.model!r}; choose one of: {', '.join(PRESETS)}")
+    check_ranges(s)
+    check_init_from(s.init_from)
     check_attention_settings(s)
     config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size,
                            attention=s.attention, attention_band=s.attention_band, **arch_options(s))
     s.attention_band = config.attention_band if s.attention != "dense" else None  # the band that trains
-    s.seq_len = s.seq_len or config.block_size
+    s.seq_len = config.block_size if s.seq_len is None else s.seq_len
     s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
     if s.seq_len > config.block_size:
         raise SettingsError(f"seq_len={s.seq_len} is longer than the model's block_size={config.block_size}")
-    for name in ("micro_batch_size", "seq_len", "total_batch_size"):
-        if getattr(s, name) is not None and getattr(s, name) <= 0:
-            raise SettingsError(f"--{name} must be positive, got {getattr(s, name)}")
     if s.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise SettingsError(f"--activation_checkpointing={s.activation_checkpointing!r}: choose one of "
                             f"{', '.join(ACTIVATION_CHECKPOINTING)}")
@@ -156,6 +197,21 @@ def resolve_model_settings(s):
     if s.resume not in ("auto", "off") and not os.path.exists(s.resume):
         raise SettingsError(f"--resume={s.resume}: no such checkpoint. Use auto, off, or a checkpoint path.")
     return config
+
+
+def check_init_from(path):
+    """--init_from: a checkpoint file, a sharded checkpoint folder, a Hugging Face folder, or a hub
+    name (fetched when the model is built). A path that cannot be one is refused now."""
+    if not path:
+        return
+    kinds = ("a checkpoint (ckpt_<step>.pt, or a sharded ckpt_<step>/ folder, in a log_dir), a Hugging Face "
+             "GPT-2 folder (config.json and model.safetensors), or a hub name such as gpt2")
+    local = os.path.expanduser(path)
+    if not os.path.exists(local) and not hf.is_hub_name(path):
+        raise SettingsError(f"--init_from={path}: no such file or folder. Give {kinds}.")
+    if os.path.isdir(local) and not any(os.path.exists(os.path.join(local, f)) for f in ("config.json", "extra.pt")):
+        raise SettingsError(f"--init_from={path} is a folder with neither config.json (Hugging Face) nor extra.pt "
+                            f"(a sharded checkpoint). Give {kinds}.")
 
 
 def check_attention_settings(s):
@@ -168,8 +224,6 @@ def check_attention_settings(s):
     if s.attention == "dense":
         raise SettingsError(f"--attention_band={s.attention_band} bands the layers of --attention=gpt3, but this "
                             f"model is dense (--attention=dense): give --attention=gpt3, or no band")
-    if s.attention_band <= 0:
-        raise SettingsError(f"--attention_band must be positive (tokens a banded layer sees), got {s.attention_band}")
 
 
 def arch_options(s):
@@ -185,40 +239,20 @@ def resolve_token_schedule(s):
         if getattr(s, steps) is not None:
             if getattr(s, tokens) is not None:
                 raise SettingsError(f"--{tokens} and --{steps} name the same thing: give one of them")
-            if getattr(s, steps) < 0 or (steps == "max_steps" and getattr(s, steps) == 0):
-                raise SettingsError(f"--{steps} must be {'positive' if steps == 'max_steps' else 'at least 0'}, "
-                                    f"got {getattr(s, steps)}")
             setattr(s, tokens, getattr(s, steps) * s.total_batch_size)
     s.decay_tokens = s.max_tokens if s.decay_tokens is None else s.decay_tokens
-    if s.max_tokens <= 0:
-        raise SettingsError(f"--max_tokens must be positive, got {s.max_tokens}")
-    if s.decay_tokens <= 0:
-        raise SettingsError(f"--decay_tokens must be positive, got {s.decay_tokens}")
-    if not 0 <= s.warmup_tokens <= s.decay_tokens:
+    if s.warmup_tokens > s.decay_tokens:
         raise SettingsError(f"warmup_tokens={s.warmup_tokens:,} must be between 0 and decay_tokens={s.decay_tokens:,}")
     if s.min_lr == 0 and s.decay_tokens < s.max_tokens:
         raise SettingsError(
             f"the LR reaches min_lr=0 at decay_tokens={s.decay_tokens:,}, before the run ends at "
             f"max_tokens={s.max_tokens:,}: the last {s.max_tokens - s.decay_tokens:,} tokens would train at LR 0. "
             f"Give --decay_tokens={s.max_tokens} (or leave it unset), or a --min_lr above 0.")
-    if s.batch_warmup_tokens < 0:
-        raise SettingsError(f"--batch_warmup_tokens must not be negative, got {s.batch_warmup_tokens}")
 
 
 def check_run_settings(s):
-    """The values of the settings that are not the model's, schedule's or optimizer's: each must
-    be in its range, or the run would fail late (a division by zero after the first step) or do
-    something other than was asked."""
-    at_least = dict(checkpoint_every=1, keep_checkpoints=1, max_bad_steps=1, val_every=0, hellaswag_every=0,
-                    sample_every=0, stop_step=0, seed=0, peak_flops=0, grad_clip=0)
-    for name, low in at_least.items():
-        if getattr(s, name) < low:
-            meaning = {0: "must not be negative", 1: "must be at least 1"}[low]
-            raise SettingsError(f"--{name} {meaning}, got {getattr(s, name)}" +
-                                (": a checkpoint is also written at the end and when stopped by a signal; "
-                                 "a large value checkpoints rarely" if name == "checkpoint_every" else ""))
-    if s.collective_timeout <= 0:
-        raise SettingsError(f"--collective_timeout must be positive (seconds), got {s.collective_timeout:g}")
+    """The settings that are not the model's, schedule's or optimizer's, beyond their ranges: what
+    would fail late or do something other than was asked."""
     if s.val_every > 0 and s.val_tokens < s.seq_len:
         raise SettingsError(f"--val_tokens={s.val_tokens} is less than one sequence of seq_len={s.seq_len}: "
                             f"give at least {s.seq_len}, or --val_every=0 for no validation")
@@ -240,14 +274,12 @@ def check_optimizer_settings(s):
         raise SettingsError(f"unknown --optimizer={s.optimizer!r}; choose adamw or muon")
     if s.schedule not in ("cosine", "wsd"):
         raise SettingsError(f"unknown --schedule={s.schedule!r}; choose cosine or wsd")
-    if not 0 < s.decay_fraction <= 1:
-        raise SettingsError(f"--decay_fraction={s.decay_fraction} must be in (0, 1]: the share of the run that decays")
-    if s.max_lr < 0:
-        raise SettingsError(f"--max_lr must not be negative, got {s.max_lr:g}")
-    if not 0 <= s.min_lr <= s.max_lr:
+    if s.decay_fraction > 1:
+        raise SettingsError(f"--decay_fraction={s.decay_fraction:g} must be in (0, 1]: the share of the run that decays")
+    if s.min_lr > s.max_lr:
         raise SettingsError(f"--min_lr={s.min_lr:g} must be between 0 and max_lr={s.max_lr:g}")
-    if s.weight_decay < 0:
-        raise SettingsError(f"--weight_decay must not be negative, got {s.weight_decay:g}")
+    if s.muon_momentum >= 1:
+        raise SettingsError(f"--muon_momentum={s.muon_momentum:g} must be in [0, 1) (0.95 is the usual)")
     if s.optimizer != "muon":
         return
     if not hasattr(torch.optim, "Muon"):
@@ -255,15 +287,9 @@ def check_optimizer_settings(s):
                          f"torch {torch.__version__}. Upgrade torch, or use --optimizer=adamw.")
     if s.muon_adjust_lr not in ("original", "match_rms_adamw"):
         raise SettingsError(f"unknown --muon_adjust_lr={s.muon_adjust_lr!r}; choose original or match_rms_adamw")
-    if s.muon_lr <= 0:
-        raise SettingsError(f"--muon_lr must be positive, got {s.muon_lr:g}")
     if s.max_lr == 0:
         raise SettingsError("--max_lr=0 with --optimizer=muon: the schedule sets Muon's LR as a multiple of "
                             "max_lr's (muon_lr / max_lr), so max_lr must be positive")
-    if not 0 <= s.muon_momentum < 1:
-        raise SettingsError(f"--muon_momentum={s.muon_momentum:g} must be in [0, 1) (0.95 is the usual)")
-    if s.muon_weight_decay < 0:
-        raise SettingsError(f"--muon_weight_decay must not be negative, got {s.muon_weight_decay:g}")
 
 
 def muon_config(s, device):

@@ -75,7 +75,7 @@ def test_modern_bundle_and_single_options_as_settings():
     with pytest.raises(cli.SettingsError, match="unknown --arch='new'; choose one of: gpt, modern"):
         train_gpt.parse_settings(["--arch=new"])
     with pytest.raises(model_module.ConfigError, match="logit_softcap must be a number >= 0"):
-        train_gpt.resolve_model_settings(train_gpt.parse_settings(["--logit_softcap=-1"]))
+        GPTConfig(logit_softcap=-1.0)
     with pytest.raises(model_module.ConfigError, match="must be even"):
         GPTConfig(n_embd=30, n_head=2, rope=True)
     with pytest.raises(model_module.ConfigError, match="True or False"):

@@ -71,6 +71,10 @@ def test_train_gpt_help_lists_every_setting_with_default_and_meaning(capsys):
             assert line.rstrip().endswith(comment)
             assert out.index(f"{title}:") < out.index(line)  # under its own group
     assert "--micro_batch_size=32" in out and "--demo sets model=tiny" in out
+    recipes = ", ".join(train_gpt.RECIPES)  # issue 28.17: the list had lost modern; README.md's table too
+    assert f"(RECIPES: {recipes})" in out
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"`recipe` ({', '.join(f'`{name}`' for name in train_gpt.RECIPES)})" in f.read()
 
 
 def test_bench_help_lists_its_own_options(capsys):

@@ -165,11 +165,18 @@ def test_foreign_shards_without_manifest_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no inputs", "missing file", "empty file", "no text field", "unknown type",
-                                  "a directory", "numeric text", "list text", "not utf-8 txt", "not utf-8 jsonl"])
+                                  "a directory", "numeric text", "list text", "not utf-8 txt", "not utf-8 jsonl",
+                                  "broken json line", "not an object", "broken json array", "binary jsonl",
+                                  "broken parquet"])
 def test_bad_inputs_are_named(case, tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
     (tmp_path / "latin1.txt").write_bytes("first line\nsecond: café\n".encode("latin-1"))  # é is byte 22
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "né"}\n'.encode("latin-1"))  # byte 26
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n\n{"text": "cut\n{"text": "ok"}\n')  # pyarrow: "row 1"
+    (tmp_path / "number.jsonl").write_text('{"text": "ok"}\n5\n')
+    (tmp_path / "array.json").write_text('[\n {"text": "ok"},\n {"text": "b",\n]\n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))  # gzip's start
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     inputs, error, message = {
         "no inputs": ([], ValueError, "needs input files"),
         "missing file": ([good, str(tmp_path / "missing.jsonl")], FileNotFoundError, "missing.jsonl"),
@@ -186,6 +193,13 @@ def test_bad_inputs_are_named(case, tmp_path):
                           r"latin1.txt' is not UTF-8 text: byte 22 \(line 2\) is not valid UTF-8.*iconv"),
         "not utf-8 jsonl": ([str(tmp_path / "latin1.jsonl")], ValueError,
                             r"latin1.jsonl' is not UTF-8 text: byte 26 \(line 2\)"),
+        "broken json line": ([str(tmp_path / "broken.jsonl")], ValueError, r"broken.jsonl', line 3: not valid JSON "
+                             r"\(Invalid control character at column 14\)\. Fix it and rerun"),
+        "not an object": ([str(tmp_path / "number.jsonl")], ValueError, r"number.jsonl', line 2: a number, not a JSON"),
+        "broken json array": ([str(tmp_path / "array.json")], ValueError, r"array.json', line 4: not valid JSON"),
+        "binary jsonl": ([str(tmp_path / "binary.jsonl")], ValueError,
+                         r"binary.jsonl' is not text: byte 3 is 0, as in a compressed or binary file"),
+        "broken parquet": ([str(tmp_path / "bad.parquet")], ValueError, r"bad.parquet' is not a readable Parquet file"),
     }[case]
     for name in ("empty.jsonl", "notes.md"):
         (tmp_path / name).write_text("# notes\n" if name == "notes.md" else "")
@@ -332,14 +346,62 @@ def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
 
 
 def test_cli_makes_the_same_shards_and_reports_errors_without_traceback(reference, docs_jsonl, tmp_path):
-    result, _ = run_cli(["--input", docs_jsonl, "--out-dir", "out", "--shard-size", "64", "--workers", "2",
+    """Issue 28.7 too: a broken line was two pyarrow tracebacks ("in row N" of a block, not the
+    file's line), and an --out-dir that is a file "[Errno 17] File exists" once the inputs were read."""
+    lines = [json.dumps({"text": d, "id": i}, ensure_ascii=False) + "\n" for i, d in enumerate(DOCS)]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(lines[:3]) + '{"text": "cut\n' + "".join(lines[3:]), encoding="utf-8")
+    (tmp_path / "a_file").write_text("")
+    for args, message in [(["--input", str(docs), "--out-dir", "out"],
+                           f"input file '{docs}', line 4: not valid JSON (Invalid control character at column 14)"),
+                          (["--input", str(docs), "--out-dir", "a_file/shards"],
+                           f"--out-dir 'a_file/shards': '{tmp_path / 'a_file'}' is a file, not a folder"),
+                          (["--input", "nowhere.jsonl"], "input file 'nowhere.jsonl' does not exist")]:
+        result, _ = run_cli(args + ["--shard-size", "64", "--quiet"], tmp_path)
+        assert result.returncode == 1 and result.stderr.startswith(f"fineweb.py: error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr  # no traceback, nor datasets' "Failed to load JSON"
+    assert os.listdir(tmp_path / "out") == ["manifest.json"]
+
+    docs.write_text("".join(lines), encoding="utf-8")  # "Fix it and rerun"
+    result, _ = run_cli(["--input", str(docs), "--out-dir", "out", "--shard-size", "64", "--workers", "2",
                          "--quiet"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert folder_bytes(str(tmp_path / "out")) == folder_bytes(reference[0])
+    made, expected = folder_bytes(str(tmp_path / "out")), folder_bytes(reference[0])
+    assert made.pop("manifest.json").replace(str(docs).encode(), docs_jsonl.encode()) == expected.pop("manifest.json")
+    assert made == expected
 
-    result, _ = run_cli(["--input", "nowhere.jsonl"], tmp_path)
-    assert result.returncode != 0 and "input file 'nowhere.jsonl' does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
+
+# fineweb.py's command line, Ctrl-C'd as a terminal does it (SIGINT to every process of its group:
+# the pool's workers too) once its second shard is written.
+CTRL_C_AT_SECOND_SHARD = """
+import os, signal, sys
+import fineweb
+real_write, shards = fineweb.write_atomically, []
+def write_atomically(path, write):
+    real_write(path, write)
+    shards.extend([path] if path.endswith(".npy") else [])
+    if len(shards) == 2:
+        os.killpg(0, signal.SIGINT)
+fineweb.write_atomically = write_atomically
+fineweb.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_says_run_it_again_and_that_continues(reference, docs_jsonl, tmp_path):
+    """Issue 28.7: Ctrl-C was a 24-line KeyboardInterrupt traceback (and, with workers, tracebacks
+    from each of them and a hang in the pool's shutdown)."""
+    out = str(tmp_path / "out")
+    args = ["--input", docs_jsonl, "--out-dir", out, "--shard-size", "64", "--workers", "2", "--quiet"]
+    result = subprocess.run([sys.executable, "-c", CTRL_C_AT_SECOND_SHARD, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, start_new_session=True)
+    assert result.returncode == 130 and result.stderr == (f"fineweb.py: interrupted (Ctrl-C): run the same command "
+                                                          f"again to continue (the finished shards in {out} are kept)\n")
+    kept = {s["file"]: os.stat(os.path.join(out, s["file"])).st_mtime_ns for s in fineweb.load_manifest(out).shards}
+    assert len(kept) == 1  # the second shard's file was written, not yet recorded: the rerun makes it again
+    result, _ = run_cli(args, tmp_path)  # the advice
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(out) == folder_bytes(reference[0])
+    assert all(os.stat(os.path.join(out, name)).st_mtime_ns == t for name, t in kept.items())  # not redone
 
 
 def test_benchmark_reports_both_worker_counts(capsys):

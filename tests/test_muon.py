@@ -148,7 +148,7 @@ def test_clear_errors(shards, tmp_path, monkeypatch):
     log = str(tmp_path / "log")
     fail(tiny_args(shards, log, optimizer="sgd"), "choose adamw or muon")
     fail(tiny_args(shards, log, schedule="linear"), "choose cosine or wsd")
-    fail(tiny_args(shards, log, schedule="wsd", decay_fraction=0), "--decay_fraction=0")
+    fail(tiny_args(shards, log, schedule="wsd", decay_fraction=0), "--decay_fraction must be positive, got 0")
     fail(tiny_args(shards, log, recipe="slow"), "unknown --recipe='slow'")
     fail(tiny_args(shards, log, optimizer="muon", muon_adjust_lr="x"), "choose original or match_rms_adamw")
     # an AdamW checkpoint does not resume as a Muon run

@@ -1,15 +1,20 @@
+import dataclasses
 import math
 import os
+import subprocess
+import sys
+from typing import Optional
 
 import pytest
 import torch
 
 import train_gpt
-from conftest import read_metrics, tiny_args, train_losses
+from conftest import ROOT, read_metrics, tiny_args, train_losses
 from model import GPT, GPTConfig
 from support.fastpath import clip_gradients
 from train_gpt import Settings, accum_steps_at, lr_at, parse_settings
 from support import hf, runlog
+from support.settings import SAME_THING
 
 
 def run(args):
@@ -208,16 +213,18 @@ def test_chunked_and_full_logits_train_alike(shards, tmp_path):
 def test_init_from_a_checkpoint_or_a_hugging_face_folder(shards, tmp_path):
     from model import GPTConfig
     a = str(tmp_path / "a")
-    run(tiny_args(shards, a, max_steps=5))
-    trained = torch.load(os.path.join(a, "ckpt_0000005.pt"), weights_only=True)
+    run(tiny_args(shards, a, max_steps=2, warmup_steps=1, val_every=0))  # no evaluation: weights are compared
+    trained = torch.load(os.path.join(a, "ckpt_0000002.pt"), weights_only=True)
     hf_dir = hf.export_hf(trained["model"], GPTConfig(**trained["model_config"]), str(tmp_path / "hf"))
-    for source in (os.path.join(a, "ckpt_0000005.pt"), hf_dir):
+    for source in (os.path.join(a, "ckpt_0000002.pt"), hf_dir):
         b = str(tmp_path / f"b{len(source)}")
-        run(tiny_args(shards, b, max_steps=1, max_lr=0.0, min_lr=0.0, warmup_steps=0, init_from=source))
+        run(tiny_args(shards, b, max_steps=1, max_lr=0.0, min_lr=0.0, warmup_steps=0, val_every=0, init_from=source))
         start = torch.load(os.path.join(b, "ckpt_0000001.pt"), weights_only=True)["model"]  # lr 0: unchanged
         for k, v in trained["model"].items():
             assert torch.equal(start[k], v), (source, k)
-    fail(tiny_args(shards, str(tmp_path / "c"), n_layer=3, init_from=hf_dir), "pick the matching --model")
+    refused = tmp_path / "c" / "d"  # refused once its lock is taken: it leaves no folder, no run.lock
+    fail(tiny_args(shards, str(refused), n_layer=3, init_from=hf_dir), "pick the matching --model")
+    assert not os.path.exists(tmp_path / "c")
 
 
 def test_token_ids_outside_the_vocabulary_stop_the_run_naming_the_shard(tmp_path):
@@ -285,29 +292,16 @@ def test_no_step_trains_at_lr_0_and_wsd_on_a_gpt3_preset_decays_to_the_runs_end(
     assert resolved("--model=gpt3-small", "--min_lr=0").decay_tokens == 300 * 10**9  # the preset's 260B is cosine's
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("checkpoint_every=0", "--checkpoint_every must be at least 1"),
-    ("keep_checkpoints=0", "--keep_checkpoints must be at least 1"),
-    ("max_lr=-1e-3", "--max_lr must not be negative"),
-    ("min_lr=-1e-5", "--min_lr=-1e-05 must be between 0 and max_lr"),
+@pytest.mark.parametrize("setting, message", [  # the ranges of numeric settings: the test after this one
     ("min_lr=1", "--min_lr=1 must be between 0 and max_lr=0.003"),
-    ("weight_decay=-0.1", "--weight_decay must not be negative"),
-    ("grad_clip=-1", "--grad_clip must not be negative"),
-    ("max_bad_steps=0", "--max_bad_steps must be at least 1"),
-    ("val_every=-1", "--val_every must not be negative"),
     ("val_tokens=8", "--val_tokens=8 is less than one sequence of seq_len=32"),
-    ("stop_step=-2", "--stop_step must not be negative"),
-    ("seed=-1", "--seed must not be negative"),
-    ("collective_timeout=0", "--collective_timeout must be positive"),
-    ("max_steps=0", "--max_steps must be positive"),
-    ("decay_tokens=0", "--decay_tokens must be positive"),
+    ("decay_fraction=1.5", "--decay_fraction=1.5 must be in (0, 1]"),
     ("device=gpu", "--device=gpu: choose auto, cpu, cuda"),
     ("backend=mpi", "--backend=mpi: choose nccl"),
-    ("optimizer=muon --muon_lr=-0.02", "--muon_lr must be positive"),
     ("optimizer=muon --muon_momentum=1.5", "--muon_momentum=1.5 must be in [0, 1)"),
-    ("optimizer=muon --muon_momentum=-0.1", "--muon_momentum=-0.1 must be in [0, 1)"),
-    ("optimizer=muon --muon_weight_decay=-1", "--muon_weight_decay must not be negative"),
     ("optimizer=muon --max_lr=0", "--max_lr=0 with --optimizer=muon"),
+    ("init_from=/no/such/ckpt.pt", "--init_from=/no/such/ckpt.pt: no such file or folder. Give a checkpoint"),
+    ("init_from=/", "--init_from=/ is a folder with neither config.json (Hugging Face) nor extra.pt"),
 ])
 def test_every_setting_is_checked_before_any_work(shards, tmp_path, setting, message):
     """Issue 20.6: a value out of range stops the run in one line before anything is built or
@@ -317,6 +311,80 @@ def test_every_setting_is_checked_before_any_work(shards, tmp_path, setting, mes
     text = fail(args, message)
     assert text.startswith("train_gpt.py: error: ") and "\n" not in text
     assert not os.path.exists(log_dir)
+
+
+NUMERIC_SETTINGS = [f.name for f in dataclasses.fields(Settings) if f.type in (int, float, Optional[int], Optional[float])]
+USED_WITH = dict(muon_lr=dict(optimizer="muon"), muon_momentum=dict(optimizer="muon"),  # where it does something
+                 muon_weight_decay=dict(optimizer="muon"), attention_band=dict(attention="gpt3"))
+# Two steps of one micro batch, no validation, no timing of the CPU's matmul for MFU: ~0.3 s a run.
+QUICK = dict(max_steps=2, warmup_steps=1, total_batch_size=4 * 32, val_every=0, peak_flops=1e12)
+SPEED_ONLY = ("peak_flops",)  # QUICK's only to spare the timing (seconds); their defaults train in every tiny run
+
+
+@pytest.fixture(scope="module")
+def quick_run(shards, tmp_path_factory):
+    """The settings of a QUICK run, which trains two finite steps."""
+    log_dir = str(tmp_path_factory.mktemp("quick"))
+    run(tiny_args(shards, log_dir, **QUICK))
+    assert all(map(math.isfinite, train_losses(log_dir).values())) and len(train_losses(log_dir)) == 2
+    return parse_settings(tiny_args(shards, log_dir, **QUICK))
+
+
+@pytest.mark.parametrize("name", NUMERIC_SETTINGS)
+def test_every_numeric_setting_at_0_minus_1_nan_and_inf_trains_or_stops_in_one_line(
+        name, shards, tmp_path, quick_run, one_thread):
+    """Issue 28.8, generated from Settings so that a setting added later is covered too: each value
+    stops the run in one line naming the setting, before any step and before the log folder is
+    made, or trains finite steps with that very value (seq_len=0 once trained as block_size). No
+    setting means anything at -1, NaN or Inf. A value whose settings are the QUICK run's (up to
+    SPEED_ONLY settings at their defaults, which every tiny run of the suite trains with) is not
+    trained again."""
+    base = {**QUICK, **USED_WITH.get(name, {})}
+    for tokens, steps in SAME_THING:  # its other unit would make any value "the same thing twice"
+        base.pop(steps if name == tokens else tokens if name == steps else None, None)
+    for value in ("0", "-1", "nan", "inf"):
+        log_dir = str(tmp_path / value)
+        args = tiny_args(shards, log_dir, **base) + [f"--{name}={value}"]
+        try:
+            s = parse_settings(args)
+            at_default = {k: getattr(quick_run, k) for k in SPEED_ONLY if getattr(s, k) == getattr(Settings(), k)}
+            trained_already = dataclasses.replace(s, log_dir=quick_run.log_dir, **at_default) == quick_run
+        except train_gpt.SettingsError:
+            trained_already = False  # main() says why in one line
+        try:
+            if not trained_already:
+                run(args)
+        except SystemExit as e:
+            line = str(e.code)
+            assert line.startswith("train_gpt.py: error: ") and "\n" not in line, line
+            assert f"--{name}" in line, line  # names the setting
+            assert not os.path.exists(log_dir), line  # before any work
+            continue
+        assert value == "0", f"--{name}={value} was accepted"
+        s = parse_settings(args)
+        train_gpt.resolve_model_settings(s)
+        assert getattr(s, name) == 0, f"--{name}=0 trained as {getattr(s, name)}"  # not silently another value
+        if not trained_already:
+            losses = [e for e in read_metrics(log_dir) if "train_loss" in e]
+            assert len(losses) == 2 and all(math.isfinite(e["train_loss"]) and not e.get("skipped") for e in losses), \
+                (name, losses)
+
+
+def test_bad_values_stop_the_real_command_in_one_line(tmp_path):
+    """Issue 28.8's reports, as a user meets them: --logit_softcap=inf trained NaN steps,
+    --seq_len=0 became block_size, and --init_from of a missing file was found only once the log
+    folder was made (and reported as "not a folder with config.json")."""
+    cases = [("--logit_softcap=inf", "--logit_softcap must be a finite number, got inf"),
+             ("--seq_len=0", "--seq_len must be positive, got 0 (or none: the model's block_size)"),
+             ("--init_from=/no/such/file.pt", "--init_from=/no/such/file.pt: no such file or folder")]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), arg, "--log_dir=log"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arg, _ in cases]
+    for proc, (arg, message) in zip(procs, cases):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and out == "" and err.startswith(f"train_gpt.py: error: {message}"), (arg, err)
+        assert err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []  # no log folder, no run.lock
 
 
 def test_a_token_setting_given_with_the_demo_wins_over_its_steps():
