@@ -444,6 +444,19 @@ def test_hsdp_2x2_with_muon_trains_as_ddp_and_resumes_exactly(shards, ddp_muon, 
     assert train_losses(resumed) == {s: v for s, v in la.items() if s >= 3}
 
 
+def test_a_ddp_checkpoint_with_muon_resumes_under_hsdp_bit_for_bit(shards, ddp_muon, tmp_path):
+    """DDP's step-3 checkpoint file of the fast recipe (AdamW and Muon's state in one
+    CombinedOptimizer dict) resumed under HSDP on 2 processes (2 replicas x 1-way FSDP: a 2-D
+    mesh, as many as the suite affords; ShardedMuon steps the matrices): the uninterrupted DDP
+    run's steps 3-5 bit for bit, as FSDP with Muon trains DDP's."""
+    from test_distributed import run_ok
+    log_dir = str(tmp_path)
+    out = run_ok(tiny_args(shards, log_dir, fsdp=True, fsdp_shard_size=1,
+                           resume=os.path.join(ddp_muon, "ckpt_0000003.pt"), **MUON_RUN))
+    assert "HSDP (2 replicas x 1-way FSDP)" in out and "ShardedMuon" in out and "resumed from" in out
+    assert train_losses(log_dir) == {s: v for s, v in train_losses(ddp_muon).items() if s >= 3}
+
+
 def test_fsdp_with_muon_resumed_with_new_settings_trains_them(shards, tmp_path):
     """keep_settings under FSDP (a group of one): a resume with --muon_momentum=0.8 steps with 0.8
     (the next checkpoint's Muon group, which is the one that stepped), says so in the log, and
