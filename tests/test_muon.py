@@ -397,11 +397,13 @@ def sharded_checkpoint(folder):
     return torch.load(folder + ".pt", weights_only=True), chunks
 
 
-def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_resumes_exactly(shards, ddp_muon, tmp_path):
+def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_takes_over_a_ddp_checkpoint(shards, ddp_muon, tmp_path):
     """2 processes, FSDP2 and ShardedMuon, the fast recipe: the losses, the final weights and Muon's
     momentum buffers are DDP's bit for bit (the same gradients, gathered whole, stepped by the same
-    torch Muon). The momentum buffers are in the sharded checkpoint as shards. Resumed from the
-    step-3 checkpoint, the steps after it are the uninterrupted run's."""
+    torch Muon). The momentum buffers are in the sharded checkpoint as shards. DDP's step-3
+    checkpoint file (AdamW's and Muon's state in one CombinedOptimizer dict) resumed under FSDP
+    is sharded as it loads, and trains the uninterrupted run's steps 3-5 bit for bit. (A sharded
+    checkpoint's own resume with Muon: the HSDP test below, and the one after it in one process.)"""
     from test_distributed import run_ok
     fsdp, resumed = str(tmp_path / "fsdp"), str(tmp_path / "resumed")
     out = run_ok(tiny_args(shards, fsdp, fsdp=True, **MUON_RUN))
@@ -418,8 +420,8 @@ def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_resumes_exactly(shards, dd
     assert len(momentum) == 8 and all(torch.equal(momentum[n], ddp["optimizer"]["muon"]["state"][i]["momentum_buffer"])
                                       for i, n in enumerate(names))
     assert all(chunks[f"optimizer.state.{n}.momentum_buffer"] == 2 for n in names)
-    out = run_ok(tiny_args(shards, resumed, fsdp=True, resume=os.path.join(fsdp, "ckpt_0000003"), **MUON_RUN))
-    assert "resumed from" in out
+    out = run_ok(tiny_args(shards, resumed, fsdp=True, resume=os.path.join(ddp_muon, "ckpt_0000003.pt"), **MUON_RUN))
+    assert f"resumed from {os.path.join(ddp_muon, 'ckpt_0000003.pt')} at step 3" in out
     after = train_losses(resumed)
     assert sorted(after) == [3, 4, 5] and after == {s: v for s, v in train_losses(fsdp).items() if s >= 3}
 
@@ -442,19 +444,6 @@ def test_hsdp_2x2_with_muon_trains_as_ddp_and_resumes_exactly(shards, ddp_muon, 
     assert all(la[s] == pytest.approx(lb[s], abs=2e-4) for s in la), (la, lb)
     run_ok(tiny_args(shards, resumed, resume=os.path.join(hsdp, "ckpt_0000003"), **args), nproc=4)
     assert train_losses(resumed) == {s: v for s, v in la.items() if s >= 3}
-
-
-def test_a_ddp_checkpoint_with_muon_resumes_under_hsdp_bit_for_bit(shards, ddp_muon, tmp_path):
-    """DDP's step-3 checkpoint file of the fast recipe (AdamW and Muon's state in one
-    CombinedOptimizer dict) resumed under HSDP on 2 processes (2 replicas x 1-way FSDP: a 2-D
-    mesh, as many as the suite affords; ShardedMuon steps the matrices): the uninterrupted DDP
-    run's steps 3-5 bit for bit, as FSDP with Muon trains DDP's."""
-    from test_distributed import run_ok
-    log_dir = str(tmp_path)
-    out = run_ok(tiny_args(shards, log_dir, fsdp=True, fsdp_shard_size=1,
-                           resume=os.path.join(ddp_muon, "ckpt_0000003.pt"), **MUON_RUN))
-    assert "HSDP (2 replicas x 1-way FSDP)" in out and "ShardedMuon" in out and "resumed from" in out
-    assert train_losses(log_dir) == {s: v for s, v in train_losses(ddp_muon).items() if s >= 3}
 
 
 def test_fsdp_with_muon_resumed_with_new_settings_trains_them(shards, tmp_path):
