@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -230,6 +231,35 @@ def verify_folder(folder, rank=0, world_size=1):
     return None
 
 
+def checksum_record(path):
+    """Where a checkpoint's checksums are: a folder's manifest, a file's sidecar."""
+    return os.path.join(path, MANIFEST) if os.path.isdir(path) else path + CHECKSUM_SUFFIX
+
+
+def verify(path):
+    """In one process, raise CorruptCheckpoint unless the checkpoint (a file, or a sharded folder:
+    every shard hashed) matches its checksums. Returns False, having checked nothing, for one
+    without its checksum record (written before checksums): the caller loads it unverified and
+    says so (unverified_warning), as training does for --resume=PATH."""
+    if not os.path.exists(checksum_record(path)):
+        return False
+    try:
+        if os.path.isdir(path):
+            reason = verify_folder(path)
+            if reason:
+                raise CorruptCheckpoint(reason)
+        else:
+            verify_file(path)
+    except CorruptCheckpoint as e:
+        raise CorruptCheckpoint(f"{e}: use another checkpoint of its run, or an intact copy of this one") from None
+    return True
+
+
+def unverified_warning(path):
+    return (f"warning: {path} has no checksum ({checksum_record(path)} is missing: written before checksums?): "
+            f"loaded it unverified")
+
+
 def looks_intact(path):
     """Cheap check for pruning (no hashing): the checksum record is there and every size matches."""
     try:
@@ -243,14 +273,31 @@ def looks_intact(path):
 
 def load_file(path, verify=False):
     """Load a checkpoint file safely (weights_only); with verify, its checksum is checked first.
-    A damaged file raises CorruptCheckpoint."""
+    A damaged file, or one that is no checkpoint, raises CorruptCheckpoint."""
     if verify:
         verify_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated, or not a checkpoint: "
-                                f"{type(e).__name__}: {e}") from e
+        raise CorruptCheckpoint(f"{path} is damaged, or not a checkpoint that training wrote ({one_line(e)}): "
+                                f"give a ckpt_<step>.pt file or ckpt_<step>/ folder from a --log_dir") from e
+
+
+def one_line(error, limit=200):
+    """An error of torch.load or DCP as one short line. torch's refusal of a file that weights_only
+    cannot load puts its reason after a paragraph of advice that does not apply to a checkpoint
+    (load it with weights_only=False, file an issue); DCP's error holds every failed rank's
+    traceback: the first rank's error is the reason."""
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
+    if failures:
+        error = next(iter(failures.values()))[0]
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].split(". ")[0].strip()
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def nonfinite_tensors(state, prefix=""):
@@ -407,9 +454,12 @@ def load_sharded(path, model_state, optimizer_state):
     """Every rank calls this with its own (sharded) state dicts, which DCP fills in place.
     Returns the plain values saved beside them."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     extra = load_file(os.path.join(path, "extra.pt"))
     try:
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
-    except Exception as e:
-        raise CorruptCheckpoint(f"sharded checkpoint {path} could not be read: {type(e).__name__}: {e}") from e
+        with warnings.catch_warnings():  # read by one process (evaluate.py), DCP warns that it assumes so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:
+        raise CorruptCheckpoint(f"sharded checkpoint {path} could not be read ({one_line(e)})") from e
     return extra

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 import urllib.error
 import urllib.request
 import weakref
@@ -337,20 +338,25 @@ def sample_text(model, tokenizer, prompt="Hello, I'm a language model,", num_sam
 # ----------------------------------------------------------------------------------------------
 # Loading a model
 
-def load_checkpoint_model(path, device="cpu"):
+def load_checkpoint_model(path, device="cpu", warn=None):
     """The GPT of a training checkpoint: see load_checkpoint."""
-    return load_checkpoint(path, device)[0]
+    return load_checkpoint(path, device, warn)[0]
 
 
-def load_checkpoint(path, device="cpu"):
-    """(GPT, the settings it was trained with: a dict, empty for a converted checkpoint). The GPT of a training checkpoint (checkpoint.py): a file holding "model" (state_dict) and
-    "model_config" (GPTConfig fields), or an FSDP checkpoint folder (the model's shards through
+def load_checkpoint(path, device="cpu", warn=None):
+    """(GPT, the settings it was trained with: a dict, empty for a converted checkpoint). The GPT of a
+    training checkpoint (checkpoint.py): a file holding "model" (state_dict) and "model_config"
+    (GPTConfig fields), or an FSDP checkpoint folder (the model's shards through
     torch.distributed.checkpoint, the rest in extra.pt), read here in one process; its optimizer
-    shards are not read."""
+    shards are not read. Every reader outside a training run's resume comes here (evaluate.py,
+    convert_hf.py export, --init_from), and it trusts a checkpoint as a resume does: its checksums
+    match (every shard of a folder), and no weight is NaN/Inf, which training never saves. One
+    without its checksum record is loaded with a warning (warn; default: stderr)."""
     sharded = os.path.isdir(path)
     if not os.path.exists(os.path.join(path, "extra.pt") if sharded else path):
         raise cli.NotFound(f"{path!r} is not a checkpoint file or sharded checkpoint folder (with extra.pt); "
                                 f"training writes them to its --log_dir as ckpt_<step>.pt or ckpt_<step>/")
+    verified = checkpoint.verify(path)
     state = checkpoint.load_file(os.path.join(path, "extra.pt") if sharded else path)
     if not isinstance(state, dict) or "model_config" not in state or not (sharded or "model" in state):
         raise cli.BadInput(f"{path} is not a GPT checkpoint: it lacks 'model' or 'model_config'. For Hugging "
@@ -361,6 +367,13 @@ def load_checkpoint(path, device="cpu"):
         checkpoint.load_sharded(path, model.state_dict(), {})  # fills the model's tensors in place
     else:
         model.load_state_dict(state["model"])
+    bad = checkpoint.nonfinite_tensors(model.state_dict())
+    if bad:
+        raise checkpoint.CorruptCheckpoint(f"checkpoint {path} holds NaN/Inf in {len(bad)} weight tensors (e.g. "
+                                           f"{bad[:3]}), which training never saves: it is damaged; use another "
+                                           f"checkpoint of the run")
+    if not verified:
+        (warn or functools.partial(print, file=sys.stderr))(checkpoint.unverified_warning(path))
     return model, state.get("settings") or {}
 
 

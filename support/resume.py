@@ -230,7 +230,7 @@ def none_loaded_message(s, failures):
     text = (f"{folder} holds {len(failures)} checkpoints and none could be loaded (the reasons are above), so the "
             f"run does not start over on top of them. To start a new run, use another --log_dir; to start over "
             f"here, delete them first (rm -r {os.path.join(folder, 'ckpt_')}*)")
-    unverified = [i for i, (path, _) in enumerate(failures) if not os.path.exists(checksum_record(path))]
+    unverified = [i for i, (path, _) in enumerate(failures) if not os.path.exists(checkpoint.checksum_record(path))]
     if not unverified:
         return text + "."
     i = unverified[0]
@@ -238,13 +238,8 @@ def none_loaded_message(s, failures):
     aside = os.path.join(folder, "damaged")
     move = (f"move the newer ones aside (mkdir -p {aside} && mv {' '.join(p + '*' for p in newer)} {aside}/), "
             f"then " if newer else "")
-    return text + (f"; {path} lacks its checksum file ({checksum_record(path)}), so it could not be verified: "
-                   f"to load it unverified, {move}give --resume={path}.")
-
-
-def checksum_record(path):
-    """Where a checkpoint's checksums are: a folder's manifest, a file's sidecar."""
-    return os.path.join(path, checkpoint.MANIFEST) if os.path.isdir(path) else path + checkpoint.CHECKSUM_SUFFIX
+    return text + (f"; {path} lacks its checksum file ({checkpoint.checksum_record(path)}), so it could not be "
+                   f"verified: to load it unverified, {move}give --resume={path}.")
 
 
 def check_every_rank_has(path, s, rt):
@@ -289,12 +284,10 @@ def agree(reason, rt, path, each_reads_all):
 def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, optimizer_name="adamw"):
     """Verify one checkpoint, load it into model and optimizer and check it holds no NaN/Inf;
     every rank reaches the same verdict (agree). The optimizer keeps this run's settings
-    (keep_settings). Returns its plain values; raises CorruptCheckpoint."""
+    (keep_settings). A file (one process or DDP) loads into an FSDP model too, each rank taking
+    its shards of the full tensors. Returns its plain values; raises CorruptCheckpoint."""
     sharded = os.path.isdir(path)
-    record = checksum_record(path)
-    verify = not (unverified_ok and not os.path.exists(record))
-    if not verify:
-        log(f"warning: {path} has no checksum ({record} is missing: written before checksums?): loading it unverified")
+    verify = not (unverified_ok and not os.path.exists(checkpoint.checksum_record(path)))
     state, reason = None, None
     try:
         if sharded:
@@ -307,10 +300,12 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
             if verify:
                 checkpoint.verify_file(path)
             state = checkpoint.load_file(path)
-            model_state, optim_state = state["model"], state["optimizer"]
     except checkpoint.CorruptCheckpoint as e:
         reason = str(e)
     agree(reason, rt, path, each_reads_all=not sharded)
+    check_resumable(state, path, sharded)
+    if not sharded:
+        model_state, optim_state = state["model"], state["optimizer"]
     check_compatible(state, raw_model.config)
     check_same_optimizer(state, optimizer_name)
     bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
@@ -318,15 +313,57 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
     agree(nan, rt, path, each_reads_all=not sharded)
 
     def load():
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import set_state_dict
+        if sharded or is_sharded_model(raw_model):
+            # A file (one process or DDP) holds full tensors: into FSDP's shards as a full state dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
             set_state_dict(raw_model, optimizer_parts(optimizer), model_state_dict=model_state,
-                           optim_state_dict=optim_state)
+                           optim_state_dict=optim_state if sharded else optimizer_state_by_name(
+                               optim_state, optimizer, raw_model),
+                           options=StateDictOptions(full_state_dict=not sharded))
         else:
             raw_model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
     keep_settings(optimizer, load)
+    if not verify:
+        log(checkpoint.unverified_warning(path))
     return state
+
+
+def check_resumable(state, path, sharded):
+    """A run resumes from what training wrote: the weights, the optimizer state and the step. A
+    file of weights alone (convert_hf.py import writes them) starts a run instead."""
+    needed = {"model_config", "step"} | (set() if sharded else {"model", "optimizer"})
+    missing = sorted(needed - set(state)) if isinstance(state, dict) else sorted(needed)
+    if not missing:
+        return
+    if isinstance(state, dict) and {"model", "model_config"} <= set(state):
+        raise SettingsError(f"{path} holds a model's weights but no training state to resume (no "
+                            f"{' or '.join(missing)}: convert_hf.py import writes such files): start a run from "
+                            f"its weights with --init_from={path} instead of --resume")
+    raise SettingsError(f"{path} is not a checkpoint of a training run (it lacks {', '.join(missing)}): give a "
+                        f"ckpt_<step>.pt file or ckpt_<step>/ folder from a --log_dir")
+
+
+def is_sharded_model(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def optimizer_state_by_name(saved, optimizer, model):
+    """A checkpoint file's optimizer state (torch's state_dict, or a CombinedOptimizer's dict of
+    them), keyed by parameter name as DCP's full optimizer state dict is. torch numbers each
+    optimizer's parameters in the order of its param groups, and an optimizer made by the same
+    settings lists them in the same order under FSDP: the name of number i is the name of its
+    i-th parameter."""
+    names = {p: name for name, p in model.named_parameters()}
+    parts = optimizer_parts(optimizer)
+    saved_parts = [saved[name] for name in optimizer.optimizers] if hasattr(optimizer, "optimizers") else [saved]
+    state, groups = {}, []
+    for part, saved_part in zip(parts, saved_parts):
+        order = [names[p] for group in part.param_groups for p in group["params"]]
+        state.update({order[i]: values for i, values in saved_part["state"].items()})
+        groups += [{**group, "params": [order[i] for i in group["params"]]} for group in saved_part["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def keep_settings(optimizer, load):

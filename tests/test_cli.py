@@ -3,11 +3,14 @@ the ETA; progress on long waits; evaluate.py's defaults from the checkpoint; the
 
 import dataclasses
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,12 +124,16 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_user_errors_end_in_one_line(tmp_path):
+    np.save(tmp_path / "tokens.npy", np.arange(5))  # not a checkpoint: torch's refusal of it spans 6 lines
+    not_a_checkpoint = "is damaged, or not a checkpoint that training wrote (UnpicklingError: "
     for main, args, expected in [
         (train_gpt.main, ["--max_steps=abc"], "train_gpt.py: error: --max_steps takes an integer, got 'abc'"),
         (train_gpt.main, ["--model=tiny", f"--data_dir={tmp_path}/none"], "data folder"),
         (evaluate.main, [f"--checkpoint={tmp_path}/none.pt", "--sample"], "is not a checkpoint file"),
         (convert_hf.main, ["export", f"{tmp_path}/none.pt", str(tmp_path / "out")], "is not a checkpoint file"),
         (convert_hf.main, ["import", f"{tmp_path}/none", str(tmp_path / "x.pt")], "is not a folder"),
+        (evaluate.main, [f"--checkpoint={tmp_path}/tokens.npy", "--sample"], not_a_checkpoint),
+        (convert_hf.main, ["export", f"{tmp_path}/tokens.npy", str(tmp_path / "out")], not_a_checkpoint),
         (plot.main, [f"{tmp_path}/none.jsonl"], "no metrics file"),
         (fineweb.main, ["--input", f"{tmp_path}/none.txt", "--out-dir", str(tmp_path / "o")], "does not exist"),
         (bench.main, ["--steps=0"], "--steps and --loader_batches must be positive"),
@@ -135,6 +142,16 @@ def test_user_errors_end_in_one_line(tmp_path):
         assert isinstance(message, str) and "\n" not in message and expected in message, message
         assert re.match(r"\w+\.py: error: ", message), message
     assert not os.path.exists(tmp_path / "none")  # no log folder made for a run that cannot start
+    # a pickle of numpy arrays: nor is torch's warning about its protocol shown (a line or two more on stderr)
+    with open(tmp_path / "arrays.pkl", "wb") as f:
+        pickle.dump({"w": np.arange(5)}, f, protocol=4)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        message = exit_message(convert_hf.main, ["export", str(tmp_path / "arrays.pkl"), str(tmp_path / "out")])
+    assert shown == [] and re.fullmatch(
+        f"convert_hf.py: error: {re.escape(str(tmp_path))}/arrays.pkl is damaged, or not a checkpoint that training "
+        r"wrote \(UnpicklingError: [^\n]+\): give a ckpt_<step>.pt file or ckpt_<step>/ folder from a --log_dir",
+        message), message
 
 
 def test_batch_error_names_only_values_that_work():

@@ -198,16 +198,28 @@ def test_fsdp_unsharded_accumulation_equals_ddp(shards, ddp, tmp_path):
     assert_close_runs(ddp, log_dir)
 
 
-def test_fsdp_equals_ddp_and_resumes_exactly(shards, ddp, tmp_path):
-    """FSDP2 over 2 ranks, stopped at step 5 (a sharded checkpoint folder) and resumed: every step
-    equals DDP's, the 5 before the stop and the 5 after."""
-    log_dir = str(tmp_path)
-    out = run_ok(tiny_args(shards, log_dir, fsdp=True, stop_step=5, **STEPS))
-    assert "FSDP" in out and os.path.isdir(os.path.join(log_dir, "ckpt_0000005"))  # sharded checkpoint folder
-    out = run_ok(tiny_args(shards, log_dir, fsdp=True, **STEPS))
-    assert "resumed from" in out
-    assert_close_runs(ddp, log_dir)
-    assert os.path.isdir(os.path.join(log_dir, "ckpt_0000010"))
+def test_fsdp_equals_ddp_resumes_exactly_and_takes_over_a_ddp_checkpoint(shards, ddp, tmp_path):
+    """FSDP2 over 2 ranks, stopped at step 5 (a sharded checkpoint folder): DDP's steps. Then a
+    model that outgrew DDP moves on: DDP's step-5 checkpoint file, given to an HSDP run
+    (--resume=FILE; 2 replicas x 1-way FSDP, a 2-D mesh, as 2 processes allow), is sharded as it
+    loads (weights, AdamW's moments, data position, RNG); that run stops at step 8, and its sharded
+    checkpoint resumes to the end. Every step is DDP's bit for bit: FSDP2 trains DDP's steps exactly
+    on the CPU (the same sums of 2 ranks' gradients), so any state lost or misplaced in the move
+    would show. (DDP to FSDP with Muon: tests/test_muon.py.)"""
+    fresh, moved = str(tmp_path / "fresh"), str(tmp_path / "moved")
+    expected = train_losses(ddp)
+    out = run_ok(tiny_args(shards, fresh, fsdp=True, stop_step=5, **STEPS))
+    assert "FSDP" in out and os.path.isdir(os.path.join(fresh, "ckpt_0000005"))  # sharded checkpoint folder
+    assert train_losses(fresh) == {step: loss for step, loss in expected.items() if step < 5}
+    hsdp = dict(fsdp=True, fsdp_shard_size=1, **STEPS)
+    out = run_ok(tiny_args(shards, moved, stop_step=8, resume=checkpoint.checkpoint_path(ddp, 5), **hsdp))
+    assert "HSDP (2 replicas x 1-way FSDP)" in out
+    assert f"resumed from {checkpoint.checkpoint_path(ddp, 5)} at step 5" in out
+    assert os.path.isdir(os.path.join(moved, "ckpt_0000008"))
+    out = run_ok(tiny_args(shards, moved, **hsdp))
+    assert f"resumed from {os.path.join(moved, 'ckpt_0000008')} at step 8" in out
+    assert train_losses(moved) == {step: loss for step, loss in expected.items() if step >= 5}
+    assert os.path.isdir(os.path.join(moved, "ckpt_0000010"))
 
 
 # What rank 0 says when rank 1 dies mid-step (issue 28.3): one line, no traceback of its own

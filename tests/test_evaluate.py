@@ -7,6 +7,8 @@ import gc
 import http.server
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -378,6 +380,51 @@ def test_cli_runs_val_hellaswag_and_samples(tmp_path, capsys):
         evaluate.main([f"--checkpoint={tmp_path / 'model.pt'}"])  # nothing to do
 
 
+def test_every_command_that_reads_a_checkpoint_verifies_it_as_a_resume_does(shards, tmp_path, capsys):
+    """8 bytes overwritten inside a checkpoint's weights, its .sha256 beside it: torch alone loads
+    it, and evaluate.py printed a plausible val_loss. Now evaluate.py (the real command),
+    convert_hf.py export and train_gpt.py --init_from refuse it in one line, as a resume does. A
+    NaN in the weights, saved with a valid checksum, is refused too (training never saves one); a
+    file without its checksum record (written before checksums) loads, with a warning."""
+    import convert_hf
+    import train_gpt
+    from conftest import ROOT, tiny_args
+    path = str(tmp_path / "ckpt_0000003.pt")
+    save_checkpoint(tiny_model(noise=0.1), path)
+    write_val_shard(str(tmp_path / "data"), 50257)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)  # inside the token embedding, most of the file
+        f.write(b"\x7f" * 8)
+    assert torch.load(path, weights_only=True)["step"] == 3
+    run = subprocess.run([sys.executable, "evaluate.py", f"--checkpoint={path}", "--val",
+                          f"--data_dir={tmp_path / 'data'}", f"--seq_len={T}", "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    damaged = (f"checkpoint {path} does not match the checksum written with it (damaged or changed on disk): use "
+               f"another checkpoint of its run, or an intact copy of this one")
+    assert (run.returncode, run.stdout, run.stderr) == (1, "", f"evaluate.py: error: {damaged}\n")
+    for main, args, prog in ((convert_hf.main, ["export", path, str(tmp_path / "hf")], "convert_hf.py"),
+                             (train_gpt.main, tiny_args(shards, str(tmp_path / "log"), block_size=64,
+                                                        init_from=path), "train_gpt.py")):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == f"{prog}: error: {damaged}"
+    assert not os.path.exists(tmp_path / "hf")
+
+    model = tiny_model(noise=0.1)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    save_checkpoint(model, path)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([f"--checkpoint={path}", "--sample"])
+    assert "holds NaN/Inf in 1 weight tensors (e.g. ['transformer.h.0.mlp.c_fc.weight'])" in e.value.code
+    save_checkpoint(tiny_model(noise=0.1), path)
+    os.remove(path + checkpoint.CHECKSUM_SUFFIX)
+    capsys.readouterr()
+    assert torch.equal(evals.load_checkpoint_model(path).lm_head.weight, tiny_model(noise=0.1).lm_head.weight)
+    assert capsys.readouterr().err == (f"warning: {path} has no checksum ({path}.sha256 is missing: written before "
+                                       f"checksums?): loaded it unverified\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # Two ranks: plain (every rank holds the model, as under DDP) and sharded with FSDP2
 
@@ -490,3 +537,19 @@ def test_two_ranks_sharded_checkpoint_loads_in_one_process(two_ranks):
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, full[name]) and torch.equal(tensor, model.state_dict()[name]), name
+    # damaged: a shard's bytes changed (its manifest says so), and a shard missing where no manifest
+    # is left (DCP's own error, one line: it raises a BaseException that holds each rank's traceback)
+    for damage, reason in (("overwrite", "does not match the checksum"),
+                           ("remove", "could not be read (FileNotFoundError: [Errno 2] No such file")):
+        folder = os.path.join(tmp, f"ckpt_{damage}")
+        shutil.copytree(os.path.join(tmp, "ckpt_0000007"), folder)
+        shard = os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])
+        if damage == "overwrite":
+            with open(shard, "r+b") as f:
+                f.write(b"\x7f" * 8)
+        else:
+            os.remove(shard)
+            os.remove(os.path.join(folder, checkpoint.MANIFEST))
+        with pytest.raises(checkpoint.CorruptCheckpoint) as e:
+            evals.load_checkpoint_model(folder, "cpu")
+        assert reason in str(e.value) and "\n" not in str(e.value), str(e.value)

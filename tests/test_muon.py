@@ -397,11 +397,13 @@ def sharded_checkpoint(folder):
     return torch.load(folder + ".pt", weights_only=True), chunks
 
 
-def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_resumes_exactly(shards, ddp_muon, tmp_path):
+def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_takes_over_a_ddp_checkpoint(shards, ddp_muon, tmp_path):
     """2 processes, FSDP2 and ShardedMuon, the fast recipe: the losses, the final weights and Muon's
     momentum buffers are DDP's bit for bit (the same gradients, gathered whole, stepped by the same
-    torch Muon). The momentum buffers are in the sharded checkpoint as shards. Resumed from the
-    step-3 checkpoint, the steps after it are the uninterrupted run's."""
+    torch Muon). The momentum buffers are in the sharded checkpoint as shards. DDP's step-3
+    checkpoint file (AdamW's and Muon's state in one CombinedOptimizer dict) resumed under FSDP
+    is sharded as it loads, and trains the uninterrupted run's steps 3-5 bit for bit. (A sharded
+    checkpoint's own resume with Muon: the HSDP test below, and the one after it in one process.)"""
     from test_distributed import run_ok
     fsdp, resumed = str(tmp_path / "fsdp"), str(tmp_path / "resumed")
     out = run_ok(tiny_args(shards, fsdp, fsdp=True, **MUON_RUN))
@@ -418,8 +420,8 @@ def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_resumes_exactly(shards, dd
     assert len(momentum) == 8 and all(torch.equal(momentum[n], ddp["optimizer"]["muon"]["state"][i]["momentum_buffer"])
                                       for i, n in enumerate(names))
     assert all(chunks[f"optimizer.state.{n}.momentum_buffer"] == 2 for n in names)
-    out = run_ok(tiny_args(shards, resumed, fsdp=True, resume=os.path.join(fsdp, "ckpt_0000003"), **MUON_RUN))
-    assert "resumed from" in out
+    out = run_ok(tiny_args(shards, resumed, fsdp=True, resume=os.path.join(ddp_muon, "ckpt_0000003.pt"), **MUON_RUN))
+    assert f"resumed from {os.path.join(ddp_muon, 'ckpt_0000003.pt')} at step 3" in out
     after = train_losses(resumed)
     assert sorted(after) == [3, 4, 5] and after == {s: v for s, v in train_losses(fsdp).items() if s >= 3}
 

@@ -335,7 +335,7 @@ def test_a_checkpoint_without_its_checksum_file_loads_only_when_named(shards, ru
     os.remove(newest + checkpoint.CHECKSUM_SUFFIX)
     run(tiny_args(shards, run_dir, resume=newest, **STEPS))
     text = log_text(run_dir)
-    assert "ckpt_0000004.pt has no checksum" in text and "loading it unverified" in text
+    assert "ckpt_0000004.pt has no checksum" in text and "loaded it unverified" in text
     assert "resumed from " + newest in text and steps_in(run_dir)[0] == 6
 
 

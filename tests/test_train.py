@@ -8,6 +8,7 @@ from typing import Optional
 import pytest
 import torch
 
+import convert_hf
 import train_gpt
 from conftest import ROOT, read_metrics, tiny_args, train_losses
 from model import GPT, GPTConfig
@@ -216,8 +217,17 @@ def test_init_from_a_checkpoint_or_a_hugging_face_folder(shards, tmp_path):
     run(tiny_args(shards, a, max_steps=2, warmup_steps=1, val_every=0))  # no evaluation: weights are compared
     trained = torch.load(os.path.join(a, "ckpt_0000002.pt"), weights_only=True)
     hf_dir = hf.export_hf(trained["model"], GPTConfig(**trained["model_config"]), str(tmp_path / "hf"))
-    for source in (os.path.join(a, "ckpt_0000002.pt"), hf_dir):
+    converted = str(tmp_path / "converted.pt")
+    convert_hf.main(["import", hf_dir, converted])
+    for source in (os.path.join(a, "ckpt_0000002.pt"), hf_dir, converted):
         b = str(tmp_path / f"b{len(source)}")
+        if source == converted:  # weights alone: nothing to resume; the advice, followed, starts from them
+            message = fail(tiny_args(shards, b, resume=converted), "holds a model's weights but no training state")
+            assert message.endswith(f"(no optimizer or step: convert_hf.py import writes such files): start a run "
+                                    f"from its weights with --init_from={converted} instead of --resume")
+            torch.save({"weights": {}}, str(tmp_path / "other.pt"))
+            fail(tiny_args(shards, b, resume=str(tmp_path / "other.pt")), "is not a checkpoint of a training run "
+                 "(it lacks model, model_config, optimizer, step)")
         run(tiny_args(shards, b, max_steps=1, max_lr=0.0, min_lr=0.0, warmup_steps=0, val_every=0, init_from=source))
         start = torch.load(os.path.join(b, "ckpt_0000001.pt"), weights_only=True)["model"]  # lr 0: unchanged
         for k, v in trained["model"].items():
