@@ -110,7 +110,7 @@ class Settings:
     wandb_run_id: str = ""  # the W&B run to log to; "" = the id saved in log_dir (a resume continues its run), or new
     tensorboard: bool = False  # also write TensorBoard event files to log_dir (tensorboard --logdir=log_dir)
     # system
-    device: str = "auto"  # auto: cuda, then mps, then cpu
+    device: str = "auto"  # auto: cuda, then mps, then cpu; cuda:N one GPU of several (torchrun: each rank its local one)
     dtype: str = "auto"  # float32 or bfloat16 (autocast); auto: bfloat16 on CUDA and on CPUs with bf16 matmul units
     compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
