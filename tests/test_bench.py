@@ -196,3 +196,23 @@ def test_bench_against_other_settings_reports_the_speed_ratio(capsys):
     assert result.flops_per_token < result.against.flops_per_token  # a banded layer counts 8 keys, not 32
     assert "attention gpt3 (band 8)" in table and "against --attention=dense --attention_band=none" in table
     assert f"speed ratio: {result.speed_ratio:.3f}" in table
+
+
+def test_bench_times_the_optimizer_train_gpt_builds(capsys, monkeypatch):
+    """Issue 28.11: --optimizer=muon, --recipe=fast and --against=optimizer=muon timed AdamW, as
+    Muon's step was never called. bench's step now runs train_gpt.build_optimizer's optimizer, and
+    the report names it."""
+    calls, muon_step = [], torch.optim.Muon.step
+
+    def counted_step(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return muon_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Muon, "step", counted_step)  # Float32Muon's step calls it too
+    result = bench.main(TINY_BENCH + ["--loader_tokens=0", "--steps=1", "--warmup=0", "--peak_flops=1e12",
+                                      "--against=optimizer=muon"])
+    table = capsys.readouterr().out
+    assert len(calls) == 1  # the against run's one timed step; none in the AdamW run
+    assert result.optimizer == "AdamW (fused)" and "optimizer AdamW (fused), " in table
+    assert result.against.optimizer == f"AdamW (fused) + {calls[0]}" and f"optimizer AdamW (fused) + {calls[0]}" in table
+    assert bench.parse_args(["--recipe=fast"])[0].optimizer == "muon"

@@ -10,10 +10,12 @@ depend on the machine and on whatever else runs on it.
     python -m tools.bench --model=gpt3-small ... --against=attention=dense       # the same step with other settings: the speed ratio
 
 The step is train_gpt.train_step, the one train_gpt.py runs (forward under autocast, backward,
-gradient clipping, AdamW, zero_grad), fed random tokens. Every train_gpt.py setting is accepted
-(--model, --n_layer, --n_head, --n_embd, --attention, --micro_batch_size, --seq_len, --dtype,
---compile, --chunked_loss, --device, --total_batch_size for accumulation, ...) with the same
-defaults, plus the benchmark's own settings in BenchOptions. --against=name=value,... measures the
+gradient clipping, the optimizer's step, zero_grad), fed random tokens, with the optimizer
+train_gpt.build_optimizer makes (AdamW; Muon and AdamW with --optimizer=muon or --recipe=fast or
+modern), which the report names. Every train_gpt.py setting is accepted (--model, --n_layer,
+--n_head, --n_embd, --attention, --micro_batch_size, --seq_len, --dtype, --compile, --chunked_loss,
+--device, --total_batch_size for accumulation, --optimizer, --recipe, ...) with the same defaults,
+plus the benchmark's own settings in BenchOptions. --against=name=value,... measures the
 step a second time with those settings changed and reports the ratio of the two speeds. KEEP_FREED_MEMORY=0 in the environment runs the
 CPU with glibc's default allocator instead (fastpath.keep_freed_memory), for A/B comparisons.
 
@@ -42,7 +44,7 @@ import torch
 
 import train_gpt
 from dataloader import DataLoader
-from model import configure_optimizers, flops_per_token, num_params
+from model import flops_per_token, num_params
 from support import cli, fastpath, runlog, runtime, settings
 
 
@@ -82,6 +84,7 @@ class BenchResult:
     dtype: str
     compile: bool
     chunked_loss: bool
+    optimizer: str  # what the step ran (train_gpt.build_optimizer): "AdamW (fused)", "AdamW (fused) + Muon", ...
     attention: str  # the attention pattern (train_gpt --attention: dense, gpt3)
     attention_band: Optional[int]  # gpt3's band
     sdpa_kernel: str  # the SDPA kernel asked for; "default": torch's choice
@@ -235,13 +238,18 @@ def matmul_sampler(n=2048):
     return lambda: runlog.matmul_rate(a, b)
 
 
+def optimizer_name(optimizer):
+    """"AdamW (fused)", or for model.CombinedOptimizer its parts: "AdamW (fused) + Muon"."""
+    parts = getattr(optimizer, "optimizers", {"": optimizer}).values()
+    return " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "") for o in parts)
+
+
 def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
     """Build the model and optimizer as train_gpt.py does and time train_gpt.train_step. Returns
-    the model, the warm-up's seconds, a StepTimer per timed step, the last loss, and the yardstick
-    samples taken after each step (none without sample_yardstick)."""
+    the model, the optimizer, the warm-up's seconds, a StepTimer per timed step, the last loss, and
+    the yardstick samples taken after each step (none without sample_yardstick)."""
     raw_model, model = train_gpt.build_model(s, config, rt)
-    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type,
-                                               log=lambda msg: None)
+    optimizer = train_gpt.build_optimizer(s, rt, raw_model, log=lambda msg: None)
     next_batch = synthetic_batches(s, config)
     step = lambda: train_gpt.train_step(s, rt, model, raw_model, optimizer, next_batch, accum)
     t0 = time.perf_counter()
@@ -258,7 +266,7 @@ def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
         timers.append(timer)
         if sample_yardstick:
             samples.append(sample_yardstick())
-    return raw_model, warmup_s, timers, loss.item(), samples
+    return raw_model, optimizer, warmup_s, timers, loss.item(), samples
 
 
 def bench(s, opts):
@@ -268,7 +276,7 @@ def bench(s, opts):
     config, accum = resolve(s)
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
     with attention_kernel(opts.sdpa_kernel):
-        raw_model, warmup_s, timers, loss, samples = bench_steps(
+        raw_model, optimizer, warmup_s, timers, loss, samples = bench_steps(
             s, opts, rt, config, accum, sample_yardstick=matmul_sampler() if measured else None)
     peak = statistics.median(samples) if measured else runlog.peak_flops(s, rt.device)
     source = ("setting" if s.peak_flops else "measured fp32 matmul" if measured else
@@ -284,7 +292,8 @@ def bench(s, opts):
         device=str(torch.cuda.get_device_name(rt.device) if cuda else rt.device), model=s.model,
         params=num_params(raw_model), n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
         micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, accum=accum, dtype=s.dtype,
-        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), attention=config.attention,
+        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), optimizer=optimizer_name(optimizer),
+        attention=config.attention,
         attention_band=config.attention_band if config.attention != "dense" else None,
         sdpa_kernel=opts.sdpa_kernel, threads=torch.get_num_threads(),
         keep_freed_memory=rt.device.type == "cpu" and fastpath.keep_freed_memory(),  # idempotent: did it take?
@@ -298,7 +307,7 @@ def bench(s, opts):
         cpu_user_s_per_step=statistics.median(t.user for t in timers),
         cpu_sys_s_per_step=statistics.median(t.sys for t in timers),
         page_faults_per_step=statistics.median(t.faults for t in timers), final_loss=loss)
-    del raw_model
+    del raw_model, optimizer
     if opts.loader_tokens:
         result.loader = bench_loader(s, opts, step_s / accum)
     return result
@@ -364,6 +373,7 @@ def table(r):
         ("config", f"{r.model}: {r.n_layer} layers, {r.n_head} heads, {r.n_embd} wide, {r.params:,} parameters; "
                    f"batch {r.micro_batch_size} x {r.seq_len}" + (f" x {r.accum} accumulation" if r.accum > 1 else "")),
         ("runtime", f"{r.device}, {r.dtype}, chunked loss {r.chunked_loss}, compile {r.compile}, "
+                    f"optimizer {r.optimizer}, "
                     f"attention {r.attention}" + (f" (band {r.attention_band})" if r.attention_band else "") +
                     f", SDPA kernel {r.sdpa_kernel}, "
                     f"{r.threads} threads" + (f", keep freed memory {r.keep_freed_memory}" if cpu else "")),
