@@ -21,9 +21,9 @@ CPU with glibc's default allocator instead (fastpath.keep_freed_memory), for A/B
 
 MFU is model.flops_per_token (6 x parameters + attention) x tokens/s over a peak: on CUDA the
 datasheet's dense bf16 peak (runlog.GPU_PEAK_FLOPS); on the CPU, which has no such figure,
-the fp32 matrix-product rate measured in this run (a 2048^3 product after every timed step;
-their median, as for the steps), so the CPU's MFU is a ratio to the fp32 matmul rate, which bf16
-can take above 1. The ratio to the fastest of those products is reported too.
+the rate of a matrix product in the dtype that trains, measured in this run (a 2048^3 product
+after every timed step; their median, as for the steps), as the step line's MFU is
+(runlog.peak_flops). MFU against the fastest of those products is reported too.
 """
 
 import contextlib
@@ -99,9 +99,9 @@ class BenchResult:
     flops_per_token: int
     achieved_flops: float  # model FLOP/s: flops_per_token x tokens/s
     peak_flops: float  # CPU: the median of matmul_rates
-    peak_source: str  # "datasheet", "measured fp32 matmul", "setting" or "unknown"
-    matmul_rates: list  # CPU: fp32 2048 x 2048 product rates, FLOP/s, one after each timed step
-    mfu: float  # achieved_flops / peak_flops; on the CPU a ratio to the fp32 matmul rate
+    peak_source: str  # "datasheet", "measured bfloat16 matmul" (float32: the dtype that trains), "setting", "unknown"
+    matmul_rates: list  # CPU: 2048 x 2048 product rates in the dtype that trains, FLOP/s, one after each timed step
+    mfu: float  # achieved_flops / peak_flops
     mfu_vs_best_matmul: Optional[float]  # CPU: against the fastest matmul sample, the strictest yardstick
     peak_memory_mb: float  # CUDA: max allocated; CPU: host max RSS
     host_max_rss_mb: float
@@ -229,11 +229,11 @@ def mapped_file_mb():
         return 0.0
 
 
-def matmul_sampler(n=2048):
-    """A function that times one fp32 n x n product: the CPU's yardstick, sampled after every
+def matmul_sampler(dtype, n=2048):
+    """A function that times one n x n product in dtype: the CPU's yardstick, sampled after every
     timed step so that it sees the same machine as the steps (a shared host's speed drifts by
     10% and more within a minute), and summarized by the same statistic, the median."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     return lambda: runlog.matmul_rate(a, b)
 
@@ -277,9 +277,9 @@ def bench(s, opts):
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
     with attention_kernel(opts.sdpa_kernel):
         raw_model, optimizer, warmup_s, timers, loss, samples = bench_steps(
-            s, opts, rt, config, accum, sample_yardstick=matmul_sampler() if measured else None)
+            s, opts, rt, config, accum, sample_yardstick=matmul_sampler(getattr(torch, s.dtype)) if measured else None)
     peak = statistics.median(samples) if measured else runlog.peak_flops(s, rt.device)
-    source = ("setting" if s.peak_flops else "measured fp32 matmul" if measured else
+    source = ("setting" if s.peak_flops else f"measured {s.dtype} matmul" if measured else
               "datasheet" if peak else "unknown")
 
     seconds = [t.seconds for t in timers]
@@ -356,9 +356,9 @@ def bench_loader(s, opts, micro_step_s):
 # Report
 
 def mfu_text(r):
-    if r.peak_source == "measured fp32 matmul":
-        return (f"{r.mfu:.2f}x the fp32 matmul rate ({r.peak_flops / 1e9:.0f} GFLOP/s, the median of "
-                f"{len(r.matmul_rates)} products between the steps; {r.mfu_vs_best_matmul:.2f}x the best, "
+    if r.matmul_rates:
+        return (f"{100 * r.mfu:.1f}% of a {r.dtype} matmul ({r.peak_flops / 1e9:.0f} GFLOP/s, the median of "
+                f"{len(r.matmul_rates)} products between the steps; {100 * r.mfu_vs_best_matmul:.1f}% of the best, "
                 f"{max(r.matmul_rates) / 1e9:.0f})")
     if r.peak_flops:
         return f"{100 * r.mfu:.1f}% of {r.peak_flops / 1e12:,.0f} TFLOP/s ({r.peak_source})"
