@@ -35,7 +35,7 @@ def gpu_peak_flops(name):
 def peak_flops(s, device):
     """The device's peak FLOP/s for MFU: the setting, a datasheet table (GPUs), or on the CPU, which
     has no such figure, the rate of a matrix product in the dtype that trains (s.dtype), measured
-    now: a bf16 run measured against fp32 products would read 1.5x where it uses 60%."""
+    now, so that MFU reads as a utilization: against fp32 products a bf16 run reads above 100%."""
     if s.peak_flops > 0:
         return s.peak_flops
     if device.type == "cuda":
