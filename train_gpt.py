@@ -110,7 +110,7 @@ class Settings:
     wandb_run_id: str = ""  # the W&B run to log to; "" = the id saved in log_dir (a resume continues its run), or new
     tensorboard: bool = False  # also write TensorBoard event files to log_dir (tensorboard --logdir=log_dir)
     # system
-    device: str = "auto"  # auto: cuda, then mps, then cpu
+    device: str = "auto"  # auto: cuda, then mps, then cpu; cuda:N one GPU of several (torchrun: each rank its local one)
     dtype: str = "auto"  # float32 or bfloat16 (autocast); auto: bfloat16 on CUDA and on CPUs with bf16 matmul units
     compile: Optional[bool] = None  # None: on for CUDA (minutes to compile, faster steps), off elsewhere
     chunked_loss: Optional[bool] = None  # loss without full logits; None: on for the CPU
@@ -331,6 +331,14 @@ def initial_weights(path):
 # ----------------------------------------------------------------------------------------------
 # One optimizer step
 
+def build_optimizer(s, rt, raw_model, log):
+    """AdamW, or with --optimizer=muon Muon for the blocks' matrices and AdamW for the rest
+    (model.configure_optimizers); under FSDP, Muon steps each matrix gathered whole (ShardedMuon).
+    tools/bench.py times what this builds."""
+    return configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log,
+                                muon=muon_config(s, rt.device), sharded_muon=ShardedMuon if s.fsdp else None)
+
+
 def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None):
     """One optimizer step: accum micro steps of forward and backward on next_batch() batches,
     gradient clipping, then AdamW unless the loss or gradient is NaN/Inf. Returns (loss, grad
@@ -432,8 +440,7 @@ def train(s, stop=None):
             s.micro_batch_size = auto_micro_batch(s, rt, log)
         tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
         raw_model, model = build_model(s, config, rt)
-        optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log,
-                                         muon=muon_config(s, rt.device), sharded_muon=ShardedMuon if s.fsdp else None)
+        optimizer = build_optimizer(s, rt, raw_model, log)
         loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed,
                             log=log, vocab_size=config.vocab_size)
         val_data = (ValidationData(s.data_dir, s.seq_len, s.val_tokens, vocab_size=config.vocab_size)

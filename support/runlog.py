@@ -34,14 +34,15 @@ def gpu_peak_flops(name):
 
 
 def peak_flops(s, device):
-    """The device's peak FLOP/s for MFU: the setting, a datasheet table (GPUs), or on the CPU the
-    fp32 matrix-product rate measured now (a yardstick: bf16 can exceed it)."""
+    """The device's peak FLOP/s for MFU: the setting, a datasheet table (GPUs), or on the CPU, which
+    has no such figure, the rate of a matrix product in the dtype that trains (s.dtype), measured
+    now, so that MFU reads as a utilization: against fp32 products a bf16 run reads above 100%."""
     if s.peak_flops > 0:
         return s.peak_flops
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
     if device.type == "cpu":
-        return measure_matmul_flops()
+        return measure_matmul_flops(dtype=getattr(torch, s.dtype))
     return 0.0
 
 
@@ -52,18 +53,18 @@ def model_flops_utilization(tokens_per_sec, flops_per_token, peak, devices=1):
 
 
 def mfu_label(mfu, s, rt):
-    """On the CPU without --peak_flops the yardstick is the measured fp32 matmul rate, which bf16
-    steps can exceed: say so rather than print an MFU above 100%."""
+    """MFU, and on the CPU without --peak_flops what it is measured against: a matmul measured on
+    this (perhaps shared) machine, not a datasheet's peak."""
     if rt.device.type == "cpu" and s.peak_flops <= 0:
-        return f"{mfu:.2f}x fp32 matmul"
+        return f"MFU {mfu * 100:.1f}% of a {s.dtype} matmul"
     return f"MFU {mfu * 100:.1f}%"
 
 
-def measure_matmul_flops(n=2048, trials=5):
-    """The CPU's fp32 matrix-product rate in FLOP/s: the best of a few n x n products (~50 ms each
-    on 2 cores; the rate levels off from about n=1536). The best, not the mean, as other work on
-    a shared machine only ever slows a trial down."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_matmul_flops(n=2048, trials=5, dtype=torch.float32):
+    """The CPU's matrix-product rate in FLOP/s in dtype: the best of a few n x n products (~50 ms
+    each in fp32 on 2 cores; the rate levels off from about n=1536). The best, not the mean, as
+    other work on a shared machine only ever slows a trial down."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     return max(matmul_rate(a, b) for _ in range(trials))
 

@@ -64,15 +64,15 @@ def setup_runtime(s):
     if device_type == "auto":
         device_type = ("cuda" if torch.cuda.is_available() else
                        "mps" if torch.backends.mps.is_available() else "cpu")
-    device_type = device_type.split(":")[0]
+    device_type, _, index = device_type.partition(":")
     if device_type == "cuda":
         if not torch.cuda.is_available():
-            raise RunError("--device=cuda but CUDA is not available here; use --device=cpu")
+            raise RunError(f"--device={s.device} but CUDA is not available here; use --device=cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if local_world > torch.cuda.device_count():
             raise RunError(f"{local_world} processes on this machine but only {torch.cuda.device_count()} "
                                f"GPUs: set --nproc_per_node={torch.cuda.device_count()} or fewer")
-        device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        device = cuda_device(index, local_rank, world_size)
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
@@ -96,6 +96,23 @@ def setup_runtime(s):
         keep_freed_memory()
     amp = torch.bfloat16 if s.dtype == "bfloat16" else None
     return Runtime(rank, local_rank, world_size, device, amp, rank == 0)
+
+
+def cuda_device(index, local_rank, world_size):
+    """The GPU a process trains on: the one --device=cuda:N names (index "N"), else under torchrun
+    its local rank's (one process per GPU), else the current one (cuda:0 unless CUDA_VISIBLE_DEVICES
+    says otherwise)."""
+    if not index:
+        return torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    if world_size > 1:
+        raise SettingsError(f"--device=cuda:{index} names one GPU, but under torchrun each of the {world_size} "
+                            f"processes trains on its local rank's: use --device=cuda (CUDA_VISIBLE_DEVICES "
+                            f"chooses the GPUs torchrun uses)")
+    count = torch.cuda.device_count()
+    if int(index) >= count:
+        raise SettingsError(f"--device=cuda:{index}, but this machine has {count} GPU{'s' if count > 1 else ''}: "
+                            f"choose {', '.join(f'cuda:{i}' for i in range(count))} or cuda")
+    return torch.device("cuda", int(index))
 
 
 def fsdp_mesh(s, rt):

@@ -218,11 +218,17 @@ def test_eta_from_the_recent_step_rate():
     assert runlog.session_done(50, 250, s) == 0.5  # a session that ends at its stop_step first
 
 
-def test_step_line_carries_elapsed_and_eta(shards, tmp_path):
-    train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=3, val_every=0, checkpoint_every=100))
+def test_step_line_carries_elapsed_and_eta(shards, tmp_path, monkeypatch):
+    """... and on the CPU its MFU against a matmul in the dtype that trains, named (issue 28.14: a bf16
+    run was measured against fp32 products and read "1.48x fp32 matmul")."""
+    timed = []  # the yardstick's products, by dtype (not run: only what was asked is checked here)
+    monkeypatch.setattr(runlog, "matmul_rate", lambda a, b: timed.append((a.dtype, b.dtype)) or 1e12)
+    train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=3, val_every=0, checkpoint_every=100, dtype="bfloat16"))
     with open(tmp_path / "log.txt") as f:
         steps = [line for line in f if line.startswith("step ")]
     assert len(steps) == 3 and all(re.search(r"\| \d+s elapsed, ETA (\d+s|\d+m\d\ds)$", l) for l in steps)
+    assert timed and set(timed) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(re.search(r" \| MFU \d+\.\d% of a bfloat16 matmul \| ", l) for l in steps), steps[0]
 
 
 def test_validation_and_hellaswag_show_progress_when_asked(shards, capsys):

@@ -60,6 +60,26 @@ def test_recipes_and_settings_are_checked():
         compare.parse_args(["--max_steps=5"])
 
 
+def test_a_preset_or_a_setting_given_beats_the_demos_size():
+    """Issue 28.10: --model=gpt2 (docs/recipes.md's 124M command) trained 12 layers at the demo's
+    128 wide. The preset's size and batch train, a setting given still wins, and the line the
+    results table starts with names the size each recipe trains."""
+    _, shared = compare.parse_args(["--model=gpt2", "--n_layer=4", "--micro_batch_size=8"])
+    assert not {"n_embd", "n_head", "total_batch_size"} & set(shared)  # the demo's 128 wide, 2 heads, 4,096 tokens
+    s, config = compare.resolve(shared, "fast")
+    assert (config.n_layer, config.n_head, config.n_embd, s.seq_len) == (4, 12, 768, 1024)
+    assert (s.total_batch_size, s.micro_batch_size, s.optimizer) == (2**19, 8, "muon")
+    assert compare.describe_models(shared, ["gpt3", "modern"]) == (
+        "model: gpt2, 4 layers, 12 heads, 768 wide, context 1024 (gpt3 67,772,928 parameters, modern 105,578,496 "
+        "parameters)")
+    # by hand: gpt3: 50,304 x 768 tokens + 1,024 x 768 positions + 4 blocks of 12 x 768^2 weights, 9 x 768
+    # biases and two LayerNorms' 4 x 768 + a final LayerNorm's 2 x 768; modern: rotary positions, no biases,
+    # no gains (RMSNorm), and an untied head of 50,304 x 768 more
+    C = 768
+    assert 50304 * C + 1024 * C + 4 * (12 * C * C + 9 * C + 4 * C) + 2 * C == 67_772_928
+    assert 2 * 50304 * C + 4 * 12 * C * C == 105_578_496
+
+
 def test_compare_trains_recipes_side_by_side(shards, tmp_path, capsys):
     out = str(tmp_path / "cmp")
     sizes = {k: v for k, v in TINY.items() if k in ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size",
@@ -74,7 +94,10 @@ def test_compare_trains_recipes_side_by_side(shards, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "under one epoch" in printed and "ratio to baseline" in printed
     assert os.path.getsize(os.path.join(out, "val_loss.png")) > 1000
-    assert "tokens to reach it" in open(os.path.join(out, "results.md")).read()
+    results = open(os.path.join(out, "results.md")).read()
+    assert "tokens to reach it" in results
+    assert "model: tiny, 2 layers, 2 heads, 32 wide, context 32 (gpt3 1," in results
+    assert "8 steps of 256 tokens" in results
 
 
 def test_a_budget_over_one_epoch_is_said():

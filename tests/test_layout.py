@@ -10,12 +10,11 @@ import re
 from conftest import ROOT
 
 TOP = ["train_gpt", "model", "dataloader", "fineweb", "evaluate", "convert_hf", "plot"]
-MOVED = ["bench", "compare", "plan"]  # one-line pointers to tools/
 
 
 def project_files():
     """{module name: path} of every Python module of the project (tests excepted)."""
-    paths = [os.path.join(ROOT, f"{name}.py") for name in TOP + MOVED]
+    paths = [os.path.join(ROOT, f"{name}.py") for name in TOP]
     paths += glob.glob(os.path.join(ROOT, "support", "*.py")) + glob.glob(os.path.join(ROOT, "tools", "*.py"))
     names = {}
     for path in paths:
@@ -99,6 +98,13 @@ def test_every_docs_file_the_code_points_to_exists():
     assert pointed, "the code points to docs/"
     missing = sorted(p for p in pointed if not os.path.exists(os.path.join(ROOT, p)))
     assert not missing, f"the code points to missing docs files: {missing}"
+
+
+def test_the_top_level_holds_only_the_commands():
+    """The top level is the design card and the commands people run; the tools live in tools/
+    (the README says where), with no pointer files left beside the commands."""
+    top = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*.sh"))}
+    assert top == {f"{name}.py" for name in TOP}
 
 
 def test_the_readme_tree_names_every_module_and_the_recipe_stays_short():

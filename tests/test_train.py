@@ -14,7 +14,7 @@ from conftest import ROOT, read_metrics, tiny_args, train_losses
 from model import GPT, GPTConfig
 from support.fastpath import clip_gradients
 from train_gpt import Settings, accum_steps_at, lr_at, parse_settings
-from support import hf, runlog
+from support import hf, runlog, runtime
 from support.settings import SAME_THING
 
 
@@ -170,6 +170,43 @@ def test_bad_settings_are_refused_clearly(shards, tmp_path):
         fail(tiny_args(shards, str(tmp_path), device="cuda"), "CUDA is not available")
     fail(tiny_args(shards, str(tmp_path), resume="/no/such.pt"), "no such checkpoint")
     fail(tiny_args(shards, str(tmp_path), dtype="float16"), "choose float32 or bfloat16")
+
+
+# train_gpt.py on a machine with N GPUs, faked (this suite runs on CPUs): python -c FAKE_GPUS N ARGS...
+FAKE_GPUS = """
+import sys, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: int(sys.argv[1])
+import train_gpt
+train_gpt.main(sys.argv[2:])
+"""
+
+
+def test_a_gpu_index_is_honoured_or_refused(shards, tmp_path, monkeypatch):
+    """Issue 28.13: --device=cuda:1 trained on cuda:0. On a machine with one GPU it is refused in
+    one line before any work; cuda:0, as the line advises, and cuda:1 on two GPUs are the devices
+    the run trains on and makes current. Under torchrun each process keeps its local rank's GPU."""
+    log_dir = str(tmp_path / "log")
+    done = subprocess.run([sys.executable, "-c", FAKE_GPUS, "1"] + tiny_args(shards, log_dir, device="cuda:1"),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1
+    assert done.stderr == "train_gpt.py: error: --device=cuda:1, but this machine has 1 GPU: choose cuda:0 or cuda\n"
+    assert not os.path.exists(log_dir)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        for gpus, device in ((1, "cuda:0"), (2, "cuda:1")):
+            monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+            rt = runtime.setup_runtime(parse_settings(tiny_args(shards, log_dir, device=device)))
+            assert rt.device == torch.device(device) and made_current[-1] == rt.device
+    finally:  # setup_runtime turned TF32 on, as for CUDA: the CPU's later tests get their fp32 back
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    with pytest.raises(train_gpt.SettingsError, match="under torchrun each of the 2 processes trains on its local"):
+        runtime.cuda_device("1", local_rank=0, world_size=2)
+    assert runtime.cuda_device("", local_rank=1, world_size=2) == torch.device("cuda", 1)
 
 
 def test_training_learns_logs_and_is_deterministic(shards, tmp_path):

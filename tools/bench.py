@@ -10,18 +10,20 @@ depend on the machine and on whatever else runs on it.
     python -m tools.bench --model=gpt3-small ... --against=attention=dense       # the same step with other settings: the speed ratio
 
 The step is train_gpt.train_step, the one train_gpt.py runs (forward under autocast, backward,
-gradient clipping, AdamW, zero_grad), fed random tokens. Every train_gpt.py setting is accepted
-(--model, --n_layer, --n_head, --n_embd, --attention, --micro_batch_size, --seq_len, --dtype,
---compile, --chunked_loss, --device, --total_batch_size for accumulation, ...) with the same
-defaults, plus the benchmark's own settings in BenchOptions. --against=name=value,... measures the
+gradient clipping, the optimizer's step, zero_grad), fed random tokens, with the optimizer
+train_gpt.build_optimizer makes (AdamW; Muon and AdamW with --optimizer=muon or --recipe=fast or
+modern), which the report names. Every train_gpt.py setting is accepted (--model, --n_layer,
+--n_head, --n_embd, --attention, --micro_batch_size, --seq_len, --dtype, --compile, --chunked_loss,
+--device, --total_batch_size for accumulation, --optimizer, --recipe, ...) with the same defaults,
+plus the benchmark's own settings in BenchOptions. --against=name=value,... measures the
 step a second time with those settings changed and reports the ratio of the two speeds. KEEP_FREED_MEMORY=0 in the environment runs the
 CPU with glibc's default allocator instead (fastpath.keep_freed_memory), for A/B comparisons.
 
 MFU is model.flops_per_token (6 x parameters + attention) x tokens/s over a peak: on CUDA the
 datasheet's dense bf16 peak (runlog.GPU_PEAK_FLOPS); on the CPU, which has no such figure,
-the fp32 matrix-product rate measured in this run (a 2048^3 product after every timed step;
-their median, as for the steps), so the CPU's MFU is a ratio to the fp32 matmul rate, which bf16
-can take above 1. The ratio to the fastest of those products is reported too.
+the rate of a matrix product in the dtype that trains, measured in this run (a 2048^3 product
+after every timed step; their median, as for the steps), as the step line's MFU is
+(runlog.peak_flops). MFU against the fastest of those products is reported too.
 """
 
 import contextlib
@@ -42,7 +44,7 @@ import torch
 
 import train_gpt
 from dataloader import DataLoader
-from model import configure_optimizers, flops_per_token, num_params
+from model import flops_per_token, num_params
 from support import cli, fastpath, runlog, runtime, settings
 
 
@@ -82,6 +84,7 @@ class BenchResult:
     dtype: str
     compile: bool
     chunked_loss: bool
+    optimizer: str  # what the step ran (train_gpt.build_optimizer): "AdamW (fused)", "AdamW (fused) + Muon", ...
     attention: str  # the attention pattern (train_gpt --attention: dense, gpt3)
     attention_band: Optional[int]  # gpt3's band
     sdpa_kernel: str  # the SDPA kernel asked for; "default": torch's choice
@@ -96,9 +99,9 @@ class BenchResult:
     flops_per_token: int
     achieved_flops: float  # model FLOP/s: flops_per_token x tokens/s
     peak_flops: float  # CPU: the median of matmul_rates
-    peak_source: str  # "datasheet", "measured fp32 matmul", "setting" or "unknown"
-    matmul_rates: list  # CPU: fp32 2048 x 2048 product rates, FLOP/s, one after each timed step
-    mfu: float  # achieved_flops / peak_flops; on the CPU a ratio to the fp32 matmul rate
+    peak_source: str  # "datasheet", "measured bfloat16 matmul" (float32: the dtype that trains), "setting", "unknown"
+    matmul_rates: list  # CPU: 2048 x 2048 product rates in the dtype that trains, FLOP/s, one after each timed step
+    mfu: float  # achieved_flops / peak_flops
     mfu_vs_best_matmul: Optional[float]  # CPU: against the fastest matmul sample, the strictest yardstick
     peak_memory_mb: float  # CUDA: max allocated; CPU: host max RSS
     host_max_rss_mb: float
@@ -226,22 +229,27 @@ def mapped_file_mb():
         return 0.0
 
 
-def matmul_sampler(n=2048):
-    """A function that times one fp32 n x n product: the CPU's yardstick, sampled after every
+def matmul_sampler(dtype, n=2048):
+    """A function that times one n x n product in dtype: the CPU's yardstick, sampled after every
     timed step so that it sees the same machine as the steps (a shared host's speed drifts by
     10% and more within a minute), and summarized by the same statistic, the median."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     return lambda: runlog.matmul_rate(a, b)
 
 
+def optimizer_name(optimizer):
+    """"AdamW (fused)", or for model.CombinedOptimizer its parts: "AdamW (fused) + Muon"."""
+    parts = getattr(optimizer, "optimizers", {"": optimizer}).values()
+    return " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "") for o in parts)
+
+
 def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
     """Build the model and optimizer as train_gpt.py does and time train_gpt.train_step. Returns
-    the model, the warm-up's seconds, a StepTimer per timed step, the last loss, and the yardstick
-    samples taken after each step (none without sample_yardstick)."""
+    the model, the optimizer, the warm-up's seconds, a StepTimer per timed step, the last loss, and
+    the yardstick samples taken after each step (none without sample_yardstick)."""
     raw_model, model = train_gpt.build_model(s, config, rt)
-    optimizer = configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type,
-                                               log=lambda msg: None)
+    optimizer = train_gpt.build_optimizer(s, rt, raw_model, log=lambda msg: None)
     next_batch = synthetic_batches(s, config)
     step = lambda: train_gpt.train_step(s, rt, model, raw_model, optimizer, next_batch, accum)
     t0 = time.perf_counter()
@@ -258,7 +266,7 @@ def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
         timers.append(timer)
         if sample_yardstick:
             samples.append(sample_yardstick())
-    return raw_model, warmup_s, timers, loss.item(), samples
+    return raw_model, optimizer, warmup_s, timers, loss.item(), samples
 
 
 def bench(s, opts):
@@ -268,10 +276,10 @@ def bench(s, opts):
     config, accum = resolve(s)
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
     with attention_kernel(opts.sdpa_kernel):
-        raw_model, warmup_s, timers, loss, samples = bench_steps(
-            s, opts, rt, config, accum, sample_yardstick=matmul_sampler() if measured else None)
+        raw_model, optimizer, warmup_s, timers, loss, samples = bench_steps(
+            s, opts, rt, config, accum, sample_yardstick=matmul_sampler(getattr(torch, s.dtype)) if measured else None)
     peak = statistics.median(samples) if measured else runlog.peak_flops(s, rt.device)
-    source = ("setting" if s.peak_flops else "measured fp32 matmul" if measured else
+    source = ("setting" if s.peak_flops else f"measured {s.dtype} matmul" if measured else
               "datasheet" if peak else "unknown")
 
     seconds = [t.seconds for t in timers]
@@ -284,7 +292,8 @@ def bench(s, opts):
         device=str(torch.cuda.get_device_name(rt.device) if cuda else rt.device), model=s.model,
         params=num_params(raw_model), n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
         micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, accum=accum, dtype=s.dtype,
-        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), attention=config.attention,
+        compile=bool(s.compile), chunked_loss=bool(s.chunked_loss), optimizer=optimizer_name(optimizer),
+        attention=config.attention,
         attention_band=config.attention_band if config.attention != "dense" else None,
         sdpa_kernel=opts.sdpa_kernel, threads=torch.get_num_threads(),
         keep_freed_memory=rt.device.type == "cpu" and fastpath.keep_freed_memory(),  # idempotent: did it take?
@@ -298,7 +307,7 @@ def bench(s, opts):
         cpu_user_s_per_step=statistics.median(t.user for t in timers),
         cpu_sys_s_per_step=statistics.median(t.sys for t in timers),
         page_faults_per_step=statistics.median(t.faults for t in timers), final_loss=loss)
-    del raw_model
+    del raw_model, optimizer
     if opts.loader_tokens:
         result.loader = bench_loader(s, opts, step_s / accum)
     return result
@@ -347,9 +356,9 @@ def bench_loader(s, opts, micro_step_s):
 # Report
 
 def mfu_text(r):
-    if r.peak_source == "measured fp32 matmul":
-        return (f"{r.mfu:.2f}x the fp32 matmul rate ({r.peak_flops / 1e9:.0f} GFLOP/s, the median of "
-                f"{len(r.matmul_rates)} products between the steps; {r.mfu_vs_best_matmul:.2f}x the best, "
+    if r.matmul_rates:
+        return (f"{100 * r.mfu:.1f}% of a {r.dtype} matmul ({r.peak_flops / 1e9:.0f} GFLOP/s, the median of "
+                f"{len(r.matmul_rates)} products between the steps; {100 * r.mfu_vs_best_matmul:.1f}% of the best, "
                 f"{max(r.matmul_rates) / 1e9:.0f})")
     if r.peak_flops:
         return f"{100 * r.mfu:.1f}% of {r.peak_flops / 1e12:,.0f} TFLOP/s ({r.peak_source})"
@@ -364,6 +373,7 @@ def table(r):
         ("config", f"{r.model}: {r.n_layer} layers, {r.n_head} heads, {r.n_embd} wide, {r.params:,} parameters; "
                    f"batch {r.micro_batch_size} x {r.seq_len}" + (f" x {r.accum} accumulation" if r.accum > 1 else "")),
         ("runtime", f"{r.device}, {r.dtype}, chunked loss {r.chunked_loss}, compile {r.compile}, "
+                    f"optimizer {r.optimizer}, "
                     f"attention {r.attention}" + (f" (band {r.attention_band})" if r.attention_band else "") +
                     f", SDPA kernel {r.sdpa_kernel}, "
                     f"{r.threads} threads" + (f", keep freed memory {r.keep_freed_memory}" if cpu else "")),

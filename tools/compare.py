@@ -22,7 +22,8 @@ fast's final and gpt3's), so one call tests two baselines.
 
 Recipes: a name in train_gpt.RECIPES (gpt3: train_gpt's defaults, AdamW, warmup + cosine to 10%; fast, modern),
 each optionally followed by :name=value settings of its own. Any other --name=value is a train_gpt
-setting given to every recipe (model size, data, batch, device ...).
+setting given to every recipe (model size, data, batch, device ...); --model trains that preset's size
+and batch instead of the demo's, and the results name the model each recipe trains.
 """
 
 import dataclasses
@@ -34,8 +35,10 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 import train_gpt
+from model import GPT, num_params
 from plot import read_metrics
 from support import cli
 
@@ -50,10 +53,11 @@ class Bench:
 
 
 # What every run shares unless given: the demo's model, data and batch (train_gpt.DEMO), 16,384 val
-# tokens, no HellaSwag or samples, a checkpoint only at the end, warmup over 10% of the steps.
-DEMO_MODEL = ("model", "n_layer", "n_head", "n_embd", "block_size", "data_dir", "total_batch_size", "micro_batch_size")
-SHARED = dict({k: v for k, v in train_gpt.DEMO.items() if k in DEMO_MODEL}, val_tokens=2**14, hellaswag_every=0,
-              sample_every=0, device="cpu", resume="off")
+# tokens, no HellaSwag or samples, a checkpoint only at the end, warmup over 10% of the steps. With
+# --model the preset's size and batch train instead of the demo's (DEMO_SIZE); a setting given wins.
+DEMO_SIZE = ("n_head", "n_embd", "total_batch_size", "micro_batch_size")
+SHARED = dict({k: v for k, v in train_gpt.DEMO.items() if k in ("model", "data_dir") + DEMO_SIZE}, val_tokens=2**14,
+              hellaswag_every=0, sample_every=0, device="cpu", resume="off")
 
 
 def parse_args(argv):
@@ -73,7 +77,30 @@ def parse_args(argv):
         else:
             raise ValueError(f"unknown setting --{name}: compare.py takes {', '.join(bench_fields)} and "
                              f"train_gpt's settings except log_dir, max_steps, max_tokens, decay_tokens, val_every, recipe, stop_step")
+    given = {arg[2:].partition("=")[0].replace("-", "_") for arg in argv}
+    if "model" in given:  # the preset's size and batch, not the demo's
+        shared = {k: v for k, v in shared.items() if k not in DEMO_SIZE or k in given}
     return Bench(**bench), shared
+
+
+def resolve(shared, spec):
+    """The settings a recipe's run trains with (train_gpt's, checked as train_gpt.py checks them)
+    and its model's GPTConfig."""
+    s = train_gpt.parse_settings([f"--{k}={v}" for k, v in shared.items()] + recipe_args(spec))
+    return s, train_gpt.resolve_model_settings(s)
+
+
+def describe_models(shared, specs):
+    """One line naming the model each recipe trains: preset, shape and parameters (the
+    architectures differ: an untied head adds a matrix)."""
+    shapes = {}
+    for spec in specs:
+        s, config = resolve(shared, spec)
+        with torch.device("meta"):  # counted, not allocated
+            params = num_params(GPT(config))
+        shape = f"{s.model}, {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {s.seq_len}"
+        shapes.setdefault(shape, []).append(f"{spec} {params:,} parameters")
+    return "model: " + "; ".join(f"{shape} ({', '.join(sizes)})" for shape, sizes in shapes.items())
 
 
 def recipe_args(spec):
@@ -118,8 +145,8 @@ def epoch_note(budget, have, data_dir):
             f"the runs see repeated data")
 
 
-def run_recipe(spec, steps, val_every, shared, log_dir):
-    """Train one recipe from scratch; returns {tokens: val loss}."""
+def run_recipe(spec, steps, batch, val_every, shared, log_dir):
+    """Train one recipe from scratch, steps of batch tokens; returns {tokens: val loss}."""
     shutil.rmtree(log_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     args = [f"--{k}={v}" for k, v in shared.items()] + recipe_args(spec)
     args += [f"--max_steps={steps}", f"--val_every={val_every}", f"--checkpoint_every={steps}", f"--log_dir={log_dir}"]
@@ -127,7 +154,6 @@ def run_recipe(spec, steps, val_every, shared, log_dir):
         args.append(f"--warmup_steps={max(1, steps // 10)}")
     print(f"\n== {spec}: python train_gpt.py {' '.join(args)}", flush=True)
     train_gpt.main(args)
-    batch = int(float(shared["total_batch_size"]))
     return {step * batch: loss for step, loss in read_metrics(os.path.join(log_dir, "metrics.jsonl")).val.items()}
 
 
@@ -210,7 +236,8 @@ def compare_help():
             f"compare.py's own options:\n{cli.settings_help(Bench)}\n\n"
             f"Every other --name=value is a train_gpt.py setting shared by all runs (`python train_gpt.py "
             f"--help`), except log_dir, max_steps, max_tokens, decay_tokens, val_every, recipe and stop_step, "
-            f"which compare.py sets. Shared defaults: {', '.join(f'{k}={v}' for k, v in SHARED.items())}.")
+            f"which compare.py sets. Shared defaults: {', '.join(f'{k}={v}' for k, v in SHARED.items())}; "
+            f"with --model, that preset's size and batch instead of the demo's {', '.join(DEMO_SIZE)}.")
 
 
 def main(argv=None):
@@ -220,7 +247,9 @@ def main(argv=None):
         return None
     try:
         bench, shared = parse_args(argv)
-        batch = int(float(shared["total_batch_size"]))
+        specs = bench.recipes.split(",")
+        model = describe_models(shared, specs)
+        batch = resolve(shared, specs[0])[0].total_batch_size
         steps = int(bench.tokens) // batch
         if steps < bench.evals or bench.evals < 1:
             raise ValueError(f"--tokens={bench.tokens:g} is {steps} steps of {batch} tokens: too few for "
@@ -228,7 +257,6 @@ def main(argv=None):
         have = train_tokens(shared["data_dir"])
         if have == 0:
             raise ValueError(f"no *_train_* shards in {shared['data_dir']}: prepare it (python fineweb.py --source wiki)")
-        specs = bench.recipes.split(",")
         shorts = short_runs(bench.short, specs)
         for spec, fraction in shorts:
             if int(steps * fraction) < 1:
@@ -236,17 +264,18 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"compare.py: error: {e}")
     note = epoch_note(steps * batch, have, shared["data_dir"])
-    print(note, flush=True)
+    print(f"{model}\n{note}", flush=True)
     val_every = steps // bench.evals
     curves, short = {}, {}
     for i, spec in enumerate(specs):
-        curves[spec] = run_recipe(spec, steps, val_every, shared, os.path.join(bench.out_dir, f"run{i}"))
+        curves[spec] = run_recipe(spec, steps, batch, val_every, shared, os.path.join(bench.out_dir, f"run{i}"))
     for spec, fraction in shorts:
         short_steps = int(steps * fraction)  # rounded down: never more than the fraction
-        short[spec, fraction] = run_recipe(spec, short_steps, max(1, short_steps // 4), shared,
+        short[spec, fraction] = run_recipe(spec, short_steps, batch, max(1, short_steps // 4), shared,
                                            os.path.join(bench.out_dir, f"run{specs.index(spec)}_short{fraction:g}"))
     header = (f"python -m tools.compare {' '.join(argv)}\n\n"
-              f"settings: {', '.join(f'{k}={v}' for k, v in shared.items())}; {steps} steps\n\n{note}\n")
+              f"{model}\n\nsettings: {', '.join(f'{k}={v}' for k, v in shared.items())}; {steps} steps of "
+              f"{batch:,} tokens\n\n{note}\n")
     table = header + "\n" + results_table(curves, short)
     with open(os.path.join(bench.out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
