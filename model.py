@@ -31,6 +31,11 @@ def padded_vocab(vocab_size, multiple=64):
     return math.ceil(vocab_size / multiple) * multiple
 
 
+# The losses without full logits (lm_head_cross_entropy in training, GPT.token_losses in evaluation)
+# make the logits of this many rows at a time: at GPT-2's vocabulary an fp32 chunk is 206 MB.
+LOSS_CHUNK_ROWS = 1024
+IGNORE_INDEX = -100  # a target that counts for nothing (F.cross_entropy's default ignore_index)
+
 ATTENTION_PATTERNS = ("dense", "gpt3")  # GPTConfig.attention; banded_layers says which layers band
 
 
@@ -431,11 +436,15 @@ class GPT(nn.Module):
             logits[..., self.config.vocab_size:] = float("-inf")
         return logits
 
-    def forward(self, idx, targets=None, return_logits=True):
+    def forward(self, idx, targets=None, return_logits=True, reduction="mean"):
         """Returns (logits, loss). loss is the mean cross-entropy over the targets, or None; a
         target of -100 (F.cross_entropy's ignore_index) is left out, in both ways of computing it.
         With return_logits=False (training) the loss is computed in row chunks and the full
-        (B, T, vocab) logits are never materialized: see lm_head_cross_entropy."""
+        (B, T, vocab) logits are never materialized: see lm_head_cross_entropy. reduction="none"
+        (evaluation) makes loss the (B, T) fp32 loss of each position instead, 0 where ignored;
+        with return_logits=False from chunks of rows too (token_losses)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction={reduction!r}: use 'mean' or 'none'")
         # The token embedding is the lm_head's weight, so its gradient is the sum of the two
         # uses'. The embedding's dense backward zeroes a whole (V, C) fp32 table (155 MB at gpt2
         # size) to scatter B*T rows into, and autograd then adds that table to the lm_head's
@@ -451,11 +460,30 @@ class GPT(nn.Module):
             return self.logits(h), None
         if return_logits:
             logits = self.logits(h)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-            return logits, loss
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+            return logits, loss if reduction == "mean" else loss.view_as(targets)
+        if reduction == "none":
+            return None, self.token_losses(h, targets)
         loss = lm_head_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                      self.config.vocab_size, softcap=self.config.logit_softcap)
         return None, loss
+
+    @torch.compiler.disable  # the scored rows are data: their count is a shape no graph can fix
+    def token_losses(self, h, targets):
+        """(B, T) fp32 cross-entropy of the logits of h (B, T, C) against targets (B, T), 0 where the
+        target is IGNORE_INDEX: what evaluation scores (validation sums it, HellaSwag sums each
+        ending's). Only scored rows get logits, LOSS_CHUNK_ROWS at a time, each chunk made by
+        self.logits and converted to fp32 on its own, as the full path converts its whole logits:
+        the same numbers, without the (B, T, V) logits and their fp32 copy (0.8 GB in fp32 at
+        16 x 256 and GPT-2's vocabulary). A target outside the vocabulary is refused with a
+        ValueError, as lm_head_cross_entropy refuses it."""
+        flat_h, flat_targets = h.flatten(0, 1), targets.flatten()
+        _count_targets(flat_targets, self.config.vocab_size, IGNORE_INDEX)
+        losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=h.device)
+        for rows in (flat_targets != IGNORE_INDEX).nonzero().squeeze(1).split(LOSS_CHUNK_ROWS):
+            logits = self.logits(flat_h[rows]).float()
+            losses[rows] = F.cross_entropy(logits, flat_targets[rows], reduction="none")
+        return losses.view_as(targets)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
@@ -600,7 +628,8 @@ def _add_product(total, a, b, acc):
     return total.addmm_(a, b) if a.dtype == acc else total.add_(a @ b)
 
 
-def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=1024, ignore_index=-100, softcap=0.0):
+def lm_head_cross_entropy(h, weight, targets, vocab_size, chunk_size=LOSS_CHUNK_ROWS, ignore_index=IGNORE_INDEX,
+                          softcap=0.0):
     """Mean cross-entropy of the logits h @ weight.T (soft-capped to softcap * tanh(. / softcap)
     when softcap > 0), equal to F.cross_entropy on the full logits (ids past vocab_size masked) to
     fp32 rounding. h: (N, C), weight: (V, C), targets: (N,).

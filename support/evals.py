@@ -20,10 +20,9 @@ import weakref
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPT, IGNORE_INDEX, GPTConfig
 from support import checkpoint, cli
 from support.files import replace_atomically
 from support.tokenizer import gpt2_tokenizer
@@ -61,9 +60,13 @@ def evaluating(model):
         model.train(was_training)
 
 
-def autocast(device, amp_dtype):
-    """The forward's precision: amp_dtype None is plain fp32."""
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+def autocast(device, amp_dtype, keep_casts=True):
+    """The forward's precision: amp_dtype None is plain fp32. keep_casts=False frees autocast's
+    low-precision copy of each weight after its use instead of keeping it to the region's end: a
+    scoring forward uses each weight once, and kept, the copies of all of them (half the fp32
+    weights' size, in bf16) would still be alive while the loss's chunks are made. Generation,
+    a forward a token, keeps them."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=keep_casts)
 
 
 def all_reduce_sum(values):
@@ -94,15 +97,13 @@ def unsharded(model):
 # ----------------------------------------------------------------------------------------------
 # Losses
 
-def token_losses(logits, targets, chunk_tokens=4096):
-    """(B, T) fp32 cross-entropy of logits (B, T, V) against targets (B, T); 0 where the target is
-    -1. Only scored positions are converted to fp32, chunk_tokens at a time: the fp32 copy of a
-    whole batch's logits (and its log-softmax) would be B*T*V*4 bytes each, 13 GB at B=64, T=1024."""
-    flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()
-    losses = torch.zeros(flat_targets.shape, dtype=torch.float32, device=flat_targets.device)
-    for index in (flat_targets != -1).nonzero().squeeze(1).split(chunk_tokens):
-        losses[index] = F.cross_entropy(flat_logits[index].float(), flat_targets[index], reduction="none")
-    return losses.view_as(targets)
+def token_losses(model, x, targets):
+    """(B, T) fp32 cross-entropy of the model's prediction at each position of x (B, T) against
+    targets (B, T); 0 where the target is -1 (no target: padding, a HellaSwag context). Through the
+    model's chunked path (GPT.token_losses): logits only for the scored rows, a chunk at a time, so
+    evaluation never holds the (B, T, V) logits or an fp32 copy of them (13 GB each at B=64, T=1024)."""
+    _, losses = model(x, targets.masked_fill(targets == -1, IGNORE_INDEX), return_logits=False, reduction="none")
+    return losses
 
 
 def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, progress=False):
@@ -149,9 +150,9 @@ def validation(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None
     with evaluating(model), progress_bar(-(-per_rank // batch_size), "validation", progress) as bar:
         for x, y in val_data.batches(batch_size, rank, world_size):
             x, y = x.to(device), y.to(device)
-            with autocast(device, amp_dtype):
-                logits, _ = model(x)
-            sums[0] += token_losses(logits, y).double().sum()  # summed in float64: batching does not matter
+            with autocast(device, amp_dtype, keep_casts=False):
+                losses = token_losses(model, x, y)
+            sums[0] += losses.double().sum()  # summed in float64: batching does not matter
             sums[1] += (y != -1).sum()
             bar.update()
     loss_sum, count = all_reduce_sum(sums)
@@ -267,17 +268,17 @@ def ending_losses(model, rows, starts, device, amp_dtype):
     to the longest, rounded up to a multiple of 16 (few distinct shapes: kernels are chosen, and
     torch.compile compiles, once per shape; this halved the first pass on an H200). Attention is
     causal, so padding changes no earlier position; padded and context positions carry target
-    -1, out of the loss."""
+    -1, out of the loss (and get no logits: token_losses)."""
     length = min(-(-max(len(r) for r in rows) // 16) * 16, model.config.block_size)
     tokens = torch.zeros(len(rows), length, dtype=torch.long)
     targets = torch.full((len(rows), length), -1, dtype=torch.long)
     for i, (row, start) in enumerate(zip(rows, starts)):
         tokens[i, :len(row)] = torch.tensor(row)
-        targets[i, start:len(row)] = tokens[i, start:len(row)]
-    tokens, targets = tokens.to(device), targets[:, 1:].to(device)  # position t predicts token t+1
-    with autocast(device, amp_dtype):
-        logits, _ = model(tokens)
-    return token_losses(logits[:, :-1], targets).sum(1), (targets != -1).sum(1)
+        targets[i, start - 1:len(row) - 1] = tokens[i, start:len(row)]  # position t predicts token t + 1
+    tokens, targets = tokens.to(device), targets.to(device)
+    with autocast(device, amp_dtype, keep_casts=False):
+        losses = token_losses(model, tokens, targets)
+    return losses.sum(1), (targets != -1).sum(1)
 
 
 def hellaswag(model, examples, rank=0, world_size=1, amp_dtype=None, batch_size=16, tokenizer=None,

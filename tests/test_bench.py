@@ -50,12 +50,16 @@ def test_bench_runs_end_to_end_and_reports_json(capsys):
     assert loader["shard_tokens"] == 100_000 and loader["batches_per_sec"] > 0 and loader["overhead_pct"] > 0
     assert 0 < loader["allocated_mb"] < 100
     assert out["final_loss"] == pytest.approx(10.8, abs=0.5)  # random tokens: about ln(50257)
+    # memory at a step's peak and validating a micro batch: each above what the model and AdamW hold
+    # throughout (weights and two moments, fp32), as both count them
+    held_mb = 3 * 4 * out["params"] / 2**20
+    assert out["step_allocated_mb"] > held_mb and out["eval_allocated_mb"] > held_mb
 
 
 def test_bench_prints_a_table_and_accumulates(capsys):
     result = bench.main(TINY_BENCH + ["--total_batch_size=128", "--loader_tokens=0", "--dtype=float32"])
     table = capsys.readouterr().out
-    for name in ("step", "throughput", "model FLOP/s", "MFU", "peak memory", "CPU per step"):
+    for name in ("step", "throughput", "model FLOP/s", "MFU", "peak memory", "validating a micro batch", "CPU per step"):
         assert name in table
     assert "% of a float32 matmul (" in table and "data loader" not in table
     assert result.accum == 2 and result.loader is None and result.dtype == "float32"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from support.runtime import free_port
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,11 +30,12 @@ from support import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 from dataloader import ValidationData  # noqa: E402
 from fineweb import gpt2_tokenizer  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import ARCHITECTURES, GPT, LOSS_CHUNK_ROWS, GPTConfig  # noqa: E402
 from support import evals
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)  # real GPT-2 vocabulary sizes
 SMALL_VOCAB = dict(TINY, vocab_size=100, padded_vocab_size=128)
+TINY_V = GPTConfig(**TINY).padded_vocab_size
 T, N_WINDOWS = 16, 7  # 7 validation windows: 2 ranks get 4 and 3 (+1 padding row)
 
 ENDINGS = ["walks the dog in the park.", "bakes a chocolate cake.", "paints the fence bright red.",
@@ -118,11 +121,12 @@ def write_val_shard(data_dir, vocab_size, seed=0):
     return ValidationData(data_dir, T, T * N_WINDOWS)
 
 
-def direct_mean_ce(model, data):
-    """The mean cross-entropy of all validation windows in one forward, no batching or ranks (fp32
-    softmax, as val_loss: over 50k logits it is itself only good to ~1e-5 per token)."""
+def direct_mean_ce(model, data, amp_dtype=None):
+    """The mean cross-entropy of all validation windows in one forward, no batching or ranks, from
+    the full logits (fp32 softmax, as val_loss: over 50k logits it is itself only good to ~1e-5 per
+    token), under bf16 autocast with amp_dtype."""
     windows = torch.stack([torch.from_numpy(s.read(o, T + 1).astype(np.int64)) for s, o in data.windows])
-    with torch.no_grad():
+    with torch.no_grad(), evals.autocast(torch.device("cpu"), amp_dtype):
         logits, _ = model(windows[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten()).item()
 
@@ -155,12 +159,21 @@ def no_proxy(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Validation loss
 
-def test_val_loss_equals_direct_mean_at_any_batch_size(tmp_path):
-    model = tiny_model(noise=0.1, **SMALL_VOCAB)
+# The architectures whose logits come out differently: GPT-2's, the modern GPT's (soft-capped, untied
+# head, ...) and GPT-3's banded attention (a band shorter than the windows)
+ARCHS = dict(gpt={}, modern=ARCHITECTURES["modern"], banded=dict(attention="gpt3", attention_band=6))
+DTYPES = dict(fp32=None, bf16=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_val_loss_equals_direct_mean_at_any_batch_size(tmp_path, arch, dtype):
+    """Validation's chunked per-token losses against the mean over one forward's full logits."""
+    model = tiny_model(noise=0.1, **SMALL_VOCAB, **ARCHS[arch])
     data = write_val_shard(str(tmp_path), 100)
-    direct = direct_mean_ce(model, data)
+    direct = direct_mean_ce(model, data, DTYPES[dtype])
     for batch_size in (2, 3, N_WINDOWS):
-        assert evals.val_loss(model, data, batch_size) == pytest.approx(direct, rel=1e-6)
+        assert evals.val_loss(model, data, batch_size, amp_dtype=DTYPES[dtype]) == pytest.approx(direct, rel=1e-5)
     assert model.training  # restored
 
 
@@ -172,14 +185,91 @@ def test_val_loss_under_bf16_autocast_is_close(tmp_path):
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)
 
 
-def test_token_losses_in_chunks_equal_cross_entropy():
-    logits = torch.randn(3, 5, 11, dtype=torch.bfloat16)
-    targets = torch.randint(0, 11, (3, 5))
-    targets[2] = -1  # a padding row
-    targets[0, :2] = -1
+# Evaluation's batches, large enough for several of the loss's chunks of rows
+CHUNKED = dict(TINY, vocab_size=1000, padded_vocab_size=1024)
+ROWS = 2 * LOSS_CHUNK_ROWS + 512
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_losses_equal_cross_entropy_of_the_full_logits(arch, dtype):
+    """Each position's loss from chunks of the scored rows equals F.cross_entropy of the full
+    logits in fp32, 0 where the target is -1 (a whole padding row, a row's first positions)."""
+    model = tiny_model(noise=0.1, **CHUNKED, **ARCHS[arch])
+    B = ROWS // TINY["block_size"]
+    x, targets = torch.randint(0, 1000, (2, B, TINY["block_size"]))
+    targets[3] = -1
+    targets[0, :10] = -1
+    with torch.no_grad(), evals.autocast(torch.device("cpu"), DTYPES[dtype]):
+        got = evals.token_losses(model, x, targets)
+        logits, _ = model(x)
     want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-    for chunk_tokens in (1, 4, 4096):
-        assert torch.equal(evals.token_losses(logits, targets, chunk_tokens), want.view(3, 5))
+    assert got.dtype == torch.float32 and (got[3] == 0).all() and (got[0, :10] == 0).all()
+    torch.testing.assert_close(got, want.view_as(got), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # not an index error from inside torch
+        evals.token_losses(model, x, targets.masked_fill(targets == 5, 1010))
+
+
+def test_evaluation_never_makes_the_full_logits(tmp_path):
+    """Validation and HellaSwag make no tensor as large as a batch's logits (rows x V), in any
+    dtype: every op's output is watched below autograd, log-softmax's included. The largest is
+    one chunk's logits, as the model's loss makes them."""
+    model = tiny_model(noise=0.1, **CHUNKED)
+    V, T_val = CHUNKED["padded_vocab_size"], TINY["block_size"]
+    os.makedirs(tmp_path / "val")
+    np.save(tmp_path / "val" / "test_val_000000.npy", np.random.default_rng(0).integers(0, 1000, ROWS + 1, dtype=np.uint16))
+    data = ValidationData(str(tmp_path / "val"), T_val, ROWS)
+    rows, _ = all_rows(hellaswag_set())
+    hellaswag_positions = len(rows) * -(-max(map(len, rows)) // 16) * 16  # one forward, padded as ending_losses
+    with LargestTensor() as validation:
+        evals.val_loss(model, data, ROWS // T_val)  # one batch of every window
+    with LargestTensor() as hellaswag:
+        evals.hellaswag(tiny_model(noise=0.1), hellaswag_set(), batch_size=len(CONTEXTS))  # GPT-2's ids: one forward
+    assert validation.numel == LOSS_CHUNK_ROWS * V < ROWS * V
+    assert hellaswag.numel < hellaswag_positions * TINY_V
+
+
+def test_scoring_drops_autocasts_weight_copies_before_the_loss(tmp_path):
+    """Under bf16 autocast, no bf16 copy of a weight is alive when the loss's log-softmax runs:
+    autocast would otherwise keep one of every weight to the end of the forward's region."""
+    model = tiny_model(noise=0.1, **SMALL_VOCAB)
+    data = write_val_shard(str(tmp_path), 100)
+    weight_shapes = {p.shape for p in model.parameters() if p.dim() == 2}
+    with LiveWeightCasts(weight_shapes) as casts:
+        evals.val_loss(model, data, 4, amp_dtype=torch.bfloat16)
+        evals.hellaswag(tiny_model(noise=0.1), hellaswag_set()[:2], amp_dtype=torch.bfloat16)
+    assert casts.made > 0 and casts.alive_at_loss == [0] * len(casts.alive_at_loss) != []
+
+
+class LiveWeightCasts(TorchDispatchMode):
+    """Counts bf16 copies of tensors shaped as weights (autocast's casts) still alive each time
+    a log-softmax runs."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.casts, self.made, self.alive_at_loss = shapes, [], 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._log_softmax.default:
+            self.alive_at_loss.append(sum(ref() is not None for ref in self.casts))
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype == torch.bfloat16 and out.shape in self.shapes:
+            self.casts.append(weakref.ref(out))
+            self.made += 1
+        return out
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor (in elements) any aten op returns inside it."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,6 +66,17 @@ def wandb_offline_run(run_dir):
     return run_id, name, config, history
 
 
+def train_session(args):
+    """One training session as its own process would end it, W&B's files complete. run.finish()
+    returns once the run's exit is handled, but wandb-core writes an offline run's .wandb file in
+    32 KiB blocks and completes it when it closes the run's stream, after finish, asynchronously
+    (on a busy machine the file was read still empty: its run id None). A process's exit tears W&B
+    down, which waits for wandb-core to exit with every file closed: wandb.teardown() does that here."""
+    import wandb
+    train_gpt.main(args)
+    wandb.teardown()
+
+
 def scalar_rows(events):
     return [{"step": e["step"], **tracking.scalars(e)} for e in events]
 
@@ -79,10 +90,10 @@ def test_wandb_offline_and_tensorboard_get_every_event_and_a_resume_continues_th
     log_dir = str(tmp_path / "run")
     args = tiny_args(shards, log_dir, hellaswag_every=5, wandb_project="tests", wandb_run_name="tiny-run",
                      tensorboard=True)
-    train_gpt.main(args)  # steps 0-9; checkpoints after 5 and 10 steps
+    train_session(args)  # steps 0-9; checkpoints after 5 and 10 steps
     before = read_metrics(log_dir)
     os.remove(os.path.join(log_dir, "ckpt_0000010.pt"))  # as if the run had died before its last checkpoint
-    train_gpt.main(args)  # resumes after 5 steps: steps 5-9 again
+    train_session(args)  # resumes after 5 steps: steps 5-9 again
     events = read_metrics(log_dir)
     # metrics.jsonl was cut back to the checkpoint: steps 0-4 and the evaluations after 5 steps, made
     # before it was written; then the resumed session's events. One line per step (issue 28.6).

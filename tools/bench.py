@@ -1,6 +1,6 @@
-"""Benchmark training speed: tokens/s, ms/step, MFU and peak memory of the real training step,
-then the data loader's own throughput and host memory. A measurement, not a test: the numbers
-depend on the machine and on whatever else runs on it.
+"""Benchmark training speed: tokens/s, ms/step, MFU and peak memory of the real training step, the
+peak memory of validating a micro batch, then the data loader's own throughput and host memory. A
+measurement, not a test: the numbers depend on the machine and on whatever else runs on it.
 
     python -m tools.bench --model=tiny --seq_len=256 --micro_batch_size=8        # CPU, small model
     python -m tools.bench --model=gpt2 --seq_len=256 --micro_batch_size=2        # CPU, GPT-2 124M
@@ -24,6 +24,12 @@ datasheet's dense bf16 peak (runlog.GPU_PEAK_FLOPS); on the CPU, which has no su
 the rate of a matrix product in the dtype that trains, measured in this run (a 2048^3 product
 after every timed step; their median, as for the steps), as the step line's MFU is
 (runlog.peak_flops). MFU against the fastest of those products is reported too.
+
+Memory: the peak of the tensors alive during one training step and during validation of one micro
+batch (evals.validation, what train_gpt.py runs between steps), model and optimizer included, so
+the two compare: on CUDA torch.cuda.max_memory_allocated, on the CPU the allocations torch's
+profiler records (tools/plan.py's measure_peak_bytes, on one more step). The host's max RSS is
+the process's peak over the timed steps.
 """
 
 import contextlib
@@ -43,9 +49,10 @@ import numpy as np
 import torch
 
 import train_gpt
-from dataloader import DataLoader
+from dataloader import DataLoader, ValidationData
 from model import flops_per_token, num_params
-from support import cli, fastpath, runlog, runtime, settings
+from support import cli, evals, fastpath, runlog, runtime, settings
+from tools.plan import measure_peak_bytes
 
 
 @dataclass
@@ -105,6 +112,8 @@ class BenchResult:
     mfu_vs_best_matmul: Optional[float]  # CPU: against the fastest matmul sample, the strictest yardstick
     peak_memory_mb: float  # CUDA: max allocated; CPU: host max RSS
     host_max_rss_mb: float
+    step_allocated_mb: float  # tensors alive at a training step's peak (model and optimizer included)
+    eval_allocated_mb: float  # tensors alive at the peak of validating one micro batch (the same included)
     cpu_user_s_per_step: float  # host CPU time, median per step
     cpu_sys_s_per_step: float  # time in the kernel: high when fresh pages are faulted in
     page_faults_per_step: float
@@ -246,8 +255,8 @@ def optimizer_name(optimizer):
 
 def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
     """Build the model and optimizer as train_gpt.py does and time train_gpt.train_step. Returns
-    the model, the optimizer, the warm-up's seconds, a StepTimer per timed step, the last loss, and
-    the yardstick samples taken after each step (none without sample_yardstick)."""
+    the model, the optimizer, the warm-up's seconds, a StepTimer per timed step, the last loss, the
+    yardstick samples taken after each step (none without sample_yardstick), and the step itself."""
     raw_model, model = train_gpt.build_model(s, config, rt)
     optimizer = train_gpt.build_optimizer(s, rt, raw_model, log=lambda msg: None)
     next_batch = synthetic_batches(s, config)
@@ -266,7 +275,29 @@ def bench_steps(s, opts, rt, config, accum, sample_yardstick=None):
         timers.append(timer)
         if sample_yardstick:
             samples.append(sample_yardstick())
-    return raw_model, optimizer, warmup_s, timers, loss.item(), samples
+    return raw_model, optimizer, warmup_s, timers, loss.item(), samples, step
+
+
+def peak_allocated_mb(device, fn, *holders):
+    """MB of tensors alive at the peak of fn(), those of holders (model, optimizer) included: on
+    CUDA the allocator's own peak, on the CPU the allocations torch's profiler records."""
+    if device.type != "cuda":
+        return measure_peak_bytes(fn, *holders) / 2**20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def eval_allocated_mb(s, rt, raw_model, optimizer):
+    """peak_allocated_mb of evals.validation over one micro batch of random windows (a val shard
+    in a temporary folder), as train_gpt.py validates between steps."""
+    with tempfile.TemporaryDirectory(prefix="bench_val_") as folder:
+        write_shard(os.path.join(folder, "bench_val_000000.npy"), s.micro_batch_size * s.seq_len + 1, seed=1)
+        data = ValidationData(folder, s.seq_len, s.micro_batch_size * s.seq_len)
+        validate = lambda: evals.validation(raw_model, data, s.micro_batch_size, amp_dtype=rt.amp_dtype)
+        return peak_allocated_mb(rt.device, validate, raw_model, optimizer)
 
 
 def bench(s, opts):
@@ -276,8 +307,12 @@ def bench(s, opts):
     config, accum = resolve(s)
     measured = rt.device.type == "cpu" and not s.peak_flops  # else the setting or a datasheet
     with attention_kernel(opts.sdpa_kernel):
-        raw_model, optimizer, warmup_s, timers, loss, samples = bench_steps(
+        raw_model, optimizer, warmup_s, timers, loss, samples, step = bench_steps(
             s, opts, rt, config, accum, sample_yardstick=matmul_sampler(getattr(torch, s.dtype)) if measured else None)
+        peak_memory_mb = torch.cuda.max_memory_allocated(rt.device) / 2**20 if rt.device.type == "cuda" else None
+        rss_mb = host_max_rss_mb()  # the timed steps' peak, before the measurements below
+        step_mb = peak_memory_mb or peak_allocated_mb(rt.device, step, raw_model, optimizer)
+        eval_mb = eval_allocated_mb(s, rt, raw_model, optimizer)
     peak = statistics.median(samples) if measured else runlog.peak_flops(s, rt.device)
     source = ("setting" if s.peak_flops else f"measured {s.dtype} matmul" if measured else
               "datasheet" if peak else "unknown")
@@ -302,12 +337,12 @@ def bench(s, opts):
         tokens_per_sec=tokens_per_sec, flops_per_token=flops_token,
         achieved_flops=tokens_per_sec * flops_token, peak_flops=peak, peak_source=source,
         matmul_rates=samples, mfu=mfu(peak), mfu_vs_best_matmul=mfu(max(samples)) if measured else None,
-        peak_memory_mb=torch.cuda.max_memory_allocated(rt.device) / 2**20 if cuda else host_max_rss_mb(),
-        host_max_rss_mb=host_max_rss_mb(),
+        peak_memory_mb=peak_memory_mb or rss_mb, host_max_rss_mb=rss_mb,
+        step_allocated_mb=step_mb, eval_allocated_mb=eval_mb,
         cpu_user_s_per_step=statistics.median(t.user for t in timers),
         cpu_sys_s_per_step=statistics.median(t.sys for t in timers),
         page_faults_per_step=statistics.median(t.faults for t in timers), final_loss=loss)
-    del raw_model, optimizer
+    del raw_model, step, optimizer
     if opts.loader_tokens:
         result.loader = bench_loader(s, opts, step_s / accum)
     return result
@@ -383,6 +418,8 @@ def table(r):
         ("model FLOP/s", f"{r.achieved_flops / 1e9:,.1f} GFLOP/s ({r.flops_per_token / 1e6:.1f} MFLOP/token)"),
         ("MFU", mfu_text(r)),
         ("peak memory", memory),
+        ("allocated", f"{r.step_allocated_mb:,.0f} MB at a training step's peak, {r.eval_allocated_mb:,.0f} MB "
+                      f"validating a micro batch (model and optimizer included)"),
         ("CPU per step", f"user {r.cpu_user_s_per_step:.3f} s, sys {r.cpu_sys_s_per_step:.3f} s, "
                          f"{r.page_faults_per_step:,.0f} page faults"),
     ]
