@@ -217,7 +217,9 @@ def test_bench_times_the_optimizer_train_gpt_builds(capsys, monkeypatch):
     result = bench.main(TINY_BENCH + ["--loader_tokens=0", "--steps=1", "--warmup=0", "--peak_flops=1e12",
                                       "--against=optimizer=muon"])
     table = capsys.readouterr().out
-    assert len(calls) == 1  # the against run's one timed step; none in the AdamW run
+    # the against run's one timed step, and the step whose memory is measured after it (the CPU's
+    # profiled step); none in the AdamW run
+    assert len(calls) == 2
     assert result.optimizer == "AdamW (fused)" and "optimizer AdamW (fused), " in table
     muon = f"AdamW (fused) + {calls[0]}"  # Muon, or Float32Muon on a CPU without bf16 units
     assert result.against.optimizer == muon and f"optimizer {muon}, " in table
