@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from support import run_guard
-from support.cli import RunError
+from support.cli import RunError, SettingsError
 from support.fastpath import cpu_has_bf16, keep_freed_memory
 
 
