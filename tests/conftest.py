@@ -52,7 +52,9 @@ def shards(tmp_path_factory):
 TINY = dict(model="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, micro_batch_size=4,
             total_batch_size=4 * 32 * 2, max_lr=3e-3, warmup_steps=2, max_steps=10, val_every=5,
             val_tokens=2048, hellaswag_every=0, sample_every=0, checkpoint_every=5, device="cpu",
-            dtype="float32")
+            dtype="float32", peak_flops=1e12)  # MFU against a given peak: measuring the CPU's matmul
+# rate would cost each run 1-2 s (the suite's several hundred runs: minutes); tests/test_cli.py and
+# tests/test_bench.py measure it.
 
 
 def tiny_args(data_dir, log_dir, **overrides):

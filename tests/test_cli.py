@@ -223,7 +223,8 @@ def test_step_line_carries_elapsed_and_eta(shards, tmp_path, monkeypatch):
     run was measured against fp32 products and read "1.48x fp32 matmul")."""
     timed = []  # the yardstick's products, by dtype (not run: only what was asked is checked here)
     monkeypatch.setattr(runlog, "matmul_rate", lambda a, b: timed.append((a.dtype, b.dtype)) or 1e12)
-    train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=3, val_every=0, checkpoint_every=100, dtype="bfloat16"))
+    train_gpt.main(tiny_args(shards, str(tmp_path), max_steps=3, val_every=0, checkpoint_every=100, dtype="bfloat16",
+                               peak_flops=0))  # 0: measured
     with open(tmp_path / "log.txt") as f:
         steps = [line for line in f if line.startswith("step ")]
     assert len(steps) == 3 and all(re.search(r"\| \d+s elapsed, ETA (\d+s|\d+m\d\ds)$", l) for l in steps)

@@ -363,9 +363,10 @@ def test_every_setting_is_checked_before_any_work(shards, tmp_path, setting, mes
 NUMERIC_SETTINGS = [f.name for f in dataclasses.fields(Settings) if f.type in (int, float, Optional[int], Optional[float])]
 USED_WITH = dict(muon_lr=dict(optimizer="muon"), muon_momentum=dict(optimizer="muon"),  # where it does something
                  muon_weight_decay=dict(optimizer="muon"), attention_band=dict(attention="gpt3"))
-# Two steps of one micro batch, no validation, no timing of the CPU's matmul for MFU: ~0.3 s a run.
-QUICK = dict(max_steps=2, warmup_steps=1, total_batch_size=4 * 32, val_every=0, peak_flops=1e12)
-SPEED_ONLY = ("peak_flops",)  # QUICK's only to spare the timing (seconds); their defaults train in every tiny run
+# Two steps of one micro batch, no validation (and, as every tiny run, no timing of the CPU's
+# matmul for MFU): ~0.3 s a run.
+QUICK = dict(max_steps=2, warmup_steps=1, total_batch_size=4 * 32, val_every=0)
+SPEED_ONLY = ("peak_flops",)  # given only to spare the timing; its default trains in tests/test_cli.py's step-line test
 
 
 @pytest.fixture(scope="module")
@@ -384,8 +385,7 @@ def test_every_numeric_setting_at_0_minus_1_nan_and_inf_trains_or_stops_in_one_l
     stops the run in one line naming the setting, before any step and before the log folder is
     made, or trains finite steps with that very value (seq_len=0 once trained as block_size). No
     setting means anything at -1, NaN or Inf. A value whose settings are the QUICK run's (up to
-    SPEED_ONLY settings at their defaults, which every tiny run of the suite trains with) is not
-    trained again."""
+    SPEED_ONLY settings at their defaults, trained elsewhere) is not trained again."""
     base = {**QUICK, **USED_WITH.get(name, {})}
     for tokens, steps in SAME_THING:  # its other unit would make any value "the same thing twice"
         base.pop(steps if name == tokens else tokens if name == steps else None, None)
