@@ -27,7 +27,7 @@ from model import GPT, ConfigError, configure_optimizers, flops_per_token
 from support import checkpoint, cli, evals, run_guard, settings
 from support.activation_checkpoint import apply_activation_checkpointing
 from support.cli import SettingsError
-from support.fastpath import clip_gradients, sparse_embedding_pays
+from support.fastpath import clip_gradients, gradient_norm, sparse_embedding_pays
 from support.hf import gpt_from_hf
 from support.resume import Checkpointer, choose_checkpoints
 from support.runlog import RunLog, StepMeter, open_trackers
@@ -369,7 +369,12 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None)
         loss = loss / accum
         loss_accum += loss.detach()
         loss.backward()
-    norm = clip_gradients(list(raw_model.parameters()), optimizer, s.grad_clip)
+    # GPT-3 clips the gradient's global norm at 1.0 (grad_clip): a longer gradient is scaled down
+    # to that length, so one bad batch cannot throw the weights far.
+    params = list(raw_model.parameters())
+    norm = gradient_norm(params)
+    if s.grad_clip > 0:
+        clip_gradients(params, optimizer, s.grad_clip, norm)
     loss_accum = all_reduce_mean(loss_accum, rt, stop)
     finite = bool(torch.isfinite(loss_accum) & torch.isfinite(norm))  # the step's one host sync
     if finite:
@@ -420,6 +425,23 @@ def due(step, every, last):
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
+def session_end(s, progress, stop=None, guard=None):
+    """The loop's stopping decision, made after each step: None to train on, or why this session
+    ends. "signal": any rank was sent one (the flag rode on the step's all-reduce), so the
+    checkpoint is saved at once; "the end" (max_tokens trained) and "stop_step" finish with the
+    evaluations due and a checkpoint. max_bad_steps NaN/Inf steps in a row raise here instead: the
+    NaN guard sets aside the checkpoint of the weights they came from and says where to resume."""
+    if guard:
+        guard.stop_if_too_many(progress.step - 1)
+    if stop and stop.agreed():
+        return "signal"
+    if progress.tokens >= s.max_tokens:
+        return "the end"
+    if 0 < s.stop_step <= progress.step:
+        return "stop_step"
+    return None
+
+
 def train(s, stop=None):
     """Check every setting, then train with log_dir locked to this run (one writer per folder).
     Bad settings stop here, before any work and before the log folder is made."""
@@ -456,8 +478,9 @@ def train(s, stop=None):
 
         # The schedule's clock is tokens: the run ends once max_tokens are trained (the last step
         # may pass it by less than one step); --stop_step only ends this session.
+        ending = session_end(s, progress)  # a resumed run may have nothing left to train
         stop.armed = True  # from here a signal saves a checkpoint after the current step
-        while progress.tokens < s.max_tokens and not (0 < s.stop_step <= progress.step):
+        while not ending:
             accum = accum_steps_at(progress.tokens, s, tokens_per_micro)
             step_tokens = accum * tokens_per_micro
             lr = lr_at(progress.tokens, step_tokens, s)
@@ -466,22 +489,22 @@ def train(s, stop=None):
             meter.start()
             loss, norm, finite = train_step(s, rt, model, raw_model, optimizer, loader.next_batch, accum, stop)
             progress.bad_steps = guard.step_done(finite, raw_model, progress.step, lr)  # NaN weights stop here
-            stopping = stop.agreed()  # a signal to any rank: it rode on this step's loss all-reduce
             progress.tokens += step_tokens
             log.step(progress.step, loss, norm, lr, step_tokens, finite, meter.stop(step_tokens, progress), guard)
-            guard.stop_if_too_many(progress.step)  # its broken weights' checkpoint set aside
             progress.step += 1
-            last = progress.tokens >= s.max_tokens or progress.step == s.stop_step
-            if stopping:  # the checkpoint first: an evaluation could outlast the launcher's grace period
+            # after each step, one decision on every rank alike: train on, or end this session
+            ending = session_end(s, progress, stop, guard)
+            if ending == "signal":  # the checkpoint first: an evaluation could outlast the launcher's grace period
                 path = checkpointer.save(progress, now=True)
-                skipped = evals_due(s, progress.step, last, val_data, hellaswag_data)
+                complete = session_end(s, progress) is not None
+                skipped = evals_due(s, progress.step, complete, val_data, hellaswag_data)
                 if skipped:
                     log(f"step {progress.step:5d} | {', '.join(skipped)} skipped: stopping on a signal")
-                raise stop.stopped(progress.step, path, rt.world_size, complete=last)
+                raise stop.stopped(progress.step, path, rt.world_size, complete=complete)
             # once in a while: validation, HellaSwag, samples (all ranks take part)
-            val_loss = run_evals(s, rt, progress.step, last, raw_model, val_data, hellaswag_data, log)
+            val_loss = run_evals(s, rt, progress.step, bool(ending), raw_model, val_data, hellaswag_data, log)
             progress.last_val = progress.last_val if val_loss is None else val_loss
-            checkpointer.save(progress, last=last)  # every checkpoint_every steps, and at the end
+            checkpointer.save(progress, last=bool(ending))  # every checkpoint_every steps, and at the end
     return raw_model
 
 

@@ -50,31 +50,32 @@ def sparse_embedding_pays(s, rt):
     return rt.device.type == "cpu" and not s.compile
 
 
-def clip_gradients(params, optimizer, max_norm):
-    """Scale the step's gradient down to norm max_norm when it is larger (0: never); returns the
-    norm before clipping, as a tensor (reading it would sync with the device).
-
-    On the CPU, where it was measured to pay (docs/performance.md), two of clip_grad_norm_'s
-    costs are saved: the norm comes from BLAS dot products (torch's foreach norm runs there a
-    tensor at a time at half their speed), and with the fused AdamW the multiply is left to the
-    optimizer kernel, which divides each gradient by the optimizer's `grad_scale` as it reads it
-    (the hook torch's GradScaler unscales through). Elsewhere torch's own clipping runs."""
+def gradient_norm(params):
+    """The global L2 norm of the parameters' gradients, as a tensor (reading it would sync with
+    the device). On the CPU it comes from BLAS dot products, where that was measured to pay
+    (docs/performance.md): torch's foreach norm runs there a tensor at a time at half their
+    speed. Elsewhere, and for FSDP's sharded DTensors, torch's own norm, made whole."""
     grads = [p.grad for p in params if p.grad is not None]
-    if any(hasattr(g, "device_mesh") for g in grads):  # FSDP's sharded DTensors: torch's own way
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if not (grads and grads[0].device.type == "cpu"):
-        if max_norm <= 0:
-            return torch.nn.utils.get_total_norm(grads)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
-    if max_norm <= 0:
-        return norm
-    for part in getattr(optimizer, "optimizers", {"": optimizer}).values():  # model.CombinedOptimizer's parts
+    if grads and grads[0].device.type == "cpu" and not any(hasattr(g, "device_mesh") for g in grads):
+        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def clip_gradients(params, optimizer, max_norm, norm):
+    """Scale the gradients down to global norm max_norm when their norm (gradient_norm's) is
+    larger, as torch's clip_grad_norm_ does. On the CPU, with the fused AdamW, the multiply is
+    left to the optimizer kernel, which divides each gradient by the optimizer's `grad_scale` as
+    it reads it (the hook torch's GradScaler unscales through): one pass over the gradients fewer
+    (docs/performance.md)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or grads[0].device.type != "cpu" or any(hasattr(g, "device_mesh") for g in grads):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return
+    for part in getattr(optimizer, "optimizers", {"": optimizer}).values():  # CombinedOptimizer's parts
         if part.defaults.get("fused"):
             part.grad_scale = (norm / max_norm).clamp_min(1.0)  # > 1: the gradient is divided by it
         elif part is optimizer:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         else:  # Muon: its own parameters, scaled before it steps
             torch.nn.utils.clip_grads_with_norm_([p for g in part.param_groups for p in g["params"]], max_norm, norm)
-    return norm

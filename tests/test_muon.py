@@ -8,7 +8,7 @@ import torch
 import train_gpt
 from conftest import read_metrics, tiny_args, train_losses
 from model import GPT, CombinedOptimizer, Float32Muon, GPTConfig, MuonConfig, configure_optimizers
-from support.fastpath import clip_gradients
+from support.fastpath import clip_gradients, gradient_norm
 from train_gpt import Settings, lr_at, parse_settings, wsd_multiplier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +102,8 @@ def test_clipping_with_muon_equals_torch_clip_then_step():
     ref_opt, opt = muon_optimizer(ref), muon_optimizer(model)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     ref_opt.step()
-    norm = clip_gradients(list(model.parameters()), opt, 1.0)
+    norm = gradient_norm(list(model.parameters()))
+    clip_gradients(list(model.parameters()), opt, 1.0, norm)
     opt.step()
     assert ref_norm.item() > 10
     torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
@@ -269,7 +270,7 @@ import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from model import GPT, Float32Muon, MuonConfig, configure_optimizers, muon_params, preset_config
-from support.fastpath import clip_gradients
+from support.fastpath import clip_gradients, gradient_norm
 from support.sharded_muon import ShardedMuon
 from tools import plan
 
@@ -324,7 +325,9 @@ x = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().man
 norms = []
 for step in range(2):
     model(x, x)[1].backward()
-    norms.append(clip_gradients(list(model.parameters()), optimizer, 0.05).item())
+    norms.append(gradient_norm(list(model.parameters())))
+    clip_gradients(list(model.parameters()), optimizer, 0.05, norms[-1])
+    norms[-1] = norms[-1].item()
     optimizer.optimizers["adamw"].step()
     if step == 0:
         optimizer.optimizers["muon"].step()

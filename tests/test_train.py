@@ -12,7 +12,7 @@ import convert_hf
 import train_gpt
 from conftest import ROOT, read_metrics, tiny_args, train_losses
 from model import GPT, GPTConfig
-from support.fastpath import clip_gradients
+from support.fastpath import clip_gradients, gradient_norm
 from train_gpt import Settings, accum_steps_at, lr_at, parse_settings
 from support import hf, runlog, runtime
 from support.settings import SAME_THING
@@ -47,7 +47,8 @@ def test_clip_gradients_matches_torch_clip_then_adamw(fused):
 
     model = _model_with_grads()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-    norm = clip_gradients(list(model.parameters()), opt, 1.0)
+    norm = gradient_norm(list(model.parameters()))
+    clip_gradients(list(model.parameters()), opt, 1.0, norm)
     opt.step()
     assert ref_norm.item() > 10
     torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
@@ -57,13 +58,29 @@ def test_clip_gradients_matches_torch_clip_then_adamw(fused):
         torch.testing.assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], rtol=1e-5, atol=1e-9)
 
 
-def test_clip_gradients_zero_means_never():
-    model = _model_with_grads()
-    before = [p.grad.clone() for p in model.parameters()]
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_train_step_clips_at_grad_clip_and_zero_never_clips(grad_clip):
+    """train_step's clipping against torch's clip_grad_norm_ then AdamW, on the moments (AdamW's
+    update hardly changes with the gradient's scale); --grad_clip=0 steps on the gradient as it is."""
+    config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = GPT(config, seed=0)
+    ref(x, x)[1].backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    ref_opt.step()
+
+    model = GPT(config, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    norm = clip_gradients(list(model.parameters()), opt, 0.0)
-    assert norm.item() > 10 and getattr(opt, "grad_scale", None) is None
-    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    s = Settings(grad_clip=grad_clip)
+    rt = runtime.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), amp_dtype=None, is_main=True)
+    loss, norm, finite = train_gpt.train_step(s, rt, model, model, opt, lambda: (x, x), accum=1)
+    assert finite and ref_norm.item() > 100 * 1e-3
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref_opt.state[r]["exp_avg"], rtol=1e-5, atol=1e-12)
+    unclipped = torch.nn.utils.get_total_norm([opt.state[p]["exp_avg"] for p in model.parameters()]) / 0.1
+    assert torch.isclose(unclipped, ref_norm, rtol=1e-4) == (grad_clip == 0)  # the moment is 0.1 x the gradient
 
 
 def resolved(*args):
