@@ -1,6 +1,8 @@
 """GPT-2 weights in and out of the Hugging Face format (transformers.GPT2LMHeadModel).
 
 Our parameter names are GPT-2's, so the mapping is one to one, except that
+- GPT-2 fuses attention's queries, keys and values into one attn.c_attn, where we have three
+  (attn.c_q, c_k, c_v): export concatenates them, import splits them;
 - HF's GPT-2 uses Conv1D, which stores the four matmul weights (attn.c_attn, attn.c_proj,
   mlp.c_fc, mlp.c_proj) transposed relative to nn.Linear;
 - our embedding and lm_head have padded_vocab_size rows (50304); HF has vocab_size (50257). The

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
-from model import GPT, ConfigError, configure_optimizers, flops_per_token
+from model import GPT, ConfigError, flops_per_token
 from support import checkpoint, cli, evals, run_guard, settings
 from support.activation_checkpoint import apply_activation_checkpointing
 from support.cli import SettingsError
-from support.fastpath import clip_gradients, gradient_norm, sparse_embedding_pays
+from support.fastpath import choose_training_paths, clip_gradients, gradient_norm
 from support.hf import gpt_from_hf
+from support.optim import configure_optimizers
 from support.resume import Checkpointer, choose_checkpoints
 from support.runlog import RunLog, StepMeter, open_trackers
 from support.runtime import all_reduce_mean, fsdp_mesh, setup_runtime
@@ -44,7 +45,7 @@ USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.C
 
 @dataclass
 class Settings:
-    # model: a preset of model.PRESETS (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt3-small ...
+    # model: a preset of support/presets.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt3-small ...
     # gpt3-175b, tiny). The numbers below are gpt2's, the seed's GPT-2 124M run; another preset
     # replaces them with its own (a setting given on the command line still wins)
     model: str = "gpt2"  # the preset: its dimensions, context, LR, batch and token schedule
@@ -272,7 +273,7 @@ def build_model(s, config, rt):
     if s.init_from:
         raw_model.load_state_dict(load_init_state(s, config))
     raw_model.to(rt.device)
-    raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
+    choose_training_paths(raw_model, s, rt)
     apply_activation_checkpointing(raw_model, s.activation_checkpointing)
     model = torch.compile(raw_model) if s.compile else raw_model
     if rt.world_size > 1:
@@ -302,7 +303,7 @@ def build_fsdp_model(s, config, rt):
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
     raw_model.to_empty(device=rt.device)
     raw_model.init_weights(s.seed)  # the same weights as without FSDP
-    raw_model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
+    choose_training_paths(raw_model, s, rt)
     if s.init_from:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(raw_model, load_init_state(s, config),
@@ -333,7 +334,7 @@ def initial_weights(path):
 
 def build_optimizer(s, rt, raw_model, log):
     """AdamW, or with --optimizer=muon Muon for the blocks' matrices and AdamW for the rest
-    (model.configure_optimizers); under FSDP, Muon steps each matrix gathered whole (ShardedMuon).
+    (support/optim.py); under FSDP, Muon steps each matrix gathered whole (ShardedMuon).
     tools/bench.py times what this builds."""
     return configure_optimizers(raw_model, s.weight_decay, s.max_lr, rt.device.type, log=log,
                                 muon=muon_config(s, rt.device), sharded_muon=ShardedMuon if s.fsdp else None)
@@ -363,7 +364,7 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None)
             # whole model's gradients unsharded (docs/distributed.md).
             model.set_requires_gradient_sync(micro_step == accum - 1)
         with autocast():
-            _, loss = model(x, y, return_logits=not s.chunked_loss)
+            loss = model(x, y)
         # The gradient of the step is the mean over all micro batches: scale each micro loss
         # by 1/accum, since backward() sums into .grad.
         loss = loss / accum

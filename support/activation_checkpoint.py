@@ -15,7 +15,7 @@ torch.utils.checkpoint.checkpoint, and it behaves the same eager and compiled on
 
 Applied outside the model (model.py stays plain), before torch.compile and fully_shard, in that
 order as torchtitan does. Only each block's `forward` is replaced: no wrapper module, so parameter
-and state-dict names stay those of the plain GPT (`transformer.h.0.attn.c_attn.weight`).
+and state-dict names stay those of the plain GPT (`transformer.h.0.attn.c_q.weight`).
 FSDP2's hooks stay on the block itself: the block's parameters are gathered by its pre-backward
 hook before autograd reaches the recomputation inside it.
 """

@@ -463,3 +463,52 @@ def load_sharded(path, model_state, optimizer_state):
     except (Exception, CheckpointException) as e:
         raise CorruptCheckpoint(f"sharded checkpoint {path} could not be read ({one_line(e)})") from e
     return extra
+
+
+def sharded_names(path):
+    """The names of the values a sharded folder holds, as DCP flattened them
+    ("model.transformer.wte.weight", "optimizer.state.<name>.exp_avg", ...)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+    except Exception as e:
+        raise CorruptCheckpoint(f"sharded checkpoint {path} could not be read ({one_line(e)})") from e
+
+
+def load_sharded_whole(path, parts=("model", "optimizer")):
+    """The whole tensors of a sharded folder's parts (of "model" and "optimizer"), as plain CPU
+    tensors, nested as they were saved; every process that calls it reads all of them. For a folder
+    whose tensors this run's model names otherwise (support/fused_qkv.py): they are renamed whole,
+    then loaded as a checkpoint file's are. Returns (that dict, the plain values of extra.pt)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    extra = load_file(os.path.join(path, "extra.pt"))
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+        flat = {name: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
+                for name, m in metadata.state_dict_metadata.items() if name.split(".")[0] in parts}
+        with warnings.catch_warnings():  # read by one process (evaluate.py), DCP warns that it assumes so
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(flat, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:
+        raise CorruptCheckpoint(f"sharded checkpoint {path} could not be read ({one_line(e)})") from e
+    nested = {}
+    for name, value in flat.items():  # each value to where it was saved: a path of dict keys and list indices
+        *path_to, last = metadata.planner_data[name]
+        place = nested
+        for key in path_to:
+            place = place.setdefault(key, {})
+        place[last] = value
+    return as_lists(nested), extra
+
+
+def as_lists(obj):
+    """A nested dict with the lists of the saved state as dicts keyed 0, 1, ...: those as lists again."""
+    if not isinstance(obj, dict):
+        return obj
+    items = {k: as_lists(v) for k, v in obj.items()}
+    if items and all(isinstance(k, int) for k in items):
+        return [items[i] for i in range(len(items))]
+    return items

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import GPT, IGNORE_INDEX, GPTConfig
-from support import checkpoint, cli
+from support import checkpoint, cli, fused_qkv
 from support.files import replace_atomically
 from support.tokenizer import gpt2_tokenizer
 
@@ -102,8 +102,7 @@ def token_losses(model, x, targets):
     targets (B, T); 0 where the target is -1 (no target: padding, a HellaSwag context). Through the
     model's chunked path (GPT.token_losses): logits only for the scored rows, a chunk at a time, so
     evaluation never holds the (B, T, V) logits or an fp32 copy of them (13 GB each at B=64, T=1024)."""
-    _, losses = model(x, targets.masked_fill(targets == -1, IGNORE_INDEX), return_logits=False, reduction="none")
-    return losses
+    return model(x, targets.masked_fill(targets == -1, IGNORE_INDEX), reduction="none")
 
 
 def val_loss(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None, progress=False):
@@ -352,7 +351,9 @@ def load_checkpoint(path, device="cpu", warn=None):
     shards are not read. Every reader outside a training run's resume comes here (evaluate.py,
     convert_hf.py export, --init_from), and it trusts a checkpoint as a resume does: its checksums
     match (every shard of a folder), and no weight is NaN/Inf, which training never saves. One
-    without its checksum record is loaded with a warning (warn; default: stderr)."""
+    without its checksum record is loaded with a warning (warn; default: stderr). One written
+    before the model split attention's q, k and v (one c_attn) is split as it loads
+    (support/fused_qkv.py)."""
     sharded = os.path.isdir(path)
     if not os.path.exists(os.path.join(path, "extra.pt") if sharded else path):
         raise cli.NotFound(f"{path!r} is not a checkpoint file or sharded checkpoint folder (with extra.pt); "
@@ -364,10 +365,12 @@ def load_checkpoint(path, device="cpu", warn=None):
                          f"Face weights use --hf, or convert them: python convert_hf.py import HF_PATH OUT.pt")
     with torch.device(device):
         model = GPT(GPTConfig(**state["model_config"]))
-    if sharded:
+    if sharded and fused_qkv.is_fused(checkpoint.sharded_names(path)):
+        model.load_state_dict(fused_qkv.split_model_state(checkpoint.load_sharded_whole(path, ("model",))[0]["model"]))
+    elif sharded:
         checkpoint.load_sharded(path, model.state_dict(), {})  # fills the model's tensors in place
     else:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(fused_qkv.split_model_state(state["model"]))
     bad = checkpoint.nonfinite_tensors(model.state_dict())
     if bad:
         raise checkpoint.CorruptCheckpoint(f"checkpoint {path} holds NaN/Inf in {len(bad)} weight tensors (e.g. "

@@ -1,12 +1,16 @@
 """Measured fast paths, each taken only where it was measured to pay (docs/performance.md): glibc
-kept from returning freed memory to the kernel, the bf16 probe, a sparse gradient for the tied
-embedding, and gradient clipping through BLAS dot products and the fused optimizer's grad_scale."""
+kept from returning freed memory to the kernel, the bf16 probe, the model's training paths (the
+chunked loss, a sparse gradient for the tied embedding), and gradient clipping through BLAS dot
+products and the fused optimizer's grad_scale."""
 
 import ctypes
 import os
 import sys
 
 import torch
+
+from model import full_cross_entropy
+from support.loss import chunked_cross_entropy
 
 
 def keep_freed_memory():
@@ -43,10 +47,22 @@ def cpu_has_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def choose_training_paths(model, s, rt):
+    """Set how the model (a GPT) computes its training loss: the trainer's choices, not the model's.
+    --chunked_loss (on by default on the CPU): the loss from chunks of rows, never the full (B, T, V)
+    logits (support/loss.py), where the full logits' F.cross_entropy is the model's own. And a
+    sparse gradient for the tied token embedding where it pays (sparse_embedding_pays)."""
+    model.loss_fn = chunked_cross_entropy if s.chunked_loss else full_cross_entropy
+    model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
+
+
 def sparse_embedding_pays(s, rt):
-    """A sparse gradient for the tied token embedding (model.GPT.forward) saves a (V, C) table's
-    zeroing and addition each step on the CPU (docs/performance.md); on GPUs that costs
-    microseconds, and compiled graphs hold no sparse tensors."""
+    """A sparse gradient for the tied token embedding (model.GPT.forward). The embedding is the
+    lm_head's weight, so its gradient is the sum of the two uses'. The embedding's dense backward
+    zeroes a whole (V, C) fp32 table (155 MB at gpt2 size) to scatter B*T rows into, and autograd
+    then adds that table to the lm_head's gradient; a sparse one holds just the B*T rows. That
+    saves the table's zeroing and addition each step on the CPU (docs/performance.md); on GPUs
+    it saves microseconds, and compiled graphs hold no sparse tensors."""
     return rt.device.type == "cpu" and not s.compile
 
 

@@ -1,6 +1,8 @@
 """GPT-2 weights in and out of the Hugging Face format (transformers.GPT2LMHeadModel).
 
 Our parameter names are GPT-2's, so the mapping is one to one, except that
+- GPT-2 fuses the attention's queries, keys and values into one matrix, attn.c_attn, where we have
+  three, attn.c_q, c_k and c_v: export concatenates them, import splits them (support/fused_qkv.py);
 - HF's GPT-2 uses Conv1D, which stores the four matmul weights (attn.c_attn, attn.c_proj,
   mlp.c_fc, mlp.c_proj) transposed relative to nn.Linear;
 - our embedding and lm_head have padded_vocab_size rows (50304); HF has vocab_size (50257). The
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from model import GPT, GPTConfig, padded_vocab
 from support import cli
 from support.files import replace_atomically
+from support.fused_qkv import fuse_model_state, fused_name, split_model_state
 from support.tokenizer import gpt2_tokenizer_files
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -32,6 +35,11 @@ def parameter_names(config):
     """Our state_dict keys for a config (the model is built on the meta device: no memory)."""
     with torch.device("meta"):
         return list(GPT(config).state_dict())
+
+
+def hf_names(config):
+    """GPT-2's tensors for a config: ours, with q, k and v as one c_attn."""
+    return [name for name in map(fused_name, parameter_names(config)) if name is not None]
 
 
 def hf_config(config):
@@ -90,10 +98,11 @@ def export_hf(model_or_state_dict, config: GPTConfig, out_dir, progress=False):
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
         raise cli.BadInput("lm_head.weight differs from transformer.wte.weight; HF GPT-2 ties them, so the "
                          "export would change the model")
+    ours = fuse_model_state({name: state[name].detach().cpu() for name in parameter_names(config)})
     tensors = {}
-    names = [name for name in parameter_names(config) if name != "lm_head.weight"]  # tied to wte in HF too
+    names = [name for name in ours if name != "lm_head.weight"]  # tied to wte in HF too
     for name in tqdm(names, desc="export", unit="tensor", disable=not progress):
-        t = state[name].detach().cpu()
+        t = ours[name]
         if name.endswith(TRANSPOSED):
             t = t.t()
         if name in VOCAB_ROWS:
@@ -179,7 +188,7 @@ def import_hf(path_or_name):
                        padded_vocab_size=padded_vocab(hf.config.vocab_size), n_layer=hf.config.n_layer,
                        n_head=hf.config.n_head, n_embd=hf.config.n_embd)
     hf_state = {k: v for k, v in hf.state_dict().items() if not k.endswith(HF_BUFFERS)}
-    names = parameter_names(config)
+    names = hf_names(config)
     unexpected = sorted(set(hf_state) - set(names))
     if unexpected:
         raise cli.BadInput(f"unexpected tensors in the Hugging Face model, e.g. {unexpected[:3]}: not plain GPT-2")
@@ -191,6 +200,7 @@ def import_hf(path_or_name):
         if name in VOCAB_ROWS:
             t = torch.cat([t, t.new_zeros(config.padded_vocab_size - config.vocab_size, t.size(1))])
         state[name] = t.contiguous()
+    state = split_model_state(state)  # GPT-2's c_attn: our c_q, c_k and c_v
     state["lm_head.weight"] = state["transformer.wte.weight"]  # tied, as in our GPT
     return config, state
 

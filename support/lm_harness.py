@@ -181,7 +181,7 @@ def lm_class():
                     for j, i in enumerate(batch):
                         tokens[j, :len(rows[i][0])] = torch.tensor(rows[i][0])
                     with autocast(self.device, self.amp_dtype):
-                        logits, _ = self.model(tokens.to(self.device))
+                        logits = self.model(tokens.to(self.device))
                     for j, i in enumerate(batch):
                         inputs, continuation = rows[i]
                         span = logits[j, len(inputs) - len(continuation):len(inputs)].float()
@@ -224,7 +224,7 @@ def lm_class():
                     for _ in range(max_new):
                         idx = torch.tensor([(tokens + new)[-self.max_length:]], device=self.device)
                         with autocast(self.device, self.amp_dtype):
-                            logits, _ = self.model(idx)
+                            logits = self.model(idx)
                         token = int(logits[0, -1].argmax())
                         if token == self.eot_token_id:
                             break

@@ -10,7 +10,7 @@ import socket
 
 import torch.distributed as dist
 
-from support import checkpoint
+from support import checkpoint, fused_qkv
 from support.cli import RunError, SettingsError
 from support.files import write_failure_advice
 from support.runtime import count_on_all_ranks
@@ -76,8 +76,8 @@ def model_and_optimizer_state(s, raw_model, optimizer):
 
 
 def optimizer_parts(optimizer):
-    """The torch optimizers an optimizer is made of: a model.CombinedOptimizer's parts (AdamW and
-    Muon), or the optimizer itself. DCP's get_state_dict / set_state_dict take them as a list and
+    """The torch optimizers an optimizer is made of: a CombinedOptimizer's parts (support/optim.py:
+    AdamW and Muon), or the optimizer itself. DCP's get_state_dict / set_state_dict take them as a list and
     key the state of all of them by parameter name, in one sharded state dict."""
     return list(getattr(optimizer, "optimizers", {"": optimizer}).values())
 
@@ -285,17 +285,23 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
     """Verify one checkpoint, load it into model and optimizer and check it holds no NaN/Inf;
     every rank reaches the same verdict (agree). The optimizer keeps this run's settings
     (keep_settings). A file (one process or DDP) loads into an FSDP model too, each rank taking
-    its shards of the full tensors. Returns its plain values; raises CorruptCheckpoint."""
+    its shards of the full tensors. A checkpoint written before the model split attention's q, k
+    and v (one c_attn) is split as it loads (support/fused_qkv.py); a sharded one is read whole
+    first, on every rank. Returns its plain values; raises CorruptCheckpoint."""
     sharded = os.path.isdir(path)
     verify = not (unverified_ok and not os.path.exists(checkpoint.checksum_record(path)))
-    state, reason = None, None
+    state, reason, whole = None, None, not sharded  # whole: full tensors (a file's), not this rank's shards
     try:
         if sharded:
             if verify:
                 agree(checkpoint.verify_folder(path, rt.rank, rt.world_size), rt, path, each_reads_all=False)
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-            model_state, optim_state = get_state_dict(raw_model, optimizer_parts(optimizer))
-            state = checkpoint.load_sharded(path, model_state, optim_state)
+            if fused_qkv.is_fused(checkpoint.sharded_names(path)):  # another layout: read whole, split below
+                (tensors, state), whole = checkpoint.load_sharded_whole(path), True
+                model_state, optim_state = tensors["model"], tensors["optimizer"]
+            else:
+                from torch.distributed.checkpoint.state_dict import get_state_dict
+                model_state, optim_state = get_state_dict(raw_model, optimizer_parts(optimizer))
+                state = checkpoint.load_sharded(path, model_state, optim_state)
         else:
             if verify:
                 checkpoint.verify_file(path)
@@ -308,18 +314,24 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
         model_state, optim_state = state["model"], state["optimizer"]
     check_compatible(state, raw_model.config)
     check_same_optimizer(state, optimizer_name)
+    if fused_qkv.is_fused(model_state):
+        log(f"{path} holds attention's q, k and v fused in one c_attn (written before they were split): split as "
+            f"it loads")
+        model_state = fused_qkv.split_model_state(model_state)
+        optim_state = (fused_qkv.split_named_optimizer_state(optim_state) if sharded
+                       else fused_qkv.split_optimizer_state(optim_state, optimizer, raw_model))
     bad = checkpoint.nonfinite_tensors({"model": model_state, "optimizer": optim_state})
     nan = f"checkpoint {path} holds NaN/Inf in {len(bad)} tensors (e.g. {bad[:3]})" if bad else None
     agree(nan, rt, path, each_reads_all=not sharded)
 
     def load():
         if sharded or is_sharded_model(raw_model):
-            # A file (one process or DDP) holds full tensors: into FSDP's shards as a full state dict
+            # Full tensors (a file's: one process or DDP) go into FSDP's shards as a full state dict
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
             set_state_dict(raw_model, optimizer_parts(optimizer), model_state_dict=model_state,
                            optim_state_dict=optim_state if sharded else optimizer_state_by_name(
                                optim_state, optimizer, raw_model),
-                           options=StateDictOptions(full_state_dict=not sharded))
+                           options=StateDictOptions(full_state_dict=whole))
         else:
             raw_model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)

@@ -16,12 +16,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import (ARCH_FIELDS, ARCHITECTURES, ATTENTION_PATTERNS, MUON_MIN_TORCH, PRESETS, GPTConfig, MuonConfig,
-                   arch_changes, preset_config)
+from model import ARCH_FIELDS, ARCHITECTURES, ATTENTION_PATTERNS, GPTConfig, arch_changes
 from support import cli, hf, tracking
 from support.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from support.cli import RunError, SettingsError
 from support.fastpath import cpu_has_bf16
+from support.optim import MUON_MIN_TORCH, MuonConfig
+from support.presets import PRESETS, preset_config
 
 
 def parse_value(name, text, field_type):
@@ -87,7 +88,7 @@ RANGE_NOTES = dict(  # what a refusal adds where the range alone does not say wh
 def parse_settings(argv, cls, demo, recipes):
     """--name=value arguments -> a cls (train_gpt.Settings). `--name` alone means True for a
     True/False setting. The values come in layers, each replacing the one before: the dataclass's
-    defaults (the seed's GPT-2 124M run), the chosen model preset's numbers (model.PRESETS), the
+    defaults (the seed's GPT-2 124M run), the chosen model preset's numbers (support/presets.py), the
     demo's (--demo), the architecture's options (--arch, model.ARCHITECTURES), the recipe's
     (--recipe), and the command line's, which always win."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -139,7 +140,7 @@ def parse_settings(argv, cls, demo, recipes):
 
 
 def preset_settings(name):
-    """The settings a model preset sets (model.PRESETS): its dimensions, context, attention
+    """The settings a model preset sets (support/presets.py): its dimensions, context, attention
     pattern, LR, batch and token schedule."""
     if name not in PRESETS:
         raise SettingsError(f"unknown --model={name!r}; choose one of: {', '.join(PRESETS)}")
@@ -293,8 +294,8 @@ def check_optimizer_settings(s):
 
 
 def muon_config(s, device):
-    """Muon's settings for model.configure_optimizers, or None for plain AdamW. On a CPU without
-    bf16 matmul units Muon orthogonalizes in float32 (model.Float32Muon): bf16 is ~20x slower there."""
+    """Muon's settings for support/optim.py's configure_optimizers, or None for plain AdamW. On a CPU
+    without bf16 matmul units Muon orthogonalizes in float32 (Float32Muon): bf16 is ~20x slower there."""
     if s.optimizer != "muon":
         return None
     return MuonConfig(lr=s.muon_lr, momentum=s.muon_momentum, weight_decay=s.muon_weight_decay,

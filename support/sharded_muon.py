@@ -11,9 +11,9 @@ So ShardedMuon deals the matrices out: each step, in rounds of one matrix per ra
 group (largest first, so the matrices of a round are alike and no rank waits for a larger one),
   1. gathers to each matrix's rank every rank's rows of its weight, gradient and momentum buffer
      (three all_to_all_single calls a round, fp32: what torch's Muon step reads);
-  2. that rank runs torch's Muon step (muon_class: torch.optim.Muon, or model.Float32Muon on CPUs
-     without bf16 units, as under DDP) on the whole tensors: the step DDP's Muon takes, bit for bit
-     when the gradient is the same;
+  2. that rank runs torch's Muon step (muon_class: torch.optim.Muon, or support/optim.py's
+     Float32Muon on CPUs without bf16 units, as under DDP) on the whole tensors: the step DDP's
+     Muon takes, bit for bit when the gradient is the same;
   3. sends every rank its rows of the new weight and momentum buffer back (two all_to_all_single).
 Each rank thus orthogonalizes 1/N of the matrices and receives 1/N of them whole: at gpt3-xl on
 8 GPUs 8x less work and 5x fewer bytes than every rank gathering and stepping every matrix

@@ -74,11 +74,14 @@ def train_losses(log_dir):
 
 
 def assert_chunked_loss_equals_full_logits(model, x, y):
-    """The model's chunked loss (return_logits=False) against its full logits' cross-entropy: the
-    loss to 1e-5 and every parameter's gradient to 1e-6 (1e-4 relative)."""
-    _, ref = model(x, y)
+    """The model's chunked loss (support/loss.py's, the trainer's choice) against its full logits'
+    cross-entropy (the model's own): the loss to 1e-5 and every parameter's gradient to 1e-6 (1e-4
+    relative)."""
+    from support.loss import chunked_cross_entropy
+    ref = model(x, y)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    _, chunked = model(x, y, return_logits=False)
+    model.loss_fn = chunked_cross_entropy
+    chunked = model(x, y)
     grads = torch.autograd.grad(chunked, list(model.parameters()))
     assert abs(chunked.item() - ref.item()) < 1e-5
     for g, r in zip(grads, ref_grads):
@@ -114,3 +117,27 @@ def forward(self, *args, **kwargs):
 model.GPT.forward = forward
 train_gpt.main(sys.argv[4:])
 """
+
+
+class FusedAttention(torch.nn.Module):
+    """model.py's attention as it was before q, k and v were split (main at 2ae6f76): GPT-2's one
+    c_attn projection. Put in place of model.CausalSelfAttention, it builds models, and so writes
+    checkpoints, of the fused layout, as the code before wrote them (the same initial weights)."""
+
+    def __init__(self, config, band=None):
+        super().__init__()
+        self.n_head, self.band, self.rope, self.qk_norm = config.n_head, band, config.rope, config.qk_norm
+        self.c_attn = torch.nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = torch.nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scaled_init = True
+
+    def forward(self, x):
+        import model
+        from support.attention_kernels import attention
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if self.qk_norm:
+            q, k = torch.nn.functional.rms_norm(q, (q.size(-1),), eps=1e-5), torch.nn.functional.rms_norm(k, (k.size(-1),), eps=1e-5)
+        if self.rope:
+            q, k = model.rotary(q), model.rotary(k)
+        return self.c_proj(attention(q, k, v, self.band).transpose(1, 2).contiguous().view(B, T, C))

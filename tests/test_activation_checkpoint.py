@@ -10,7 +10,9 @@ from tools import plan
 import train_gpt
 from support.activation_checkpoint import apply_activation_checkpointing, checkpointed_blocks
 from conftest import tiny_args, train_losses
-from model import GPT, GPTConfig, configure_optimizers
+from model import GPT, GPTConfig
+from support.loss import chunked_cross_entropy
+from support.optim import configure_optimizers
 from support import evals
 
 CONFIG = GPTConfig(block_size=64, vocab_size=512, padded_vocab_size=512, n_layer=4, n_head=2, n_embd=64)
@@ -19,6 +21,7 @@ CONFIG = GPTConfig(block_size=64, vocab_size=512, padded_vocab_size=512, n_layer
 def train_three_steps(mode, compile_backend=None, config=CONFIG):
     """Losses and final weights of 3 AdamW steps on fixed batches."""
     model = GPT(config, seed=0)
+    model.loss_fn = chunked_cross_entropy
     apply_activation_checkpointing(model, mode)
     step_model = torch.compile(model, backend=compile_backend) if compile_backend else model
     opt = configure_optimizers(model, 0.1, 1e-2, "cpu", log=lambda m: None)
@@ -26,7 +29,7 @@ def train_three_steps(mode, compile_backend=None, config=CONFIG):
     losses = []
     for _ in range(3):
         x = torch.randint(0, 512, (4, 64), generator=gen)
-        _, loss = step_model(x, torch.roll(x, -1, 1), return_logits=False)
+        loss = step_model(x, torch.roll(x, -1, 1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -88,9 +91,10 @@ def test_checkpointing_lowers_the_measured_peak(one_thread, mode):
     """Measured with the CPU allocator's own records (plan.measure_peak_bytes)."""
     def peak(mode):
         model = GPT(CONFIG, seed=0)
+        model.loss_fn = chunked_cross_entropy
         apply_activation_checkpointing(model, mode)
         x = torch.randint(0, 512, (8, 64))
-        return plan.measure_peak_bytes(lambda: model(x, x, return_logits=False)[1].backward(), model)
+        return plan.measure_peak_bytes(lambda: model(x, x).backward(), model)
     none, less = peak("none"), peak(mode)
     # the activations are the part that changes: a block keeps ~20 (B, T, C) tensors, so at
     # B x T = 512, C = 64 that is ~2.6 MB for 4 blocks, against 0.9 MB of weights and gradients

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 import model as model_module
 import train_gpt
 from conftest import assert_chunked_loss_equals_full_logits, read_metrics, tiny_args, train_losses
-from model import (ARCH_FIELDS, ARCHITECTURES, GPT, GPTConfig, arch_changes, configure_optimizers,
-                   flops_per_token, lm_head_cross_entropy, num_params, preset_config, rotary)
+from model import ARCH_FIELDS, ARCHITECTURES, GPT, GPTConfig, arch_changes, flops_per_token, num_params, rotary
 from support import checkpoint, cli, evals
+from support.loss import chunked_cross_entropy, lm_head_cross_entropy
+from support.optim import MuonConfig, configure_optimizers
+from support.presets import PRESETS, preset_config
 from support.tokenizer import gpt2_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,15 +44,16 @@ def test_the_default_architecture_trains_the_losses_it_trained_before():
     """Losses of 4 AdamW steps of the default GPT, recorded from model.py before these options
     existed: a change to the default architecture, its init or its parameter order shows here."""
     assert arch_changes(GPTConfig()) == {} and ARCHITECTURES["gpt"] == {}
-    assert all(arch_changes(preset_config(name)) == {} for name in model_module.PRESETS)
+    assert all(arch_changes(preset_config(name)) == {} for name in PRESETS)
     torch.manual_seed(0)
     model = GPT(small(), seed=3)
+    model.loss_fn = chunked_cross_entropy
     x = torch.randint(0, 50257, (2, 32))
     y = torch.roll(x, -1, 1)
     opt = configure_optimizers(model, 0.1, 1e-2, "cpu", log=lambda m: None)
     losses = []
     for _ in range(4):
-        _, loss = model(x, y, return_logits=False)
+        loss = model(x, y)
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -134,11 +137,11 @@ def test_untied_head_is_its_own_matrix_trained_by_adamw():
     assert num_params(model) == num_params(GPT(small())) + 50304 * 32
     assert model.lm_head.weight[50257:].abs().sum() == 0  # dead padded rows, as the embedding's
     model.sparse_embedding_grad = True  # the trainer's CPU choice: an untied embedding keeps a dense gradient
-    opt = configure_optimizers(model, 0.1, 1e-3, "cpu", log=lambda m: None,
-                               muon=model_module.MuonConfig(float32=True))
+    opt = configure_optimizers(model, 0.1, 1e-3, "cpu", log=lambda m: None, muon=MuonConfig(float32=True))
     assert not any(p is model.lm_head.weight for g in opt.optimizers["muon"].param_groups for p in g["params"])
     before = model.lm_head.weight.clone(), model.transformer.wte.weight.clone()
-    _, loss = model(*batch(), return_logits=False)
+    model.loss_fn = chunked_cross_entropy
+    loss = model(*batch())
     loss.backward()
     assert model.transformer.wte.weight.grad.layout == torch.strided
     opt.step()
@@ -151,7 +154,7 @@ def test_softcap_bounds_the_logits_everywhere():
     model = GPT(small(logit_softcap=2.0), seed=1)
     with torch.no_grad():
         model.lm_head.weight.mul_(500.0)  # raw logits far beyond the cap
-        logits, _ = model(batch()[0])
+        logits = model(batch()[0])
         real = logits[..., :50257]
         assert real.abs().max() <= 2.0 and real.abs().max() > 1.9 and logits[..., 50257:].max() == float("-inf")
         out = model.generate(batch()[0][:, :4], 5, generator=torch.Generator().manual_seed(0))
@@ -186,7 +189,7 @@ def test_the_whole_bundle_chunked_equals_full_logits_and_zero_init_starts_unifor
         assert block.attn.c_proj.weight.abs().sum() == block.mlp.c_proj.weight.abs().sum() == 0
     assert model.lm_head.weight.abs().sum() == 0
     x, y = batch()
-    _, loss = model(x, y)
+    loss = model(x, y)
     assert loss.item() == pytest.approx(math.log(50257), abs=1e-5)  # a zero head: the uniform guess
     names = set(model.state_dict())
     assert not any(n.endswith(".bias") or ".ln_" in n for n in names)  # no biases, parameter-free norms
@@ -235,14 +238,19 @@ def test_export_to_hugging_face_refuses_a_modern_model(tmp_path):
 
 
 def test_checkpoints_written_before_the_options_load_as_gpt2(tmp_path):
+    """Such a checkpoint also holds attention's q, k and v fused, as GPT-2's c_attn (written before
+    they were split): it loads split, the same model."""
+    from support.fused_qkv import fuse_model_state
     model = GPT(small(), seed=2)
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in ARCH_FIELDS}
     path = str(tmp_path / "old.pt")
-    checkpoint.save_file({"model": model.state_dict(), "model_config": config}, path)
+    fused = fuse_model_state(model.state_dict())
+    assert "transformer.h.0.attn.c_attn.weight" in fused and not any(".c_q." in name for name in fused)
+    checkpoint.save_file({"model": fused, "model_config": config}, path)
     loaded = evals.load_checkpoint_model(path)
     assert arch_changes(loaded.config) == {} and loaded.lm_head.weight is loaded.transformer.wte.weight
     x = batch()[0]
-    assert torch.equal(loaded(x)[0], model(x)[0])
+    assert torch.equal(loaded(x), model(x))
     from support.resume import check_compatible
     check_compatible({"model_config": config}, model.config)  # a resume of it: the same model
     with pytest.raises(cli.SettingsError, match="the checkpoint's model has rope=False, these settings give True"):
@@ -299,9 +307,9 @@ def test_compiled_bundle_traces_whole_and_matches_eager():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     x, y = batch()
-    _, want = model(x, y)
+    want = model(x, y)
     want_grads = torch.autograd.grad(want, list(model.parameters()))
-    _, got = torch.compile(model, backend="aot_eager", fullgraph=True)(x, y)
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(x, y)
     grads = torch.autograd.grad(got, list(model.parameters()))
     assert got.item() == pytest.approx(want.item(), abs=1e-5)
     for g, r in zip(grads, want_grads):

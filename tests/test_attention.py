@@ -13,8 +13,10 @@ import torch
 import model
 import train_gpt
 from conftest import tiny_args, train_losses
-from model import GPT, PRESETS, GPTConfig, attention, banded_layers, flops_per_token, preset_config
+from model import GPT, GPTConfig, banded_layers, flops_per_token
 from support import hf
+from support.attention_kernels import attention, band_block_mask
+from support.presets import PRESETS, preset_config
 from support.cli import SettingsError
 from support.settings import resolve_model_settings
 
@@ -56,7 +58,7 @@ def test_flex_attention_block_mask_equals_the_masked_softmax_on_the_cpu_forward(
     from torch.nn.attention.flex_attention import flex_attention
     T, band = 512, 100
     q, k, v = (t.detach() for t in qkv(B=1, H=2, T=T, D=16))
-    block_mask = model.band_block_mask(T, band, "cpu")
+    block_mask = band_block_mask(T, band, "cpu")
     with pytest.warns(UserWarning):  # eager flex: "unfused", slow, fine for a test
         out = flex_attention(q, k, v, block_mask=block_mask)
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, band), atol=1e-5, rtol=0)
@@ -70,8 +72,8 @@ def test_a_band_that_covers_the_sequence_is_dense_exactly():
     dense = GPT(dataclasses.replace(BANDED, attention="dense"), seed=3)
     for band in (64, 1000):
         banded = GPT(dataclasses.replace(BANDED, attention_band=band), seed=3)
-        assert torch.equal(banded(x)[0], dense(x)[0])
-    assert not torch.equal(GPT(BANDED, seed=3)(x)[0], dense(x)[0])  # a band of 8 changes them
+        assert torch.equal(banded(x), dense(x))
+    assert not torch.equal(GPT(BANDED, seed=3)(x), dense(x))  # a band of 8 changes them
 
 
 def test_a_banded_layer_sees_only_its_band_and_a_dense_layer_everything_before():
@@ -152,9 +154,9 @@ def test_generate_past_the_band_gives_what_the_full_banded_forward_gives():
     band = BANDED.attention_band
     with torch.no_grad():
         out = gpt.generate(prompt, 40, top_k=1)
-        logits, _ = gpt(out[:, :-1])
+        logits = gpt(out[:, :-1])
         assert torch.equal(logits[0, 3:].argmax(-1), out[0, 4:])
-        dense, _ = perturbed(dataclasses.replace(BANDED, attention="dense"), 2)(out[:, :-1])
+        dense = perturbed(dataclasses.replace(BANDED, attention="dense"), 2)(out[:, :-1])
     real = slice(0, BANDED.vocab_size)
     torch.testing.assert_close(dense[0, :band, real], logits[0, :band, real], atol=1e-4, rtol=0)
     assert ((dense[0, band:, real] - logits[0, band:, real]).abs().amax(-1) > 0.1).all()

@@ -10,7 +10,7 @@ import torch
 from support import checkpoint, resume, runtime
 import model as model_module
 import train_gpt
-from conftest import ROOT, read_metrics, tiny_args, train_losses
+from conftest import ROOT, FusedAttention, read_metrics, tiny_args, train_losses
 
 
 def final_weights(log_dir, step):
@@ -43,6 +43,29 @@ def test_resume_is_exact(shards, straight, tmp_path):
     assert_same_weights(final_weights(log_dir, 20), final_weights(straight, 20))
     with open(os.path.join(log_dir, "log.txt")) as f:
         assert "resumed from" in f.read()
+
+
+def test_a_checkpoint_of_the_fused_q_k_v_resumes_with_the_uninterrupted_runs_losses(shards, straight, tmp_path,
+                                                                                 monkeypatch):
+    """A run of the code before attention's q, k and v were split (its attention, GPT-2's one c_attn,
+    put back for the first 10 steps) writes a checkpoint of that layout: the model's c_attn and
+    AdamW's moments of it, numbered as its optimizer numbered them. Today's model resumes from it,
+    split as it loads, and trains the losses of the run that never stopped (today's model from the
+    start) to float32 rounding: the fused product rounds otherwise than three."""
+    log_dir = str(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "CausalSelfAttention", FusedAttention)
+        train_gpt.main(tiny_args(shards, log_dir, max_steps=20, stop_step=10))
+    old = torch.load(os.path.join(log_dir, "ckpt_0000010.pt"), weights_only=True)
+    assert "transformer.h.0.attn.c_attn.weight" in old["model"] and not any(".c_q." in k for k in old["model"])
+    assert len(old["optimizer"]["state"]) == len(final_weights(straight, 20)) - 1 - 2 * 2 * 2  # tied head; 2 layers
+    train_gpt.main(tiny_args(shards, log_dir, max_steps=20))
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        assert "q, k and v fused in one c_attn" in f.read()
+    losses, reference = train_losses(log_dir), train_losses(straight)
+    assert sorted(losses) == sorted(reference) == list(range(20))
+    worst = max(abs(losses[step] - reference[step]) / reference[step] for step in reference)
+    assert worst < 1e-6, worst
 
 
 def test_checkpoint_is_plain_data_with_everything_to_resume(straight):
@@ -140,12 +163,12 @@ def nan_at(calls, monkeypatch):
     count = {"n": 0}
 
     def forward(self, *args, **kwargs):
-        logits, loss = real_forward(self, *args, **kwargs)
+        loss = real_forward(self, *args, **kwargs)
         if self.training:
             if count["n"] in calls:
                 loss = loss * float("nan")
             count["n"] += 1
-        return logits, loss
+        return loss
 
     monkeypatch.setattr(model_module.GPT, "forward", forward)
 

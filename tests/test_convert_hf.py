@@ -61,7 +61,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     x = real_ids()
     with torch.no_grad():
-        ours, _ = model(x)
+        ours = model(x)
         theirs = hf(x).logits
     assert theirs.shape == (*x.shape, TINY.vocab_size)  # the padded rows are gone
     torch.testing.assert_close(theirs, ours[..., :TINY.vocab_size], atol=1e-4, rtol=0)
@@ -99,7 +99,7 @@ def test_import_then_export_is_bit_identical(tmp_path):
     model = hf_format.gpt_from_hf(str(tmp_path / "hf"))  # and the imported GPT computes HF's logits
     x = real_ids()
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[0][..., :TINY.vocab_size], hf(x).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x)[..., :TINY.vocab_size], hf(x).logits, atol=1e-4, rtol=0)
 
 
 def test_export_then_import_gives_back_our_state_dict(tmp_path):
@@ -160,7 +160,7 @@ def test_cli_import_then_export(tmp_path):
     model = evals.load_checkpoint_model(str(tmp_path / "gpt2.pt"), "cpu")  # the trainer's format
     x = real_ids()
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[0][..., :TINY.vocab_size], hf(x).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x)[..., :TINY.vocab_size], hf(x).logits, atol=1e-4, rtol=0)
     convert_hf.main(["export", str(tmp_path / "gpt2.pt"), str(tmp_path / "out")])
     original = load_file(tmp_path / "hf" / "model.safetensors")
     back = load_file(tmp_path / "out" / "model.safetensors")

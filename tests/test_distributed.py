@@ -2,6 +2,7 @@
 is a real torchrun job of 2 processes on a tiny model, compared with one process."""
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -203,7 +204,8 @@ def test_fsdp_equals_ddp_resumes_exactly_and_takes_over_a_ddp_checkpoint(shards,
     model that outgrew DDP moves on: DDP's step-5 checkpoint file, given to an HSDP run
     (--resume=FILE; 2 replicas x 1-way FSDP, a 2-D mesh, as 2 processes allow), is sharded as it
     loads (weights, AdamW's moments, data position, RNG); that run stops at step 8, and its sharded
-    checkpoint resumes to the end. Every step is DDP's bit for bit: FSDP2 trains DDP's steps exactly
+    checkpoint, rewritten as the code before attention's q, k and v were split wrote it (one
+    c_attn), resumes to the end. Every step is DDP's bit for bit: FSDP2 trains DDP's steps exactly
     on the CPU (the same sums of 2 ranks' gradients), so any state lost or misplaced in the move
     would show. (DDP to FSDP with Muon: tests/test_muon.py.)"""
     fresh, moved = str(tmp_path / "fresh"), str(tmp_path / "moved")
@@ -216,10 +218,46 @@ def test_fsdp_equals_ddp_resumes_exactly_and_takes_over_a_ddp_checkpoint(shards,
     assert "HSDP (2 replicas x 1-way FSDP)" in out
     assert f"resumed from {checkpoint.checkpoint_path(ddp, 5)} at step 5" in out
     assert os.path.isdir(os.path.join(moved, "ckpt_0000008"))
+    fuse_sharded_checkpoint(os.path.join(moved, "ckpt_0000008"))  # as written before q, k and v were split
     out = run_ok(tiny_args(shards, moved, **hsdp))
     assert f"resumed from {os.path.join(moved, 'ckpt_0000008')} at step 8" in out
+    assert "q, k and v fused in one c_attn" in out
     assert train_losses(moved) == {step: loss for step, loss in expected.items() if step >= 5}
     assert os.path.isdir(os.path.join(moved, "ckpt_0000010"))
+
+
+def fuse_sharded_checkpoint(folder):
+    """Rewrite a sharded checkpoint folder as the code before attention's q, k and v were split
+    wrote it: the model's c_q, c_k and c_v tensors one c_attn, and the optimizer's state of them
+    (DCP keys it by name) one state of c_attn, their moments concatenated; then the manifest."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+    from support.fused_qkv import fuse_model_state, fused_name, split_names
+    whole, extra = folder + ".whole.pt", folder + ".extra.pt"
+    dcp_to_torch_save(folder, whole)
+    state = torch.load(whole, weights_only=False)
+    state["model"] = fuse_model_state(state["model"])
+    optim, fused_state = state["optimizer"], {}
+    for name, values in optim["state"].items():
+        fused = fused_name(name)
+        if fused == name:
+            fused_state[name] = values
+        elif fused is not None:  # c_q's name: c_attn's state is q's, k's and v's, by rows
+            parts = [optim["state"][n] for n in split_names(fused)]
+            fused_state[fused] = {k: torch.cat([p[k] for p in parts]) if v.dim() else v for k, v in values.items()}
+    optim["state"] = fused_state
+    for group in optim["param_groups"]:
+        group["params"] = [n for n in map(fused_name, group["params"]) if n is not None]
+    assert "transformer.h.0.attn.c_attn.weight" in optim["state"] and len(optim["param_groups"]) == 2
+    torch.save(state, whole)
+    shutil.move(os.path.join(folder, "extra.pt"), extra)
+    shutil.rmtree(folder)
+    torch_save_to_dcp(whole, folder)
+    shutil.move(extra, os.path.join(folder, "extra.pt"))
+    os.remove(whole)
+    files = {name: {"sha256": checkpoint.hash_file(os.path.join(folder, name)),
+                    "bytes": os.path.getsize(os.path.join(folder, name))} for name in checkpoint.folder_files(folder)}
+    with open(os.path.join(folder, checkpoint.MANIFEST), "w") as f:
+        json.dump({"files": files}, f)
 
 
 # What rank 0 says when rank 1 dies mid-step (issue 28.3): one line, no traceback of its own

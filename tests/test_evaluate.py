@@ -100,7 +100,7 @@ def trained_state():
         y[i, s - 1:len(r) - 1] = torch.tensor(r[s:])  # learn the ending only
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(50):
-        logits, _ = model(x)
+        logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
         opt.zero_grad()
         loss.backward()
@@ -127,7 +127,7 @@ def direct_mean_ce(model, data, amp_dtype=None):
     token), under bf16 autocast with amp_dtype."""
     windows = torch.stack([torch.from_numpy(s.read(o, T + 1).astype(np.int64)) for s, o in data.windows])
     with torch.no_grad(), evals.autocast(torch.device("cpu"), amp_dtype):
-        logits, _ = model(windows[:, :-1])
+        logits = model(windows[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten()).item()
 
 
@@ -139,7 +139,7 @@ def reference_predictions(model, examples):
         sums, avgs = [], []
         for row, start in zip(rows, starts):
             with torch.no_grad():
-                logits, _ = model(torch.tensor([row]))
+                logits = model(torch.tensor([row]))
             losses = F.cross_entropy(logits[0, start - 1:-1], torch.tensor(row[start:]), reduction="none")
             sums.append(losses.sum().item())
             avgs.append(losses.mean().item())
@@ -202,7 +202,7 @@ def test_token_losses_equal_cross_entropy_of_the_full_logits(arch, dtype):
     targets[0, :10] = -1
     with torch.no_grad(), evals.autocast(torch.device("cpu"), DTYPES[dtype]):
         got = evals.token_losses(model, x, targets)
-        logits, _ = model(x)
+        logits = model(x)
     want = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
     assert got.dtype == torch.float32 and (got[3] == 0).all() and (got[0, :10] == 0).all()
     torch.testing.assert_close(got, want.view_as(got), rtol=1e-5, atol=1e-5)
@@ -433,19 +433,23 @@ def save_checkpoint(model, path):
 
 def test_load_checkpoint_file_and_sharded_folder(tmp_path):
     """checkpoint.py's two layouts; the sharded one as one process reads it (a folder written by
-    2 real FSDP ranks is read in test_two_ranks_sharded_checkpoint_loads_in_one_process)."""
+    2 real FSDP ranks is read in test_two_ranks_sharded_checkpoint_loads_in_one_process). And a
+    folder written before attention's q, k and v were split (GPT-2's fused c_attn): read whole,
+    then split."""
     import torch.distributed.checkpoint as dcp
+    from support.fused_qkv import fuse_model_state
     model = tiny_model(noise=0.1)
     save_checkpoint(model, tmp_path / "ckpt_0000003.pt")
-    dcp.save({"model": model.state_dict(), "optimizer": {}}, checkpoint_id=str(tmp_path / "ckpt_0000003"))
-    checkpoint.save_file({"model_config": dataclasses.asdict(model.config), "step": 3},
-                         str(tmp_path / "ckpt_0000003" / "extra.pt"))
+    for folder, state in (("ckpt_0000003", model.state_dict()), ("fused/ckpt_0000003", fuse_model_state(model.state_dict()))):
+        dcp.save({"model": state, "optimizer": {}}, checkpoint_id=str(tmp_path / folder))
+        checkpoint.save_file({"model_config": dataclasses.asdict(model.config), "step": 3},
+                             str(tmp_path / folder / "extra.pt"))
     x = torch.randint(0, 50257, (2, 10))
-    want, _ = model(x)
-    for path in (tmp_path / "ckpt_0000003.pt", tmp_path / "ckpt_0000003"):
+    want = model(x)
+    for path in (tmp_path / "ckpt_0000003.pt", tmp_path / "ckpt_0000003", tmp_path / "fused" / "ckpt_0000003"):
         loaded = evals.load_checkpoint_model(str(path), "cpu")
         assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
-        assert torch.equal(loaded(x)[0], want)
+        assert torch.equal(loaded(x), want)
     with pytest.raises(FileNotFoundError, match="is not a checkpoint file or sharded checkpoint folder"):
         evals.load_checkpoint_model(str(tmp_path / "nope.pt"))
     torch.save({"weights": {}}, tmp_path / "other.pt")

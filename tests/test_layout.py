@@ -57,7 +57,28 @@ def test_support_imports_neither_the_recipe_nor_the_tools_and_model_and_dataload
             assert not wrong, f"{name} imports {wrong}: support/ imports only model, dataloader and itself"
         if not name.startswith("tools"):
             assert not {d for d in deps if d.startswith("tools")}, f"{name} imports a tool"
-    assert edges["model"] == set() and edges["dataloader"] == set()
+    assert edges["model"] == MODEL_MAY_IMPORT and edges["dataloader"] == set()
+    for name in MODEL_MAY_IMPORT:
+        assert edges[name] == set(), f"{name}, which model.py imports, imports {edges[name]}: model.py would not stand alone"
+
+
+# What model.py imports of the project: the attention kernels alone, which import nothing of it.
+MODEL_MAY_IMPORT = {"support.attention_kernels"}
+
+
+def test_model_py_is_the_model_alone():
+    """model.py is the model, readable top to bottom (issue 29): 500 lines or fewer, and nothing that
+    trains it, no autograd.Function (the chunked loss: support/loss.py) and no optimizer
+    (support/optim.py)."""
+    path = os.path.join(ROOT, "model.py")
+    with open(path) as f:
+        source = f.read()
+    assert len(source.splitlines()) <= 500
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(b) for b in node.bases]
+            assert not any("Function" in b or "optim" in b or "Optimizer" in b for b in bases), (node.name, bases)
+        assert not (isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.optim")), ast.unparse(node)
 
 
 def test_no_import_circles():

@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_chunked_loss_equals_full_logits
-from model import (GPT, GPTConfig, PRESETS, configure_optimizers, flops_per_token, lm_head_cross_entropy,
-                   num_params, optimizer_groups, padded_vocab, preset_config)
+from model import GPT, GPTConfig, flops_per_token, num_params, optimizer_groups, padded_vocab
+from support.loss import chunked_cross_entropy, lm_head_cross_entropy
+from support.optim import configure_optimizers
+from support.presets import GPT3_TABLE_2_1, PRESETS, preset_config
 
 SMALL = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -18,18 +20,21 @@ def test_gpt2_parameter_count_with_real_vocab():
 
 
 def test_gpt2_names_match_openai():
+    """GPT-2's names, but for its fused c_attn: our q, k and v are three matrices (support/hf.py
+    fuses them into GPT-2's c_attn)."""
     names = set(GPT(preset_config("gpt2")).state_dict())
     for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
-                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
-                 "transformer.h.11.ln_2.bias", "transformer.h.11.mlp.c_fc.weight",
+                 "transformer.h.0.attn.c_q.weight", "transformer.h.0.attn.c_k.bias", "transformer.h.0.attn.c_v.weight",
+                 "transformer.h.0.attn.c_proj.bias", "transformer.h.11.ln_2.bias", "transformer.h.11.mlp.c_fc.weight",
                  "transformer.h.11.mlp.c_proj.weight", "transformer.ln_f.weight", "lm_head.weight"]:
         assert name in names
+    assert not any("c_attn" in name for name in names)
 
 
 def test_gpt2_optimizer_groups():
     decay, no_decay = optimizer_groups(GPT(preset_config("gpt2")), 0.1)
-    assert (len(decay["params"]), sum(p.numel() for p in decay["params"])) == (50, 124_354_560)
-    assert (len(no_decay["params"]), sum(p.numel() for p in no_decay["params"])) == (98, 121_344)
+    assert (len(decay["params"]), sum(p.numel() for p in decay["params"])) == (50 + 2 * 12, 124_354_560)
+    assert (len(no_decay["params"]), sum(p.numel() for p in no_decay["params"])) == (98 + 2 * 12, 121_344)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     opt = configure_optimizers(GPT(SMALL), 0.1, 1e-3, "cpu", log=lambda m: None)
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
@@ -62,9 +67,23 @@ def test_init_is_seeded_and_scaled():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
     assert a.lm_head.weight is a.transformer.wte.weight
-    assert abs(a.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
+    attn = a.transformer.h[0].attn
+    for c in (attn.c_q, attn.c_k, attn.c_v):
+        assert abs(c.weight.std().item() - 0.02) < 1e-3 and c.bias.abs().sum() == 0
     assert abs(a.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(8)) < 1e-3
-    assert a.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_q_k_v_start_as_gpt2s_fused_matrix_split():
+    """q, k and v are drawn as GPT-2's one (3C, C) c_attn, then split: the initial weights of the
+    fused layout, bit for bit (every tensor before and after them too: the generator's order kept)."""
+    model = GPT(SMALL, seed=4)
+    generator = torch.Generator().manual_seed(4)
+    draw = lambda *shape: torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+    assert torch.equal(model.transformer.wte.weight[:SMALL.vocab_size], draw(SMALL.padded_vocab_size, 32)[:SMALL.vocab_size])
+    assert torch.equal(model.transformer.wpe.weight, draw(32, 32))
+    attn = model.transformer.h[0].attn
+    assert torch.equal(torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]), draw(96, 32))
+    assert torch.equal(attn.c_proj.weight, torch.empty(32, 32).normal_(0.0, 0.02 / math.sqrt(4), generator=generator))
 
 
 def test_presets_are_valid_and_gpt3_follows_the_paper():
@@ -73,6 +92,11 @@ def test_presets_are_valid_and_gpt3_follows_the_paper():
     assert preset_config("gpt3-small").block_size == 2048
     assert PRESETS["gpt3-175b"].n_embd == 12288 and PRESETS["gpt3-175b"].max_lr == 6e-5
     assert PRESETS["gpt3-xl"].batch_tokens == 2**20
+    for name, (_, n_layers, d_model, n_heads, d_head, _, lr) in GPT3_TABLE_2_1.items():
+        p = PRESETS[name]  # the table's rows; XL's and 13B's heads and width as d_head divides them
+        assert (p.n_layer, p.n_embd // p.n_head, p.max_lr, p.attention) == (n_layers, d_head, lr, "gpt3")
+        assert (p.n_embd, p.n_head) == ((2048, 16) if name == "gpt3-xl" else (5120, 40) if name == "gpt3-13b"
+                                        else (d_model, n_heads))
 
 
 def test_bad_config_is_refused_with_the_reason():
@@ -88,7 +112,7 @@ def test_loss_at_init_is_near_uniform():
     torch.manual_seed(0)
     model = GPT(preset_config("gpt2", n_layer=2))
     x, y = torch.randint(0, 50257, (2, 64)), torch.randint(0, 50257, (2, 64))
-    _, loss = model(x, y)
+    loss = model(x, y)
     # ln(50257) = 10.825, plus about var(logits)/2 = (0.02 * sqrt(768))**2 / 2 = 0.15 from the
     # N(0, 0.02) lm_head: anything within 0.3 is a uniform guess; a broken init is far off.
     assert abs(loss.item() - math.log(50257)) < 0.3
@@ -100,7 +124,7 @@ def test_padded_ids_have_zero_probability():
     model = GPT(SMALL)
     with torch.no_grad():
         model.transformer.wte.weight[SMALL.vocab_size:] = 100.0  # would win every argmax if not masked
-    logits, _ = model(torch.randint(0, 50257, (2, 8)))
+    logits = model(torch.randint(0, 50257, (2, 8)))
     assert logits[..., SMALL.vocab_size:].max() == float("-inf")
     out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, top_k=0, generator=torch.Generator().manual_seed(0))
     assert out.max() < SMALL.vocab_size
@@ -147,8 +171,9 @@ def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch):
     ref.backward()
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    for return_logits in (True, False):
-        _, loss = model(x, y, return_logits=return_logits)
+    for loss_fn in (model.loss_fn, chunked_cross_entropy):  # the model's own, the trainer's chunked one
+        model.loss_fn = loss_fn
+        loss = model(x, y)
         loss.backward()
         wte_grad = model.transformer.wte.weight.grad
         assert wte_grad.layout == torch.strided  # dense, as fused AdamW needs
@@ -173,9 +198,10 @@ def test_one_batch_can_be_overfit():
     model = GPT(SMALL)
     x = torch.randint(0, 1000, (4, 32))
     y = torch.roll(x, -1, dims=1)
+    model.loss_fn = chunked_cross_entropy
     opt = configure_optimizers(model, 0.0, 1e-2, "cpu", log=lambda m: None)
     for _ in range(60):  # seen: 0.015 at step 60 (0.17 at 40)
-        _, loss = model(x, y, return_logits=False)
+        loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -313,8 +339,9 @@ def test_model_ignores_the_default_ignore_index_in_both_losses():
     x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
     y[:, :7] = -100  # e.g. a prompt the loss should not count
     results = []
-    for return_logits in (True, False):
-        _, loss = model(x, y, return_logits=return_logits)
+    for loss_fn in (model.loss_fn, chunked_cross_entropy):
+        model.loss_fn = loss_fn
+        loss = model(x, y)
         results.append((loss, *torch.autograd.grad(loss, list(model.parameters()))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -58,7 +58,8 @@ def test_impossible_plans_are_refused_with_the_reason(monkeypatch):
 
 
 def test_time_estimate_follows_the_flops():
-    from model import flops_per_token, preset_config
+    from model import flops_per_token
+    from support.presets import preset_config
     est = plan.make_plan("tiny", 1, activation_checkpointing="none", micro_batch_size="1", mfu=0.5,
                          log=lambda m: None)
     assert est.fits and est.accumulation_steps == 2**14 // 256
@@ -92,23 +93,24 @@ def test_hybrid_sharding_plans_the_memory_of_one_shard_group():
 
 
 def test_muon_under_fsdp_is_planned_with_its_traffic_work_and_step():
-    """--optimizer=muon: the tiny preset's 16 matrices (4 blocks of 256) over 2 GPUs, counted here by
-    hand. Each GPU receives, per matrix it steps, the other's half of its weight, gradient and
-    momentum, and per matrix the other steps, its half of the new weight and momentum: 20 bytes for
-    every other element, halved over 2 GPUs. Rounds of 2 alike matrices: the busiest GPU does half
-    of the Newton-Schulz work. Muon's sharded momentum is less state than AdamW's two moments."""
+    """--optimizer=muon: the tiny preset's 24 matrices (4 blocks of 256: attention's q, k, v and
+    output projections, the MLP's two) over 2 GPUs, counted here by hand. Each GPU receives, per
+    matrix it steps, the other's half of its weight, gradient and momentum, and per matrix the other
+    steps, its half of the new weight and momentum: 20 bytes for every other element, halved over 2
+    GPUs. Rounds of 2 alike matrices: the busiest GPU does half of the Newton-Schulz work. Muon's
+    sharded momentum is less state than AdamW's two moments."""
     kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
     muon, adamw = plan.make_plan("tiny", 2, optimizer="muon", **kw), plan.make_plan("tiny", 2, **kw)
     C, matrices = 256, 4 * 12 * 256 * 256
-    assert muon.muon["matrices"] == 16 and muon.muon["largest"] == [4 * C, C]
+    assert muon.muon["matrices"] == 24 and muon.muon["largest"] == [4 * C, C]
     assert muon.muon["received_gb"] == pytest.approx(20 * matrices / 2 / 2 / 1e9)
     ns = lambda m, n: 5 * (4 * m * m * n + 2 * m ** 3)  # torch's 5 iterations on the wide orientation
-    all_ns = 4 * (ns(C, 3 * C) + ns(C, C) + 2 * ns(C, 4 * C))
+    all_ns = 4 * (4 * ns(C, C) + 2 * ns(C, 4 * C))
     assert muon.muon["newton_schulz_tflop"] == pytest.approx(all_ns / 2 / 1e12)
     assert muon.muon["temporaries_gib"] * plan.GiB > 12 * 4 * C * C  # the largest whole: weight, gradient, momentum
     assert muon.memory_gib["optimizer"] < adamw.memory_gib["optimizer"]
     text = plan.format_plan(muon)
-    assert "Muon for 16 block matrices" in text and "Muon's extra communication: 0.02 GB" in text
+    assert "Muon for 24 block matrices" in text and "Muon's extra communication: 0.02 GB" in text
     with pytest.raises(ValueError, match="choose adamw or muon"):
         plan.make_plan("tiny", 2, optimizer="sgd", **kw)
 
@@ -116,7 +118,8 @@ def test_muon_under_fsdp_is_planned_with_its_traffic_work_and_step():
 def test_the_plan_follows_the_attention_pattern():
     """A banded tiny (gpt3's pattern, band 64 of 256) plans fewer FLOPs a token, so at the same MFU
     more tokens a second; the pattern is named in the plan."""
-    from model import flops_per_token, preset_config
+    from model import flops_per_token
+    from support.presets import preset_config
     kw = dict(activation_checkpointing="none", micro_batch_size="1", mfu=0.5, log=lambda m: None)
     banded = plan.make_plan("tiny", 1, attention="gpt3", attention_band=64, **kw)
     dense = plan.make_plan("tiny", 1, **kw)

@@ -34,7 +34,7 @@ def _model_with_grads(seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 50257, (2, 16))
-    model(x, x)[1].mul(50.0).backward()  # a gradient with norm far above 1
+    model(x, x).mul(50.0).backward()  # a gradient with norm far above 1
     return model
 
 
@@ -65,7 +65,7 @@ def test_train_step_clips_at_grad_clip_and_zero_never_clips(grad_clip):
     config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = GPT(config, seed=0)
-    ref(x, x)[1].backward()
+    ref(x, x).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
     ref_opt.step()
@@ -336,7 +336,7 @@ def test_gpu_peak_flops_match_whole_names():
 def test_no_step_trains_at_lr_0_and_wsd_on_a_gpt3_preset_decays_to_the_runs_end():
     """Issue 20.1: WSD decays to 0, so on a GPT-3 preset it must end with the run (300B), not at
     the preset's 260B, where cosine holds 10%: its last 40B tokens would train at LR 0."""
-    from model import PRESETS
+    from support.presets import PRESETS
     for model in PRESETS:
         for recipe in train_gpt.RECIPES:
             s = resolved(f"--model={model}", f"--recipe={recipe}")

@@ -248,7 +248,7 @@ def matmul_sampler(dtype, n=2048):
 
 
 def optimizer_name(optimizer):
-    """"AdamW (fused)", or for model.CombinedOptimizer its parts: "AdamW (fused) + Muon"."""
+    """"AdamW (fused)", or for support/optim.py's CombinedOptimizer its parts: "AdamW (fused) + Muon"."""
     parts = getattr(optimizer, "optimizers", {"": optimizer}).values()
     return " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "") for o in parts)
 

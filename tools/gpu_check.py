@@ -15,8 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import ARCHITECTURES, GPT, GPTConfig, attention, band_mask, configure_optimizers, flex_band_attention
+from model import ARCHITECTURES, GPT, GPTConfig
 from support import runtime
+from support.attention_kernels import attention, band_mask, flex_band_attention
+from support.loss import chunked_cross_entropy
+from support.optim import configure_optimizers
 
 CHECKS = {"default": [], "banded": [], "fsdp_muon": [], "modern": []}  # python -m tools.gpu_check [group or check ...]
 
@@ -34,8 +37,9 @@ def bf16_chunked_loss_matches_full_logits():
     x = torch.randint(0, 50257, (8, 256), device="cuda")
     y = torch.randint(0, 50257, (8, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        _, full = model(x, y)
-        _, chunked = model(x, y, return_logits=False)
+        full = model(x, y)
+        model.loss_fn = chunked_cross_entropy
+        chunked = model(x, y)
     gap = abs(full.item() - chunked.item())
     assert gap < 1e-2, f"chunked loss {chunked.item()} vs full {full.item()}"
     return f"full {full.item():.5f} chunked {chunked.item():.5f}"
@@ -59,7 +63,7 @@ def fused_adamw():
     opt = configure_optimizers(model, 0.1, 1e-3, "cuda", log=lambda m: None)
     assert opt.defaults.get("fused"), "fused AdamW was not chosen on CUDA"
     x = torch.randint(0, 50257, (2, 64), device="cuda")
-    _, loss = model(x, x)
+    loss = model(x, x)
     loss.backward()
     opt.step()
     return "fused=True, one step ok"
@@ -82,7 +86,7 @@ def ddp_and_fsdp_start_alike():
         same = all(torch.equal(a, b.full_tensor()) for a, b in zip(ddp.parameters(), fsdp.parameters()))
         assert same, "DDP and FSDP start from different weights"
         x = torch.randint(0, 50257, (4, 128), device="cuda")
-        losses = [m(x, x)[1].item() for m in (ddp, fsdp)]
+        losses = [m(x, x).item() for m in (ddp, fsdp)]
         assert abs(losses[0] - losses[1]) < 1e-5, losses
         return f"identical weights; first losses DDP {losses[0]:.6f} FSDP {losses[1]:.6f}"
     finally:
@@ -110,7 +114,8 @@ def fsdp_muon_step_share(config=None, micro_batch=8, accum=64, device="cuda", ba
     a block's worth) at micro batch 8 x 2048; accum 64 is gpt3-xl's 2**20-token step on this one GPU.
     Also 3 steps of a small fp32 model against the same steps unsharded (torch's Muon): the gap."""
     import time
-    from model import MuonConfig, muon_params, preset_config
+    from support.optim import MuonConfig, muon_params
+    from support.presets import preset_config
     from support.sharded_muon import ShardedMuon, step_flops
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.device_mesh import init_device_mesh
@@ -136,7 +141,7 @@ def fsdp_muon_step_share(config=None, micro_batch=8, accum=64, device="cuda", ba
         x = torch.randint(0, 50257, (4, 64), device=device)
         for _ in range(3):
             for m, o in ((fsdp, fsdp_opt), (plain, plain_opt)):
-                m(x, x)[1].backward()
+                m(x, x).backward()
                 o.step()
                 o.zero_grad(set_to_none=True)
         gap = max((a.full_tensor() - b).abs().max().item() for a, b in zip(muon_params(fsdp), muon_params(plain)))
@@ -148,7 +153,7 @@ def fsdp_muon_step_share(config=None, micro_batch=8, accum=64, device="cuda", ba
         for i in range(6):  # the first 2 warm up
             t0 = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(x, x)[1]
+                loss = model(x, x)
             loss.backward()
             sync()
             t1 = time.perf_counter()
@@ -240,7 +245,7 @@ def compiled_trains_as_eager(config):
         losses[name] = []
         for batch in x:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = step_model(batch, torch.roll(batch, -1, 1))
+                loss = step_model(batch, torch.roll(batch, -1, 1))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -33,11 +33,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import (ARCHITECTURES, GPT, PRESETS, MuonConfig, configure_optimizers, describe_attention, flops_per_token,
-                   muon_params, preset_config)
+from model import ARCHITECTURES, GPT, describe_attention, flops_per_token, full_cross_entropy
 from support import cli, sharded_muon
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 from support.fastpath import cpu_has_bf16
+from support.loss import chunked_cross_entropy
+from support.optim import MuonConfig, configure_optimizers, muon_params
+from support.presets import PRESETS, preset_config
 
 GiB = 2**30
 
@@ -63,7 +65,7 @@ USABLE = 0.9  # fraction of a GPU's memory a plan may fill (see the module docst
 
 
 def token_budget(model_name):
-    """Tokens a preset trains on (model.PRESETS, as train_gpt.py's default max_tokens): 19,073 x
+    """Tokens a preset trains on (support/presets.py, as train_gpt.py's default max_tokens): 19,073 x
     2**19 for GPT-2 sizes (FineWeb-EDU sample-10BT, one epoch), 300B for GPT-3 sizes (the paper's)."""
     return PRESETS[model_name].train_tokens
 
@@ -82,7 +84,7 @@ class Setup:
     n_layer: Optional[int] = None  # None: the preset's; set to run the fake step on fewer layers
     shard_size: Optional[int] = None  # HSDP (train_gpt --fsdp_shard_size): sharded over this many ranks, not all
     optimizer: str = "adamw"  # or muon: torch's Muon for the blocks' matrices (ShardedMuon under FSDP)
-    muon_float32: bool = False  # Muon's Newton-Schulz in fp32 (model.Float32Muon: a CPU without bf16); GPUs: bf16
+    muon_float32: bool = False  # Muon's Newton-Schulz in fp32 (support/optim.py's Float32Muon: a CPU without bf16); GPUs: bf16
     attention: Optional[str] = None  # None: the preset's pattern (train_gpt --attention)
     attention_band: Optional[int] = None  # None: GPTConfig's (train_gpt --attention_band)
     arch: str = "gpt"  # model.ARCHITECTURES (modern: an untied head holds a second V x C matrix, no position table)
@@ -122,6 +124,7 @@ def build(config, setup, device, mesh):
         with torch.device(device):
             model = GPT(config)  # as train_gpt.build_model: whole, on the device
         apply_activation_checkpointing(model, setup.activation_checkpointing)
+    model.loss_fn = chunked_cross_entropy if setup.chunked_loss else full_cross_entropy  # train_gpt's --chunked_loss
     muon = MuonConfig(float32=setup.muon_float32) if setup.optimizer == "muon" else None
     optimizer = configure_optimizers(model, 0.1, 1e-4, "cuda", log=lambda m: None, muon=muon,
                                      sharded_muon=sharded_muon.ShardedMuon if setup.fsdp else None)
@@ -169,7 +172,7 @@ def _peak_of_two_steps(config, setup, device, mesh, T, amp):
 
     def forward_backward():
         with autocast():
-            _, loss = model(x, x, return_logits=not setup.chunked_loss)
+            loss = model(x, x)
         loss.backward()
 
     # The first step, untracked, allocates the optimizer state; the second is tracked up to the
@@ -181,7 +184,7 @@ def _peak_of_two_steps(config, setup, device, mesh, T, amp):
     forward_backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    parts = dict(getattr(optimizer, "optimizers", {"adamw": optimizer}))  # model.CombinedOptimizer's
+    parts = dict(getattr(optimizer, "optimizers", {"adamw": optimizer}))  # support/optim.py's CombinedOptimizer's
     tracker = _tracker(model, list(parts.values()), setup.fsdp)
     if setup.fsdp:
         tracker.track_inputs((x,))
@@ -322,7 +325,7 @@ def measured_step_peak(setup):
             autocast = torch.autocast(device.type, dtype=amp) if amp and not setup.fsdp else contextlib.nullcontext()
             for _ in range(2):
                 with autocast:
-                    _, loss = train_model(x, x, return_logits=not setup.chunked_loss)
+                    loss = train_model(x, x)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -616,7 +619,7 @@ def format_muon(plan):
 def main(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", help="a preset of model.PRESETS")
+    parser.add_argument("--model", default="gpt2", help="a preset of support/presets.py")
     parser.add_argument("--arch", default="gpt", help=f"the architecture: {', '.join(ARCHITECTURES)} (train_gpt --arch)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the cluster (data-parallel ranks)")
     parser.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
