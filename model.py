@@ -6,8 +6,8 @@ fused c_attn: support/hf.py fuses them on the way to GPT-2's format and splits t
 GPT-3's one change to the architecture, alternating dense and locally banded attention layers, is
 the `attention` option (docs/attention.md). The modern GPT's changes (rotary positions, QK-norm,
 ReLU², an untied head, a logit soft-cap, zero-initialized projections, no biases, parameter-free
-RMSNorm) are GPTConfig options, each off by default: ARCHITECTURES["modern"] turns them all on
-(docs/architecture.md).
+RMSNorm) are the Architecture options, each off by default: ARCHITECTURES["modern"] turns them all
+on (docs/architecture.md).
 
 This file works alone: of the project it imports only support/attention_kernels.py, the attention
 kernels, which import nothing else of it. How the model trains (the optimizers, the chunked loss,
@@ -15,7 +15,8 @@ the presets) lives in support/.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -38,7 +39,8 @@ def padded_vocab(vocab_size, multiple=64):
 LOSS_CHUNK_ROWS = 1024
 IGNORE_INDEX = -100  # a target that counts for nothing (F.cross_entropy's default ignore_index)
 
-ATTENTION_PATTERNS = ("dense", "gpt3")  # GPTConfig.attention; banded_layers says which layers band
+ATTENTION_PATTERNS = ("dense", "gpt3")  # Shape.attention; banded_layers says which layers band
+GPT3_BAND = 256  # GPT-Neo's window: the band of gpt3 attention when none is given (docs/attention.md)
 
 
 class ConfigError(ValueError):
@@ -46,40 +48,65 @@ class ConfigError(ValueError):
     which the scripts print as one line."""
 
 
+# The model's options, written once: GPTConfig and train_gpt.Settings both inherit them, and --help
+# shows the comments below. A new option is a field here and the code that uses it.
+
 @dataclass
-class GPTConfig:
-    block_size: int = 1024  # the longest context the position embedding covers
-    vocab_size: int = GPT2_VOCAB_SIZE  # real token ids: 0 .. vocab_size-1
-    padded_vocab_size: int = 50304  # rows of the embedding / lm_head; ids past vocab_size are dead
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    # GPT-3 "use[s] alternating dense and locally banded sparse attention patterns in the layers"
-    # (Brown et al. 2020, section 2.1): banded_layers(config) attend to the last attention_band
-    # positions only. The paper gives no band: 256 is GPT-Neo's window (docs/attention.md).
-    attention: str = "dense"  # dense: every layer causal over the whole context (GPT-2); or gpt3
-    attention_band: int = 256  # gpt3: a banded layer's position attends to itself and the band - 1 before it
-    # The modern GPT's options (docs/architecture.md). Each default is GPT-2's architecture, so the
-    # presets train the papers' model, and a checkpoint saved before a field existed (which lacks
-    # it) loads as the model it was.
+class Shape:
+    """The model's size, context and attention pattern: what a preset sets (support/presets.py)."""
+    # the model's shape: gpt2's numbers (GPT-2 124M, the seed's run); another --model preset replaces
+    # them with its own (a setting given on the command line still wins)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads (64 channels each)
+    n_embd: int = 768  # the width of the residual stream
+    block_size: int = 1024  # the longest context (GPT-3's presets: 2048)
+    # attention: GPT-3 "use[s] alternating dense and locally banded sparse attention patterns in the
+    # layers" (Brown et al. 2020, section 2.1): banded_layers attend to the last attention_band positions
+    attention: str = "dense"  # dense: every layer causal (GPT-2); gpt3: every other layer banded, as GPT-3 (its presets' default; docs/attention.md)
+    attention_band: Optional[int] = None  # gpt3: a banded layer's token sees itself and the band - 1 before it; None: 256 (GPT-Neo's, the paper gives none)
+
+
+@dataclass
+class Architecture:
+    """The modern GPT's options. Each default is GPT-2's architecture, so the presets train the
+    papers' models, and a checkpoint saved before an option existed (which lacks it) loads as the
+    model it was."""
+    # architecture (ARCHITECTURES; docs/architecture.md): GPT-2's unless asked. --arch=modern turns
+    # every option below on; each can still be set on its own (the command line wins)
     rope: bool = False  # rotary position embeddings on queries and keys, instead of the learned position table
     qk_norm: bool = False  # RMS-normalize each head's queries and keys (no gains) before attention
-    relu2: bool = False  # the MLP's activation: ReLU squared instead of GELU
-    untied_head: bool = False  # the output head is a matrix of its own, not the token embedding
-    logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap); 0 = off
+    relu2: bool = False  # ReLU squared in the MLP instead of GELU
+    untied_head: bool = False  # an output head of its own instead of the token embedding (AdamW trains it)
+    logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap); 0 = off (modern: 15)
     zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero
     bias: bool = True  # biases in the linear layers and LayerNorms
     rmsnorm: bool = False  # parameter-free RMSNorm instead of LayerNorm
 
+
+@dataclass
+class ModelOptions(Architecture, Shape):
+    """Every option of the model: Shape's fields, then Architecture's."""
+
+
+ARCH_FIELDS = tuple(f.name for f in fields(Architecture))
+
+
+@dataclass
+class GPTConfig(ModelOptions):
+    """The model to build: its options and its vocabulary."""
+    vocab_size: int = GPT2_VOCAB_SIZE  # real token ids: 0 .. vocab_size-1
+    padded_vocab_size: int = 50304  # rows of the embedding / lm_head; ids past vocab_size are dead
+
     def __post_init__(self):
+        if self.attention_band is None:
+            self.attention_band = GPT3_BAND
         for name in ("block_size", "vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_embd", "attention_band"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        for name in ARCH_FIELDS:
-            value, default = getattr(self, name), GPTConfig.__dataclass_fields__[name].default
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise ConfigError(f"GPTConfig.{name} must be True or False, got {value!r}")
+        for f in fields(Architecture):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"GPTConfig.{f.name} must be True or False, got {getattr(self, f.name)!r}")
         if isinstance(self.logit_softcap, bool) or not isinstance(self.logit_softcap, (int, float)) \
                 or not self.logit_softcap >= 0:
             raise ConfigError(f"logit_softcap must be a number >= 0 (0 = off; nanochat's is 15), got {self.logit_softcap!r}")
@@ -98,9 +125,8 @@ class GPTConfig:
             raise ConfigError(f"unknown attention pattern {self.attention!r}: choose one of {', '.join(ATTENTION_PATTERNS)}")
 
 
-# The GPTConfig fields of the architecture (not its size), and the named sets of them (--arch).
-# modern: modded-nanogpt's and nanochat's GPT (docs/architecture.md); soft-cap 15 is nanochat's.
-ARCH_FIELDS = ("rope", "qk_norm", "relu2", "untied_head", "logit_softcap", "zero_init", "bias", "rmsnorm")
+# The named sets of architecture options (--arch). modern: modded-nanogpt's and nanochat's GPT
+# (docs/architecture.md); soft-cap 15 is nanochat's.
 ARCHITECTURES = {
     "gpt": {},  # GPT-2's and GPT-3's (the defaults)
     "modern": dict(rope=True, qk_norm=True, relu2=True, untied_head=True, logit_softcap=15.0, zero_init=True,
@@ -110,8 +136,7 @@ ARCHITECTURES = {
 
 def arch_changes(config):
     """{option: value} for each architecture option of config that is not GPT-2's (its default)."""
-    return {name: getattr(config, name) for name in ARCH_FIELDS
-            if getattr(config, name) != GPTConfig.__dataclass_fields__[name].default}
+    return {f.name: getattr(config, f.name) for f in fields(Architecture) if getattr(config, f.name) != f.default}
 
 
 # ----------------------------------------------------------------------------------------------

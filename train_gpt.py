@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dataloader import DataError, DataLoader, DataNotFound, ValidationData, shard_paths
-from model import GPT, ConfigError, flops_per_token
+from model import GPT, ConfigError, ModelOptions, flops_per_token
 from support import checkpoint, cli, evals, run_guard, settings
 from support.activation_checkpoint import apply_activation_checkpointing
 from support.cli import SettingsError
@@ -44,29 +44,15 @@ USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.C
 
 
 @dataclass
-class Settings:
-    # model: a preset of support/presets.py (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt3-small ...
-    # gpt3-175b, tiny). The numbers below are gpt2's, the seed's GPT-2 124M run; another preset
-    # replaces them with its own (a setting given on the command line still wins)
+class Settings(ModelOptions):
+    """Every setting of a run. The model's own options (its shape and architecture) are inherited
+    from model.ModelOptions, written once there with the comments --help shows, and listed first."""
+    # presets: --model sets the shape above and the training numbers below to a preset's (support/presets.py:
+    # gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt3-small ... gpt3-175b, tiny), --arch the architecture
+    # options above to a named set (model.ARCHITECTURES); or the run starts from weights
     model: str = "gpt2"  # the preset: its dimensions, context, LR, batch and token schedule
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads (64 channels each)
-    n_embd: int = 768  # the width of the residual stream
-    block_size: int = 1024  # the longest context (GPT-3's presets: 2048)
-    attention: str = "dense"  # dense: every layer causal (GPT-2); gpt3: every other layer banded, as GPT-3 (its presets' default; docs/attention.md)
-    attention_band: Optional[int] = None  # gpt3: a banded layer's token sees itself and the band - 1 before it; None: 256 (GPT-Neo's, the paper gives none)
+    arch: str = "gpt"  # gpt: GPT-2's and GPT-3's, as the papers; modern: all the architecture options on
     init_from: str = ""  # start from weights: a checkpoint file or a Hugging Face GPT-2 folder
-    # architecture (model.ARCHITECTURES; docs/architecture.md): GPT-2's unless asked. --arch=modern
-    # turns every option below on; each can still be set on its own (the command line wins)
-    arch: str = "gpt"  # gpt: GPT-2's and GPT-3's, as the papers; modern: all the options below on
-    rope: bool = False  # rotary position embeddings on queries and keys, instead of the learned position table
-    qk_norm: bool = False  # RMS-normalize each head's queries and keys before attention
-    relu2: bool = False  # ReLU squared in the MLP instead of GELU
-    untied_head: bool = False  # an output head of its own instead of the token embedding (AdamW trains it)
-    logit_softcap: float = 0.0  # logits become cap * tanh(logits / cap); 0 = off (modern: 15)
-    zero_init: bool = False  # the projections into the residual stream (and an untied head) start at zero
-    bias: bool = True  # biases in the linear layers and LayerNorms
-    rmsnorm: bool = False  # parameter-free RMSNorm instead of LayerNorm
     # data
     data_dir: str = "edu_fineweb10B"  # a folder of *_train_* / *_val_* shards (fineweb.py makes them)
     seq_len: Optional[int] = None  # None: block_size

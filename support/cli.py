@@ -61,13 +61,25 @@ def dataclass_groups(cls):
     """A settings dataclass as documented in its source: [(group title, [(field, comment)])].
 
     A run of comment-only lines starts a group (its title: the lines joined); each field's meaning
-    is its trailing `# comment`. Fields before any such line form a group titled ""."""
+    is its trailing `# comment`. Fields before any such line form a group titled "". Fields a
+    dataclass inherits (train_gpt.Settings inherits model.ModelOptions) come first, as dataclasses
+    orders them, each documented in the source of the class that defines it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    groups = []
+    for klass in reversed(cls.__mro__):
+        own = inspect.get_annotations(klass)
+        if dataclasses.is_dataclass(klass) and own:
+            groups += source_groups(klass, {name: f for name, f in fields.items() if name in own})
+    return [(title, entries) for title, entries in groups if entries]
+
+
+def source_groups(cls, fields):
+    """dataclass_groups of the fields (by name) that cls's own source defines."""
     source = inspect.getsource(cls)
     comments = {}  # line number -> comment text
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             comments[token.start[0]] = token.string.lstrip("#").strip()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     groups, title_lines, previous_was_title = [("", [])], [], False
     for number, line in enumerate(source.splitlines(), 1):
         stripped = line.strip()
@@ -83,7 +95,7 @@ def dataclass_groups(cls):
         match = re.match(r"(\w+)\s*:", stripped)
         if match and match.group(1) in fields:
             groups[-1][1].append((fields[match.group(1)], comments.get(number, "")))
-    return [(title, entries) for title, entries in groups if entries]
+    return groups
 
 
 def default_text(field):

@@ -402,7 +402,7 @@ def check_compatible(state, config):
     """A checkpoint of another model or data must not be loaded into this run. A field the
     checkpoint lacks (written before the field existed) has its default, the architecture it
     was trained with then."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    defaults = dataclasses.asdict(type(config)())
     saved = {**defaults, **state["model_config"]}
     for name, value in dataclasses.asdict(config).items():
         if saved.get(name) != value:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import ARCH_FIELDS, ARCHITECTURES, ATTENTION_PATTERNS, GPTConfig, arch_changes
+from model import ARCHITECTURES, ATTENTION_PATTERNS, ModelOptions, arch_changes
 from support import cli, hf, tracking
 from support.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from support.cli import RunError, SettingsError
@@ -182,8 +182,7 @@ def resolve_model_settings(s):
     check_ranges(s)
     check_init_from(s.init_from)
     check_attention_settings(s)
-    config = preset_config(s.model, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size,
-                           attention=s.attention, attention_band=s.attention_band, **arch_options(s))
+    config = preset_config(s.model, **model_options(s))
     s.attention_band = config.attention_band if s.attention != "dense" else None  # the band that trains
     s.seq_len = config.block_size if s.seq_len is None else s.seq_len
     s.min_lr = s.min_lr if s.min_lr is not None else (0.0 if s.schedule == "wsd" else 0.1 * s.max_lr)
@@ -227,9 +226,9 @@ def check_attention_settings(s):
                             f"model is dense (--attention=dense): give --attention=gpt3, or no band")
 
 
-def arch_options(s):
-    """The settings that are GPTConfig's architecture options (model.ARCH_FIELDS), by name."""
-    return {name: getattr(s, name) for name in ARCH_FIELDS}
+def model_options(s):
+    """The settings that are the model's options (model.ModelOptions: s inherits them), by name."""
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(ModelOptions)}
 
 
 def resolve_token_schedule(s):
@@ -347,7 +346,7 @@ def auto_micro_batch(s, rt, log):
     if (s.n_layer, s.n_head, s.n_embd, s.seq_len) != (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size):
         raise SettingsError("--micro_batch_size=auto plans the presets as they are; with n_layer, n_head, n_embd "
                          "or seq_len changed, give a number")
-    changes = arch_changes(GPTConfig(**arch_options(s)))
+    changes = arch_changes(s)
     arch = next((name for name, options in ARCHITECTURES.items() if options == changes), None)
     if arch is None:
         raise SettingsError(f"--micro_batch_size=auto plans the named architectures ({', '.join(ARCHITECTURES)}) as "

@@ -80,6 +80,37 @@ def test_train_gpt_help_lists_every_setting_with_default_and_meaning(capsys):
         assert f"`recipe` ({', '.join(f'`{name}`' for name in train_gpt.RECIPES)})" in f.read()
 
 
+def test_every_model_option_is_defined_once_shown_by_help_and_reaches_the_model():
+    """The model's options are written once, as model.ModelOptions' fields (issue 29): GPTConfig and
+    train_gpt.Settings both inherit them, so each is a setting with the model's default, --help shows
+    its comment, and given on the command line it reaches the GPTConfig that trains. Generated from
+    the dataclasses: an option added there is tested here without a line of its own. Every option at
+    once, each set to a value that is not its default: a bool flipped, a number doubled (a float
+    made nonzero), a choice one the presets make, a None a number."""
+    from model import GPTConfig, ModelOptions
+    from support.presets import PRESETS
+    options = dataclasses.fields(ModelOptions)
+    settings = {f.name: f for f in dataclasses.fields(train_gpt.Settings)}
+    help_text = train_gpt.settings_help()
+    given = {}
+    for f in options:
+        assert (settings[f.name].type, settings[f.name].default) == (f.type, f.default), f.name
+        comment = dict((g.name, c) for _, entries in cli.dataclass_groups(ModelOptions) for g, c in entries)[f.name]
+        assert comment and re.search(rf"--{f.name}=\S+ +{re.escape(comment)}", help_text), f.name
+        if isinstance(f.default, bool):
+            given[f.name] = not f.default
+        elif isinstance(f.default, (int, float)):
+            given[f.name] = 2 * f.default or 1.5
+        elif f.default is None:
+            given[f.name] = 64
+        else:  # a choice: another value the presets take
+            given[f.name] = next(getattr(p, f.name) for p in PRESETS.values() if getattr(p, f.name, f.default) != f.default)
+    config = train_gpt.resolve_model_settings(train_gpt.parse_settings([f"--{k}={v}" for k, v in given.items()]))
+    assert {name: getattr(config, name) for name in given} == given
+    own = {f.name for f in dataclasses.fields(GPTConfig)} - {f.name for f in options}
+    assert own == {"vocab_size", "padded_vocab_size"}  # the rest of GPTConfig is options, none of them settings
+
+
 def test_bench_help_lists_its_own_options(capsys):
     bench.main(["--help"])
     out = capsys.readouterr().out
