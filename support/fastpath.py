@@ -66,13 +66,19 @@ def sparse_embedding_pays(s, rt):
     return rt.device.type == "cpu" and not s.compile
 
 
+def on_the_cpu(grads):
+    """Whether the gradients are plain CPU tensors, where the clipping's fast path was measured to
+    pay (not FSDP's sharded DTensors, which torch's own functions handle)."""
+    return bool(grads) and grads[0].device.type == "cpu" and not any(hasattr(g, "device_mesh") for g in grads)
+
+
 def gradient_norm(params):
     """The global L2 norm of the parameters' gradients, as a tensor (reading it would sync with
     the device). On the CPU it comes from BLAS dot products, where that was measured to pay
     (docs/performance.md): torch's foreach norm runs there a tensor at a time at half their
     speed. Elsewhere, and for FSDP's sharded DTensors, torch's own norm, made whole."""
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and grads[0].device.type == "cpu" and not any(hasattr(g, "device_mesh") for g in grads):
+    if on_the_cpu(grads):
         return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
     norm = torch.nn.utils.get_total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -84,8 +90,7 @@ def clip_gradients(params, optimizer, max_norm, norm):
     left to the optimizer kernel, which divides each gradient by the optimizer's `grad_scale` as
     it reads it (the hook torch's GradScaler unscales through): one pass over the gradients fewer
     (docs/performance.md)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or grads[0].device.type != "cpu" or any(hasattr(g, "device_mesh") for g in grads):
+    if not on_the_cpu([p.grad for p in params if p.grad is not None]):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return
     for part in getattr(optimizer, "optimizers", {"": optimizer}).values():  # CombinedOptimizer's parts
