@@ -133,10 +133,24 @@ def parse_settings(argv, cls, demo, recipes):
     decays_to_zero = now("min_lr") == 0 or (now("min_lr") is None and now("schedule") == "wsd")
     if "decay_tokens" not in own and ({"max_tokens", "max_steps"} & own.keys() or decays_to_zero):
         values.pop("decay_tokens", None)
+    if now("optimizer") == "muon" and now("muon_adjust_lr") == "match_rms_adamw" and "muon_lr" not in given:
+        raise SettingsError(match_rms_adamw_needs_its_lr(now("muon_lr"), now("n_embd")))
     check_range("max_lr_scale", now("max_lr_scale"))  # now: it scales max_lr below
     if "max_lr" not in own:  # a recipe's LR is relative to the preset's
         values["max_lr"] = now("max_lr") * now("max_lr_scale")
     return cls(**values)
+
+
+def match_rms_adamw_needs_its_lr(muon_lr, width):
+    """Moonshot's match_rms_adamw scales Muon's step by 0.2 sqrt(max dim) where Keller Jordan's original
+    scales it by sqrt(max(1, rows/cols)), so muon_lr means another step under each: the defaults and
+    the recipes' muon_lr were tuned under original, and would step a C x C matrix 0.2 sqrt(C) times
+    as far (5.5x at 768 wide). The LR is the user's to give, not ours to guess."""
+    factor = 0.2 * math.sqrt(width)
+    return (f"--muon_adjust_lr=match_rms_adamw with muon_lr={muon_lr:g} (tuned for original) would step each "
+            f"{width} x {width} matrix {factor:.1f}x as far as original does; give --muon_lr as well: "
+            f"--muon_lr={muon_lr / factor:.3g} steps square matrices as original's {muon_lr:g} does "
+            f"(Moonshot's convention gives Muon AdamW's LR)")
 
 
 def preset_settings(name):

@@ -223,6 +223,31 @@ def test_clear_errors(shards, tmp_path, monkeypatch):
         muon_optimizer(small_model())
 
 
+def test_match_rms_adamw_needs_a_muon_lr_given_and_the_one_it_names_steps_as_original(shards, tmp_path):
+    """Issue 29.2: match_rms_adamw with the recipe's muon_lr (tuned for original) stepped each C x C
+    matrix 0.2 sqrt(C) times as far (5.5x at 768 wide). It is refused in one line unless --muon_lr is
+    given, and the LR the line names steps a square matrix as far as original's does."""
+    log = str(tmp_path / "log")
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(tiny_args(shards, log, recipe="fast", muon_adjust_lr="match_rms_adamw", n_embd=256, n_head=4))
+    message = str(e.value.code)
+    assert "\n" not in message and "match_rms_adamw with muon_lr=0.04" in message and "3.2x as far" in message
+    assert not os.path.exists(log)  # refused before any work
+    named = float(message.split("--muon_lr=")[1].split()[0])
+    steps = {}
+    for fn, lr in (("original", 0.04), ("match_rms_adamw", named), ("match_rms_adamw, recipe's lr", 0.04)):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(256, 256))
+        w.grad = torch.randn(256, 256)
+        before = w.detach().clone()
+        torch.optim.Muon([w], lr=lr, weight_decay=0, adjust_lr_fn=fn.split(",")[0]).step()
+        steps[fn] = (w.detach() - before).norm().item()
+    assert steps["match_rms_adamw"] == pytest.approx(steps["original"], rel=2e-3)  # the named LR has 3 digits
+    assert steps["match_rms_adamw, recipe's lr"] == pytest.approx(0.2 * 256 ** 0.5 * steps["original"], rel=1e-3)
+    s = parse_settings(["--recipe=fast", "--muon_adjust_lr=match_rms_adamw", f"--muon_lr={named}"])
+    assert (s.muon_adjust_lr, s.muon_lr) == ("match_rms_adamw", named)  # given: it trains as asked
+
+
 def test_muon_trains_and_resumes_exactly(shards, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     args = dict(optimizer="muon", schedule="wsd", muon_lr=0.05, max_steps=6, checkpoint_every=3, val_every=3)

@@ -580,7 +580,8 @@ def test_a_resume_trains_the_optimizer_settings_given_now(shards, two_steps, tmp
     the log names the change."""
     log_dir = str(tmp_path / "run")
     shutil.copytree(two_steps[optimizer], log_dir)
-    run(tiny_args(shards, log_dir, optimizer=optimizer, stop_step=3, **{setting: value}, **STEPS))
+    also = dict(muon_lr=train_gpt.Settings.muon_lr) if setting == "muon_adjust_lr" else {}  # its LR is the user's to give
+    run(tiny_args(shards, log_dir, optimizer=optimizer, stop_step=3, **{setting: value}, **also, **STEPS))
     saved = torch.load(os.path.join(log_dir, "ckpt_0000003.pt"), weights_only=True)["optimizer"]
     groups = (saved[part] if part else saved)["param_groups"]
     assert groups[0][field] == pytest.approx(expected) if isinstance(expected, float) else groups[0][field] == expected
