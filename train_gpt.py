@@ -47,6 +47,8 @@ USER_ERRORS = (cli.UserError, ConfigError, DataError, DataNotFound, checkpoint.C
 class Settings(ModelOptions):
     """Every setting of a run. The model's own options (its shape and architecture) are inherited
     from model.ModelOptions, written once there with the comments --help shows, and listed first."""
+    # the model (model.ModelOptions): GPT-2 124M, the seed's: n_layer=12, n_head=12, n_embd=768, block_size=1024;
+    # the architecture switches rope, qk_norm, relu2, untied_head, logit_softcap, zero_init, bias, rmsnorm
     # presets: --model sets the shape above and the training numbers below to a preset's (support/presets.py:
     # gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt3-small ... gpt3-175b, tiny), --arch the architecture
     # options above to a named set (model.ARCHITECTURES); or the run starts from weights
@@ -529,7 +531,7 @@ def main(argv=None):
     traceback (support/run_guard.py); anything else is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(settings_help())
+        cli.print_help(settings_help())
         return
     with run_guard.OneLineErrors("train_gpt.py", USER_ERRORS) as errors:
         s = parse_settings(argv)

@@ -12,7 +12,9 @@ import argparse
 import dataclasses
 import inspect
 import io
+import os
 import re
+import sys
 import tokenize
 
 
@@ -50,6 +52,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def print_help(text):
+    """Print --help; a reader that stops early (`--help | head`) ends it quietly, not with a
+    BrokenPipeError traceback (Python's advice: point stdout at devnull so the exit's flush is quiet)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def summary(doc):

@@ -143,6 +143,16 @@ def test_every_script_answers_help_and_a_bad_argument_in_one_line(main, own_opti
     assert e.value.code == 2 and err.count("\n") == 1 and ": error: " in err and err.endswith("(see --help)\n")
 
 
+@pytest.mark.parametrize("command", ["train_gpt.py", "-m tools.compare", "-m tools.bench"])
+def test_help_read_only_in_part_ends_quietly(command):
+    """`python train_gpt.py --help | head` ended in a BrokenPipeError traceback once head stopped reading.
+    `true` reads nothing and has exited before Python starts: every write meets a closed pipe."""
+    import subprocess, sys
+    done = subprocess.run(f"set -o pipefail; {sys.executable} {command} --help | true", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, executable="/bin/bash")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # One line for a user's mistake, the traceback for a bug
 

@@ -146,3 +146,18 @@ def test_the_front_page_and_the_schedule_doc_describe_the_demo_that_runs():
     for doc in ("README.md", "docs/schedule.md"):
         with open(os.path.join(ROOT, doc)) as f:
             assert said in " ".join(f.read().split()), f"{doc} does not say the demo trains {said}"
+
+
+def test_the_recipe_names_the_models_shape_where_a_reader_looks_first():
+    """Settings inherits the model's options from model.ModelOptions (defined once), so its first
+    comment states the seed's shape and names the switches: both must stay those ModelOptions has."""
+    import dataclasses
+    import re
+    from model import Architecture, ModelOptions, Shape
+    text = open(os.path.join(ROOT, "train_gpt.py")).read()
+    comment = text.split("class Settings(ModelOptions):")[1].split("model: str")[0]
+    shape = dict(re.findall(r"(\w+)=(\d+)", comment))
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelOptions)}
+    assert shape == {f.name: str(defaults[f.name]) for f in dataclasses.fields(Shape) if isinstance(f.default, int)}
+    switches = comment.split("the architecture switches")[1].split("\n")[0].replace(",", " ").split()
+    assert switches == [f.name for f in dataclasses.fields(Architecture)]

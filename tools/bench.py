@@ -463,7 +463,7 @@ def against_argv(argv, changed):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(bench_help())
+        cli.print_help(bench_help())
         return None
     try:
         s, opts = parse_args(argv)

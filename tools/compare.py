@@ -243,7 +243,7 @@ def compare_help():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(compare_help())
+        cli.print_help(compare_help())
         return None
     try:
         bench, shared = parse_args(argv)
