@@ -709,7 +709,7 @@ def choose_tensor_parallel(options, degrees, log):
         chosen, why = min(fitting, key=lambda p: p.step_seconds), "the shortest estimated step"
     else:
         chosen, why = fitting[0], "the smallest that fits (no MFU to weigh the steps)"
-    stop = (f"; stopped at TP {plans[-1].tensor_parallel}, which fits with {least} checkpointing"
+    stop = (f"; stopped at TP {plans[-1].tensor_parallel}, which fits with checkpointing {least}"
             if plans[-1].fits and len(plans) < len(degrees) else "")
     if len(plans) > 1:  # else TP 1 fits with the least checkpointing, or is the only degree: nothing to weigh
         chosen.tensor_parallel_choice = (f"TP {chosen.tensor_parallel}, {why} ({'; '.join(notes)}{stop}; TP's "
