@@ -44,8 +44,9 @@ def test_largest_micro_batch_is_the_largest_that_fits():
 
 
 def test_impossible_plans_are_refused_with_the_reason(monkeypatch):
-    split = plan.make_plan("gpt3-175b", 1024, log=lambda m: None)  # 1536 sequences a step
+    split = plan.make_plan("gpt3-175b", 1024, tensor_parallel=1, log=lambda m: None)  # 1536 sequences a step
     assert not split.fits and "does not split evenly over 1024 GPUs" in split.reason and "512" in split.reason
+    assert "--tensor_parallel=2, 4 or 8" in split.reason
     monkeypatch.setitem(plan.GPUS, "small", plan.GPU(2**20, 1e12, None, ""))
     ddp = plan.make_plan("tiny", 1, "small", fsdp=False, activation_checkpointing="full",
                          micro_batch_size="1", log=lambda m: None)
@@ -151,3 +152,79 @@ def test_auto_micro_batch_plans_the_pattern_that_trains(monkeypatch):
     rt = types.SimpleNamespace(device=torch.device("cuda", 0), world_size=1, is_main=True)
     assert settings.auto_micro_batch(s, rt, log=lambda m: None) == 4
     assert "--attention=gpt3" in asked[0] and "--attention_band=128" in asked[0]
+
+
+def test_gpt3_175b_fits_1024_gpus_at_the_papers_batch_with_tensor_parallel_8():
+    """Without TP the paper's 1,536 sequences do not split over 1,024 GPUs (above); with TP 8 they
+    split over 128 data-parallel ranks, 12 each. A few seconds: fake steps of the 128-rank group."""
+    p = plan.make_plan("gpt3-175b", 1024, total_batch_size=3_145_728, tensor_parallel=8, log=lambda m: None)
+    assert p.fits and (p.tensor_parallel, p.data_parallel) == (8, 128)
+    assert 12 % p.micro_batch_size == 0 and p.accumulation_steps == 12 // p.micro_batch_size
+    assert p.memory_gib["total"] <= p.budget_gib
+    # the TP traffic, counted here from the model: 8 collectives a block, 4 a recomputed block, 4 for
+    # the embedding and the head, each 7/8 of a (sequence, 2048, 12288) bf16 tensor, 12 sequences
+    from support.activation_checkpoint import checkpointed_blocks
+    collectives = 8 * 96 + 4 * len(checkpointed_blocks(96, p.activation_checkpointing)) + 4
+    assert p.tensor_parallel_gb * 1e9 == pytest.approx(collectives * 12 * 2048 * 12288 * 2 * 7 / 8)
+    assert p.tensor_parallel_seconds == pytest.approx(p.tensor_parallel_gb * 1e9 / plan.GPUS["H100-80GB"].nvlink)
+    text = plan.format_plan(p)
+    assert "tensor parallel 8 (Megatron-style, sequence parallel) x FSDP2 over 128 data-parallel ranks" in text
+    assert f"activation checkpointing {p.activation_checkpointing}, micro batch {p.micro_batch_size} " in text
+    assert f"ESTIMATE {p.tensor_parallel_seconds:.2f} s at NVLink's 450 GB/s" in text
+
+
+def test_tensor_parallel_cuts_the_state_over_dp_x_tp_and_the_activations_over_tp():
+    """tiny on 4 GPUs as TP 2 x 2 data-parallel ranks, against the fake step of those 2 ranks at
+    TP 1: the sharded state is over all 4 GPUs (AdamW's two fp32 moments: 8 bytes a parameter / 4),
+    parameters, gradients and FSDP's buffers halve, and so do the activations, except the gathered
+    (B, T, C) inputs of attention's q, k, v, the MLP's fc (each block) and the head, kept whole."""
+    from model import GPT, num_params
+    setup = dataclasses.replace(SMALL, gpus=4, micro_batch_size=2)
+    group = plan.peak_bytes(dataclasses.replace(setup, gpus=2))  # TP 1: the data-parallel group's step
+    tp2 = plan.peak_bytes(dataclasses.replace(setup, tensor_parallel=2))
+    config = plan.setup_config(setup)
+    with __import__("torch").device("meta"):
+        n = num_params(GPT(config))
+    assert tp2["optimizer"] == pytest.approx(8 * n / 4, rel=0.01)
+    assert tp2["optimizer"] == pytest.approx(plan.peak_bytes(setup)["optimizer"], rel=0.01)  # = 4-way FSDP's
+    for key in ("params", "grads", "optimizer", "other"):
+        assert tp2[key] == pytest.approx(group[key] / 2, abs=1), key
+    gathered = (2 * config.n_layer + 1) * 2 * 64 * config.n_embd * 4  # micro batch 2, T 64, fp32
+    assert 0 < gathered < group["activations"]
+    assert tp2["activations"] == pytest.approx((group["activations"] - gathered) / 2 + gathered, abs=1)
+    assert tp2["total"] == sum(tp2[k] for k in ("params", "grads", "optimizer", "activations", "other"))
+
+
+def test_bad_tensor_parallel_layouts_are_refused_in_one_line():
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
+    for model, gpus, tp, problem in [
+            ("tiny", 32, 16, "is wider than a node's 8 GPUs"),
+            ("gpt2", 6, 4, "does not divide --gpus=6"),
+            ("tiny", 8, 8, "does not divide the 4 attention heads"),
+            ("gpt2-xl", 5, 5, "does not divide the 50304 rows of the (padded) vocabulary"),
+            ("gpt2", 6, 3, "does not divide the sequence of 1024")]:
+        with pytest.raises(ValueError) as e:
+            plan.make_plan(model, gpus, tensor_parallel=tp, **kw)
+        message = str(e.value)
+        assert message.startswith(f"--tensor_parallel={tp} {problem}") and ": choose one of " in message, message
+        assert "\n" not in message
+    with pytest.raises(ValueError, match="not with --optimizer=muon: drop one"):
+        plan.make_plan("tiny", 4, tensor_parallel=2, optimizer="muon", **kw)
+    with pytest.raises(ValueError, match="not with --fsdp_shard_size: drop one"):
+        plan.make_plan("tiny", 4, tensor_parallel=2, fsdp_shard_size=2, **kw)
+    with pytest.raises(SystemExit, match="^plan.py: error: --tensor_parallel=8 does not divide the 4 attention heads: "
+                                         "choose one of 1, 2, 4 for tiny on 8 GPUs$"):
+        plan.main(["--model=tiny", "--gpus=8", "--tensor_parallel=8"])
+
+
+def test_auto_tensor_parallel_takes_tp_only_when_it_pays(monkeypatch):
+    """tiny on 4 GPUs, no checkpointing: TP 1 when it fits (nothing more is planned); on a GPU too
+    small for it, TP 2, with the reason."""
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
+    alone = plan.make_plan("tiny", 4, **kw)
+    assert alone.fits and alone.tensor_parallel == 1 and not alone.tensor_parallel_choice
+    tp2 = plan.peak_bytes(plan.Setup("tiny", 4, 1, tensor_parallel=2))["total"]
+    small = plan.make_plan("tiny", 4, gpu_memory=(tp2 + alone.memory_gib["total"] * plan.GiB) / 2 / plan.USABLE, **kw)
+    assert small.fits and small.tensor_parallel == 2
+    assert small.tensor_parallel_choice.startswith("TP 2, the shortest estimated step (TP 1 does not fit; TP 2 ")
+    assert "tensor parallel auto: TP 2" in plan.format_plan(small)

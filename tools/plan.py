@@ -3,6 +3,7 @@
     python -m tools.plan --model=gpt3-175b --gpus=512 --gpu=H100-80GB
     python -m tools.plan --model=gpt3-13b --gpus=8 --activation_checkpointing=none --micro_batch_size=2
     python -m tools.plan --model=gpt3-13b --gpus=64 --fsdp_shard_size=8    # hybrid: shard in a node, replicate across
+    python -m tools.plan --model=gpt3-175b --gpus=1024 --tensor_parallel=8  # TP in a node, FSDP over 128 groups
 
 The memory figures are not a formula: the real model is built, checkpointed and sharded as
 train_gpt.py does it (FSDP2 per block, then the root; or DDP's full replicas), and the real
@@ -19,6 +20,16 @@ fake step runs on the CPU's kernels (its flash attention, like the GPU's, keeps 
 Time is the model's training FLOPs per token (model.flops_per_token) at a stated MFU: by default
 the best this project has measured on that GPU class (docs/performance.md). Recomputed blocks cost
 a third more of their FLOPs, which model FLOPs (and so MFU) do not count: the estimate adds them.
+
+Tensor parallelism (--tensor_parallel, Megatron-style with sequence parallelism: q, k, v and the
+MLP's fc split by columns, the output projections by rows, the norms and the residual split along
+the sequence, a vocabulary-parallel embedding, head and loss) is planned from the fake step of one
+data-parallel group, not run: TP's shards are the DP step's tensors cut t ways. So parameters,
+gradients, optimizer state and FSDP's buffers divide by t (the sharded state over DP x TP), and so
+do the activations, except the all-gathered (B, T, C) inputs of the column-parallel projections,
+which each GPU keeps whole for backward (tensor_parallel_peak). TP's collectives are timed at
+NVLink's rate (tensor_parallel_traffic). "auto" plans TP 1, 2, 4, 8 and keeps the shortest
+estimated step (choose_tensor_parallel).
 """
 
 import argparse
@@ -33,7 +44,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import ARCHITECTURES, GPT, describe_attention, flops_per_token, full_cross_entropy
+from model import ARCHITECTURES, GPT, describe_attention, flops_per_token, full_cross_entropy, num_params
 from support import cli, sharded_muon
 from support.activation_checkpoint import MODES, apply_activation_checkpointing, checkpointed_blocks
 from support.fastpath import cpu_has_bf16
@@ -50,18 +61,28 @@ class GPU:
     peak_flops: float  # dense bf16 datasheet peak, FLOP/s
     mfu: Optional[float]  # best MFU this project measured on this class, None if never measured
     mfu_source: str
+    nvlink: Optional[float] = None  # bytes/s one way, per GPU, to the others of its node (NVSwitch); None: unknown
 
 
+# NVLink: NVIDIA's datasheets give both directions together; one way is half. H100 and H200 SXM
+# (NVLink 4): 18 links x 25 GB/s = 450 GB/s each way (the datasheet's 900 GB/s). A100 SXM
+# (NVLink 3): 12 links x 25 GB/s = 300 GB/s (600 GB/s). The link rate: NCCL's collectives reach
+# less, so TP times planned from it are floors (not measured here).
+NVLINK_4, NVLINK_3 = 450e9, 300e9
 # 80 GB parts show 79.1-80 GiB to torch. The MFU default is the only measurement this project has:
 # gpt2 on one H100 80GB, compiled, bf16 (docs/performance.md): 39.3% of 989 TFLOP/s.
 MEASURED = "measured: gpt2 on one H100 80GB, docs/performance.md"
 GPUS = {
-    "H100-80GB": GPU(81559 * 2**20, 989e12, 0.393, MEASURED),
-    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)"),
-    "A100-80GB": GPU(81920 * 2**20, 312e12, None, ""),
-    "A100-40GB": GPU(40960 * 2**20, 312e12, None, ""),
+    "H100-80GB": GPU(81559 * 2**20, 989e12, 0.393, MEASURED, NVLINK_4),
+    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)", NVLINK_4),
+    "A100-80GB": GPU(81920 * 2**20, 312e12, None, "", NVLINK_3),
+    "A100-40GB": GPU(40960 * 2**20, 312e12, None, "", NVLINK_3),
 }
 USABLE = 0.9  # fraction of a GPU's memory a plan may fill (see the module docstring)
+# An HGX board (H100, H200, A100): 8 GPUs on one NVSwitch. TP's collectives, 4 a block in forward
+# and 4 in backward, need NVLink's rate, so a TP group stays within a node.
+GPUS_PER_NODE = 8
+TENSOR_PARALLEL_AUTO = (1, 2, 4, 8)  # the degrees "auto" plans, within a node
 
 
 def token_budget(model_name):
@@ -74,7 +95,7 @@ def token_budget(model_name):
 class Setup:
     """One rank's training setup: what the memory depends on."""
     model: str
-    gpus: int
+    gpus: int  # all of them: data-parallel ranks x tensor_parallel
     micro_batch_size: int
     activation_checkpointing: str = "none"
     fsdp: bool = True
@@ -88,6 +109,7 @@ class Setup:
     attention: Optional[str] = None  # None: the preset's pattern (train_gpt --attention)
     attention_band: Optional[int] = None  # None: GPTConfig's (train_gpt --attention_band)
     arch: str = "gpt"  # model.ARCHITECTURES (modern: an untied head holds a second V x C matrix, no position table)
+    tensor_parallel: int = 1  # GPUs of a node that split each layer (Megatron-style, sequence parallel); 1: off
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +172,8 @@ def fake_step_peak(setup):
     round, and the Newton-Schulz temporaries; "total" is the larger of the two peaks. Rank 0,
     which the fake step is, steps the largest matrices (sharded_muon.deal)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    if setup.tensor_parallel > 1:
+        raise ValueError("fake_step_peak runs one data-parallel group's step (TP 1); peak_bytes plans TP from it")
     config = setup_config(setup)
     T = setup.seq_len or config.block_size
     device = torch.device("cpu")
@@ -351,7 +375,11 @@ def peak_bytes(setup):
     block's prefetch, a gradient reduce: with 2 layers there is no prefetch yet), and what grows
     with depth (sharded state, kept activations) grows by the same bytes a layer. So the two runs
     give the peak for any depth (tests/test_plan.py checks 8 layers against the direct run) at the
-    cost of small models: the fake step's time grows with the number of operations, not their size."""
+    cost of small models: the fake step's time grows with the number of operations, not their size.
+    With tensor parallelism, from the step of one data-parallel group (tensor_parallel_peak)."""
+    if setup.tensor_parallel > 1:
+        group = dataclasses.replace(setup, gpus=data_parallel(setup), tensor_parallel=1)
+        return tensor_parallel_peak(peak_bytes(group), setup)
     key = dataclasses.astuple(setup)
     if key not in _peaks:
         n_layer = setup.n_layer or PRESETS[setup.model].n_layer
@@ -365,9 +393,10 @@ def peak_bytes(setup):
 
 
 def micro_batch_choices(setup, total_batch_size):
-    """Micro batches that divide each rank's share of the batch (so accumulation is whole)."""
+    """Micro batches that divide each data-parallel rank's share of the batch (so accumulation is
+    whole). The GPUs of a TP group take the same sequences."""
     T = setup.seq_len or PRESETS[setup.model].block_size
-    per_rank, rest = divmod(total_batch_size, T * setup.gpus)
+    per_rank, rest = divmod(total_batch_size, T * data_parallel(setup))
     if rest or per_rank == 0:
         return []
     return [b for b in range(1, per_rank + 1) if per_rank % b == 0]
@@ -391,6 +420,93 @@ def largest_micro_batch(setup, total_batch_size, budget):
         if peak["total"] <= budget:
             return b, peak
     return 1, one
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor parallelism: Megatron-style (Shoeybi et al. 2019) with sequence parallelism (Korthikanti
+# et al. 2022, "Reducing Activation Recomputation in Large Transformer Models"), planned from the
+# fake step of one data-parallel group
+
+def data_parallel(setup):
+    """Data-parallel ranks: each takes its own share of the batch; a TP group's GPUs are one rank."""
+    return setup.gpus // setup.tensor_parallel
+
+
+def mlp_width(config):
+    """The MLP's hidden width, as model.MLP makes it (read from a one-block model on the meta device)."""
+    with torch.device("meta"):
+        return GPT(dataclasses.replace(config, n_layer=1)).transformer.h[0].mlp.c_fc.out_features
+
+
+def tensor_parallel_problem(config, gpus, tp, seq_len):
+    """Why `tp` GPUs cannot split each layer of this model on `gpus` GPUs, or "". Attention splits
+    by heads, the MLP by its hidden units, the embedding, head and loss by vocabulary rows, the
+    norms and the residual (sequence parallelism) by positions; a TP group stays within a node."""
+    if tp < 1:
+        return "must be at least 1 (1: off)"
+    checks = [(tp <= GPUS_PER_NODE, f"is wider than a node's {GPUS_PER_NODE} GPUs (TP's collectives, 8 a block, "
+                                    f"need NVLink)"),
+              (gpus % tp == 0, f"does not divide --gpus={gpus}"),
+              (config.n_head % tp == 0, f"does not divide the {config.n_head} attention heads"),
+              (mlp_width(config) % tp == 0, f"does not divide the MLP's width {mlp_width(config)}"),
+              (config.padded_vocab_size % tp == 0, f"does not divide the {config.padded_vocab_size} rows of "
+                                                   f"the (padded) vocabulary"),
+              (seq_len % tp == 0, f"does not divide the sequence of {seq_len} (sequence parallelism splits it)")]
+    return next((why for ok, why in checks if not ok), "")
+
+
+def activation_bytes(setup):
+    """Bytes of one activation element: the compute dtype's (bf16 under FSDP's MixedPrecisionPolicy
+    and under DDP's autocast, whose linear layers keep bf16 copies of their inputs)."""
+    return getattr(torch, setup.dtype).itemsize
+
+
+def kept_gathered_bytes(setup, config):
+    """The all-gathered (micro batch, T, C) activations a TP rank keeps whole at the step's peak:
+    each column-parallel projection keeps its input, gathered from the sequence-parallel shards,
+    for its weight's gradient (torch's ColwiseParallel does; Megatron-LM instead keeps the shard
+    and gathers it again in backward). Attention's q, k and v share one gathered input, the MLP's
+    fc another, and the head a third. A checkpointed block keeps neither: only the one being
+    recomputed holds its two. At TP 1 the same tensors are the norms' outputs."""
+    recomputed = len(checkpointed_blocks(config.n_layer, setup.activation_checkpointing))
+    held_by = config.n_layer - recomputed + (1 if recomputed else 0)
+    T = setup.seq_len or config.block_size
+    return (2 * held_by + 1) * setup.micro_batch_size * T * config.n_embd * activation_bytes(setup)
+
+
+def tensor_parallel_peak(group_peak, setup):
+    """One GPU's peak at TP t from the peak of its data-parallel group's fake step at TP 1
+    (`group_peak`, by category): parameters, gradients, optimizer state and FSDP's buffers (other)
+    are cut t ways, so the sharded state is over DP x TP; the activations too (inside attention and
+    the MLP by heads and hidden units; with sequence parallelism the norms and the residual, which
+    TP alone keeps whole, by positions; the vocabulary-parallel loss splits the logits), except the
+    gathered inputs (kept_gathered_bytes), whole on every GPU. Left out: the norms, the position
+    table and the row-parallel projections' biases are whole on every GPU of the group, which the
+    plan counts as cut: 0.02% of gpt3-175b's parameters, 0.09% of gpt3-13b's, 1.3% of gpt3-small's."""
+    t = setup.tensor_parallel
+    kept = kept_gathered_bytes(setup, setup_config(setup))
+    out = {k: round(group_peak[k] / t) for k in ("params", "grads", "optimizer", "other")}
+    out["activations"] = round((group_peak["activations"] - kept) / t + kept)
+    out["total"] = sum(out.values())
+    return out
+
+
+def tensor_parallel_traffic(setup, config, total_batch_size):
+    """Bytes one GPU sends (and as many it receives) a step in TP's collectives. A block, a micro
+    batch: in forward, an all-gather of its (B, T, C) input before attention and before the MLP and
+    a reduce-scatter after each (sequence parallelism's form of Megatron's two all-reduces); in
+    backward the same four again (each one's gradient); a recomputed block's forward runs its four
+    once more. The embedding's output is reduce-scattered and the head's input gathered: two more
+    each way. Each moves (t - 1)/t of the tensor through every GPU (a ring, or NVSwitch). Left out:
+    the loss's all-reduces over the vocabulary (B x T floats) and the replicated norms' gradients."""
+    t = setup.tensor_parallel
+    if t == 1:
+        return 0
+    T = setup.seq_len or config.block_size
+    sequences = total_batch_size // (T * data_parallel(setup))  # a data-parallel rank's, a step
+    recomputed = len(checkpointed_blocks(config.n_layer, setup.activation_checkpointing))
+    collectives = 8 * config.n_layer + 4 * recomputed + 4
+    return collectives * sequences * T * config.n_embd * activation_bytes(setup) * (t - 1) / t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,18 +537,28 @@ class Plan:
     optimizer: str = "adamw"
     muon: dict = dataclasses.field(default_factory=dict)  # with Muon: its step's costs (muon_costs)
     arch: str = "gpt"
+    tensor_parallel: int = 1  # GPUs that split each layer (1: none)
+    data_parallel: int = 0  # ranks that each take a share of the batch: gpus / tensor_parallel
+    tensor_parallel_gb: float = 0.0  # GB one GPU sends (and receives) a step in TP's collectives
+    tensor_parallel_seconds: float = 0.0  # their time at NVLink's rate, part of step_seconds
+    fsdp_gb: float = 0.0  # with TP: GB one GPU receives a step in FSDP's collectives (fsdp_traffic), not timed
+    tensor_parallel_choice: str = ""  # with tensor_parallel "auto": what was planned and why this one
 
 
 def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing="auto",
               micro_batch_size="auto", total_batch_size=None, tokens=None, mfu=None, chunked_loss=False,
               dtype="bfloat16", gpu_memory=None, fsdp_shard_size=None, optimizer="adamw", attention=None,
-              attention_band=None, arch="gpt", log=print):
+              attention_band=None, arch="gpt", tensor_parallel="auto", suggest_gpus=True, log=print):
     """The plan for `model` on `gpus` GPUs of kind `gpu`. activation_checkpointing "auto" takes the
     least recomputation at which a micro batch fits; micro_batch_size "auto" the largest that fits.
     gpu_memory (bytes) replaces the table's figure for the GPU (train_gpt passes the device's own).
     optimizer "muon" plans train_gpt's --optimizer=muon (its memory in the fake step, its extra
     communication and Newton-Schulz work in plan.muon). attention, attention_band: the pattern
-    (None: the preset's), whose banded layers cost fewer FLOPs."""
+    (None: the preset's), whose banded layers cost fewer FLOPs. tensor_parallel: the GPUs of a node
+    that split each layer (1: off), or "auto" (choose_tensor_parallel). suggest_gpus: if FSDP does
+    not fit, find the smallest GPU count that would (more fake steps)."""
+    # the arguments as given, for choose_tensor_parallel to plan each TP degree with
+    options = {k: v for k, v in locals().items() if k not in ("tensor_parallel", "suggest_gpus", "log")}
     if optimizer not in ("adamw", "muon"):
         raise ValueError(f"unknown --optimizer={optimizer!r}; choose adamw or muon")
     if model not in PRESETS:
@@ -451,20 +577,43 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         kind = dataclasses.replace(kind, memory=int(gpu_memory))
     total_batch_size = total_batch_size or preset.batch_tokens
     budget = int(USABLE * kind.memory)
-    sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
-        "FSDP2" if fsdp else "DDP"
     setup = Setup(model, gpus, 1, fsdp=fsdp, chunked_loss=chunked_loss, dtype=dtype,
                   shard_size=fsdp_shard_size if hybrid else None, optimizer=optimizer, attention=attention,
                   attention_band=attention_band, arch=arch)
     config = setup_config(setup)
+    if tensor_parallel == "auto":
+        return choose_tensor_parallel(options, tensor_parallel_degrees(config, gpus, fsdp_shard_size, optimizer),
+                                      log)
+    tp = int(tensor_parallel)
+    if tp > 1 and (fsdp_shard_size or optimizer == "muon"):
+        raise ValueError(f"--tensor_parallel={tp} is planned with plain FSDP or DDP and AdamW, not with "
+                         f"{'--fsdp_shard_size' if fsdp_shard_size else '--optimizer=muon'}: drop one of the two")
+    problem = tensor_parallel_problem(config, gpus, tp, config.block_size)
+    if problem:
+        valid = [t for t in range(1, GPUS_PER_NODE + 1)
+                 if not tensor_parallel_problem(config, gpus, t, config.block_size)]
+        raise ValueError(f"--tensor_parallel={tp} {problem}: choose one of {', '.join(map(str, valid))} "
+                         f"for {model} on {gpus} GPUs")
+    setup = dataclasses.replace(setup, tensor_parallel=tp)
+    dp = data_parallel(setup)
+    sharding = f"HSDP ({gpus // fsdp_shard_size} replicas x {fsdp_shard_size}-way FSDP2)" if hybrid else \
+        "FSDP2" if fsdp else "DDP"
+    if tp > 1:
+        sharding = (f"tensor parallel {tp} (Megatron-style, sequence parallel) x {sharding} over {dp} "
+                    f"data-parallel rank{'s' * (dp > 1)}")
     plan = Plan(model, gpus, gpu, sharding, False, describe_attention(config, config.block_size),
-                budget_gib=budget / GiB, tokens=tokens or token_budget(model), optimizer=optimizer, arch=arch)
+                budget_gib=budget / GiB, tokens=tokens or token_budget(model), optimizer=optimizer, arch=arch,
+                tensor_parallel=tp, data_parallel=dp)
     sequences = total_batch_size // preset.block_size
     if not micro_batch_choices(setup, total_batch_size):
-        workable = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
+        workable = [n * tp for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if sequences % n == 0]
+        over = f"{gpus} GPUs" if tp == 1 else f"the {dp} data-parallel ranks of {gpus} GPUs at TP {tp}"
+        wider = [str(t) for t in TENSOR_PARALLEL_AUTO if t > tp and not tensor_parallel_problem(
+            config, gpus, t, config.block_size) and sequences % (gpus // t) == 0]
         plan.reason = (f"the batch of {total_batch_size:,} tokens ({sequences} sequences of {preset.block_size}) "
-                       f"does not split evenly over {gpus} GPUs: use {', '.join(map(str, workable))} GPUs "
-                       f"or another --total_batch_size")
+                       f"does not split evenly over {over}: use {', '.join(map(str, workable))} GPUs"
+                       + (f", --tensor_parallel={', '.join(wider[:-1])}{' or ' * (len(wider) > 1)}{wider[-1]},"
+                          if wider else "") + " or another --total_batch_size")
         return plan
     modes = MODES if activation_checkpointing == "auto" else [activation_checkpointing]
     for mode in modes:
@@ -474,8 +623,9 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         else:
             b = int(micro_batch_size)
             if b not in micro_batch_choices(setup, total_batch_size):
-                raise ValueError(f"--micro_batch_size={b} does not divide the {sequences // gpus} sequences "
-                                 f"each GPU takes a step: use one of {micro_batch_choices(setup, total_batch_size)}")
+                raise ValueError(f"--micro_batch_size={b} does not divide the {sequences // dp} sequences "
+                                 f"each {'GPU' if tp == 1 else 'TP group'} takes a step: use one of "
+                                 f"{micro_batch_choices(setup, total_batch_size)}")
             peak = peak_bytes(dataclasses.replace(setup, micro_batch_size=b))
             b = b if peak["total"] <= budget else None
         log(f"  checkpointing {mode}: " + (f"micro batch {b} fits, peak {peak['total'] / GiB:.1f} GiB"
@@ -490,26 +640,90 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
                        f"over the {budget / GiB:.1f} GiB usable ({USABLE:.0%} of {gpu})")
         if hybrid:
             plan.reason += "; shard over more ranks: a larger --fsdp_shard_size (or plain FSDP)"
-        elif fsdp:
+        elif fsdp and suggest_gpus:
             plan.smallest_gpus_that_fit = smallest_gpus(setup, total_batch_size, budget, dataclasses.replace(
                 setup, micro_batch_size=1))
         else:
             plan.reason += "; DDP keeps a full copy of everything on each GPU: try --fsdp"
         return plan
     plan.fits, plan.micro_batch_size = True, b
-    plan.accumulation_steps = total_batch_size // (b * preset.block_size * gpus)
+    plan.accumulation_steps = total_batch_size // (b * preset.block_size * dp)
+    traffic = tensor_parallel_traffic(setup, config, total_batch_size)
+    plan.tensor_parallel_gb = traffic / 1e9
+    plan.tensor_parallel_seconds = traffic / kind.nvlink if traffic and kind.nvlink else 0.0
+    if tp > 1:
+        with torch.device("meta"):
+            n_params = num_params(GPT(config))
+        plan.fsdp_gb = fsdp_traffic(setup, n_params, plan.accumulation_steps) / 1e9
     plan.mfu, plan.mfu_source = estimate_mfu(kind, mfu)
     if plan.mfu:
         recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
         # a recomputed block runs its forward twice: 4 instead of 3 forward-passes' FLOPs
         flops = flops_per_token(config, preset.block_size) * (1 + recomputed / 3)
-        plan.tokens_per_second = gpus * kind.peak_flops * plan.mfu / flops
-        plan.step_seconds = total_batch_size / plan.tokens_per_second
+        # TP's collectives sit between a block's matmuls, which wait for them: not overlapped
+        compute = total_batch_size * flops / (gpus * kind.peak_flops * plan.mfu)
+        plan.step_seconds = compute + plan.tensor_parallel_seconds
+        plan.tokens_per_second = total_batch_size / plan.step_seconds
         plan.days = plan.tokens / plan.tokens_per_second / 86400
         plan.gpu_hours = plan.days * 24 * gpus
     if optimizer == "muon":
         plan.muon = muon_costs(setup, peak, plan.accumulation_steps, kind.peak_flops * plan.mfu, plan.step_seconds)
     return plan
+
+
+def tensor_parallel_degrees(config, gpus, fsdp_shard_size, optimizer):
+    """The TP degrees "auto" plans: those of TENSOR_PARALLEL_AUTO that split this model on these
+    GPUs; only 1 with HSDP or Muon, which the plan does not combine with TP."""
+    if fsdp_shard_size or optimizer == "muon":
+        return [1]
+    return [t for t in TENSOR_PARALLEL_AUTO if not tensor_parallel_problem(config, gpus, t, config.block_size)]
+
+
+def choose_tensor_parallel(options, degrees, log):
+    """--tensor_parallel=auto: plans each TP degree in turn (1, 2, 4, 8: those that split the model)
+    and keeps the one with the shortest ESTIMATED step: compute at the plan's MFU with the
+    recomputation its checkpointing needs, plus TP's collectives at NVLink's rate. A wider TP
+    splits the memory further (a larger micro batch, less recomputation) and sends more, so the
+    search stops at the first degree that fits with the least checkpointing allowed: a wider one
+    could only add traffic. Without an MFU (a GPU this project never measured) the smallest degree
+    that fits. Not weighed: FSDP's own traffic (it falls with a larger micro batch, which TP
+    allows) and the lower MFU of TP's narrower matmuls. None fits: the widest degree's refusal."""
+    plans, notes = [], []
+    least = MODES[0] if options["activation_checkpointing"] == "auto" else options["activation_checkpointing"]
+    for t in degrees:
+        plan = make_plan(**options, tensor_parallel=t, suggest_gpus=False, log=log if len(degrees) == 1 else
+                         lambda m, t=t: log(f"  TP {t}:{m[1:]}"))
+        plans.append(plan)
+        if not plan.fits:
+            notes.append(f"TP {t} does not fit" if plan.memory_gib else f"TP {t}: the batch does not split")
+            continue
+        fsdp = f", FSDP {plan.fsdp_gb:,.0f} GB" if plan.fsdp_gb else ""
+        notes.append((f"TP {t} {plan.step_seconds:.2f} s a step" if plan.step_seconds else f"TP {t} fits") + fsdp)
+        if plan.activation_checkpointing == least:
+            break
+    fitting = [p for p in plans if p.fits]
+    if not fitting:  # the widest degree's refusal, with the GPU count that would fit (its peaks are planned)
+        chosen = make_plan(**options, tensor_parallel=degrees[-1], log=lambda m: None)
+        why = f"none of TP {', '.join(map(str, degrees))} fits"
+    elif fitting[0].step_seconds:
+        chosen, why = min(fitting, key=lambda p: p.step_seconds), "the shortest estimated step"
+    else:
+        chosen, why = fitting[0], "the smallest that fits (no MFU to weigh the steps)"
+    stop = (f"; stopped at TP {plans[-1].tensor_parallel}, which fits with checkpointing {least}"
+            if plans[-1].fits and len(plans) < len(degrees) else "")
+    if len(plans) > 1:  # else TP 1 fits with the least checkpointing, or is the only degree: nothing to weigh
+        chosen.tensor_parallel_choice = (f"TP {chosen.tensor_parallel}, {why} ({'; '.join(notes)}{stop}; TP's "
+                                         f"collectives at NVLink's rate, not overlapped; FSDP's traffic not weighed)")
+    return chosen
+
+
+def fsdp_traffic(setup, n_params, accum):
+    """Bytes one GPU receives (and as many it sends) a step in FSDP's own collectives: the bf16
+    parameters gathered in forward and again in backward, and the fp32 gradients reduce-scattered,
+    each micro batch, within its shard group; with TP, of its 1/t of the parameters. 0 under DDP.
+    Not timed: the plan does not know the network between nodes."""
+    n = setup.shard_size or data_parallel(setup)
+    return (2 + 2 + 4) * n_params / setup.tensor_parallel * (n - 1) / n * accum if setup.fsdp else 0
 
 
 def muon_costs(setup, peak, accum, flop_rate, step_seconds):
@@ -529,7 +743,7 @@ def muon_costs(setup, peak, accum, flop_rate, step_seconds):
     flops = sharded_muon.step_flops(shapes, n, ns_steps)
     received = sum(sharded_muon.traffic(shapes, n)) / n if n > 1 else 0
     total = sum(p.numel() for p in model.parameters())
-    fsdp_received = (2 + 2 + 4) * total * (n - 1) / n * accum if setup.fsdp else 0
+    fsdp_received = fsdp_traffic(setup, total, accum)
     largest = max(shapes, key=lambda shape: shape[0] * shape[1])
     return dict(step_peak_gib=peak["muon_step"] / GiB, temporaries_gib=peak["muon_temporaries"] / GiB,
                 largest=list(largest), matrices=len(shapes), group=n,
@@ -548,9 +762,10 @@ def estimate_mfu(kind, mfu):
 
 
 def smallest_gpus(setup, total_batch_size, budget, at_one):
-    """The fewest GPUs (a power of two that splits the batch) at which micro batch 1 with full
-    checkpointing fits. The sharded state divides by the GPU count, the rest does not: the peak at
-    N and 2N GPUs give both parts, then the answer is checked by its own fake step."""
+    """The fewest GPUs (a power of two that splits the batch; with TP, times the TP degree) at which
+    micro batch 1 with full checkpointing fits. The sharded state divides by the GPU count, the
+    rest does not: the peak at N and 2N GPUs give both parts, then the answer is checked by its own
+    fake step."""
     full = dataclasses.replace(at_one, activation_checkpointing="full")
     n1 = full.gpus
     p1 = peak_bytes(full)["total"]
@@ -559,7 +774,7 @@ def smallest_gpus(setup, total_batch_size, budget, at_one):
     rest = p1 - sharded / n1
     if rest >= budget:
         return None
-    n = 1
+    n = full.tensor_parallel
     while n < sharded / (budget - rest) or not micro_batch_choices(dataclasses.replace(full, gpus=n), total_batch_size):
         n *= 2
         if n > 2**20:
@@ -572,6 +787,8 @@ def smallest_gpus(setup, total_batch_size, budget, at_one):
 def format_plan(plan):
     head = f"plan: {plan.model}{'' if plan.arch == 'gpt' else f' ({plan.arch})'} on {plan.gpus} x {plan.gpu}, {plan.sharding}; {plan.attention}"
     lines = [head]
+    if plan.tensor_parallel_choice:
+        lines.append(f"  tensor parallel auto: {plan.tensor_parallel_choice}")
     if plan.memory_gib:
         m = plan.memory_gib
         lines.append(f"  peak memory per GPU (GiB, at the step's peak): params {m['params']:.2f} | grads "
@@ -585,8 +802,18 @@ def format_plan(plan):
         return "\n".join(lines)
     lines.append(f"  activation checkpointing {plan.activation_checkpointing}, micro batch {plan.micro_batch_size} "
                  f"(the largest that fits), {plan.accumulation_steps} accumulation steps")
+    if plan.tensor_parallel > 1:
+        rate = GPUS[plan.gpu].nvlink
+        lines.append(f"  TP communication: {plan.tensor_parallel_gb:,.0f} GB sent (and as many received) by each GPU a "
+                     f"step in all-gathers and reduce-scatters of a micro batch's (B, T, C) activations, 8 a block "
+                     f"and 4 more a recomputed block, " + (f"ESTIMATE {plan.tensor_parallel_seconds:.2f} s at NVLink's "
+                     f"{rate / 1e9:.0f} GB/s a direction (the link rate: a floor)" if rate else
+                     "not timed (no NVLink rate for this GPU)")
+                     + (f"; FSDP's own: {plan.fsdp_gb:,.0f} GB a step (not timed)" if plan.fsdp_gb else ""))
     if plan.mfu:
-        lines.append(f"  ESTIMATE at MFU {plan.mfu:.1%} ({plan.mfu_source}): {plan.step_seconds:.2f} s a step, "
+        tp_part = (f" ({plan.tensor_parallel_seconds:.2f} s of it TP communication)"
+                   if plan.tensor_parallel_seconds else "")
+        lines.append(f"  ESTIMATE at MFU {plan.mfu:.1%} ({plan.mfu_source}): {plan.step_seconds:.2f} s a step{tp_part}, "
                      f"{plan.tokens_per_second:,.0f} tokens/s; {plan.tokens / 1e9:,.0f}B tokens in "
                      f"{plan.days:,.2f} days = {plan.gpu_hours:,.0f} GPU-hours")
     else:
@@ -640,13 +867,23 @@ def main(argv=None):
     parser.add_argument("--optimizer", default="adamw", help="adamw, or muon (train_gpt --optimizer=muon)")
     parser.add_argument("--attention", default=None, help="dense or gpt3 (train_gpt --attention); default the preset's")
     parser.add_argument("--attention_band", type=int, default=None, help="gpt3's band; default 256")
+    parser.add_argument("--tensor_parallel", default="auto", help="GPUs of a node that split each layer "
+                        "(train_gpt --tensor_parallel; 1: off), or auto: plan 1, 2, 4 and 8 and keep the shortest "
+                        "estimated step")
+    parser.add_argument("--table_models", default="", help="with --table: comma-separated presets; default "
+                        "every GPT-3 one")
     parser.add_argument("--check", action="store_true", help="under torchrun on the CPU: the planned peak "
                         "against the measured one, for --micro_batch_size and --activation_checkpointing")
     args = parser.parse_args(argv)
+    if args.tensor_parallel != "auto" and not args.tensor_parallel.isdigit():
+        parser.error(f"--tensor_parallel={args.tensor_parallel}: give a number of GPUs (1: off) or auto")
     if args.check:
+        if args.tensor_parallel not in ("auto", "1"):
+            parser.error("--check measures TP 1 only (the training step without tensor parallelism)")
         return check_against_measured(args)
     if args.table:
-        return print_table([int(n) for n in args.table.split(",")], args.gpu)
+        return print_table([int(n) for n in args.table.split(",")], args.gpu, args.table_models.split(",")
+                           if args.table_models else None, args.tensor_parallel)
     if args.activation_checkpointing not in ("auto", *MODES):
         parser.error(f"--activation_checkpointing={args.activation_checkpointing}: choose auto, {', '.join(MODES)}")
     t0 = time.time()
@@ -659,7 +896,7 @@ def main(argv=None):
                          gpu_memory=args.gpu_memory * GiB if args.gpu_memory else None,
                          fsdp_shard_size=args.fsdp_shard_size or None, optimizer=args.optimizer,
                          attention=args.attention, attention_band=args.attention_band, arch=args.arch,
-                         log=(lambda m: None) if args.json else print)
+                         tensor_parallel=args.tensor_parallel, log=(lambda m: None) if args.json else print)
     except ValueError as e:
         sys.exit(f"plan.py: error: {e}")
     print(json.dumps(dataclasses.asdict(plan)) if args.json else
@@ -667,18 +904,25 @@ def main(argv=None):
     return plan
 
 
-def print_table(counts, gpu):
-    """A markdown row per GPT-3 preset: for each GPU count, fits or not, micro batch, checkpointing, days."""
+def print_table(counts, gpu, models=None, tensor_parallel="auto"):
+    """A markdown row per GPT-3 preset (or per one of `models`): for each GPU count, fits or not,
+    the TP degree (if over 1), micro batch, checkpointing, days."""
     print("| preset | " + " | ".join(f"{n} x {gpu}" for n in counts) + " |")
     print("| --- " * (len(counts) + 1) + "|")
-    for name in [m for m in PRESETS if m.startswith("gpt3")]:
+    for name in models or [m for m in PRESETS if m.startswith("gpt3")]:
         cells = []
         for n in counts:
-            p = make_plan(name, n, gpu, log=lambda m: None)
+            try:
+                p = make_plan(name, n, gpu, tensor_parallel=tensor_parallel, log=lambda m: None)
+            except ValueError as e:  # a TP degree that does not split this model on n GPUs
+                cells.append(f"no: {str(e).split(':')[0]}")
+                continue
             if p.fits:
-                cells.append(f"micro {p.micro_batch_size}, AC {p.activation_checkpointing}, ~{p.days:,.1f} days")
+                tp = f"TP {p.tensor_parallel}, " if p.tensor_parallel > 1 else ""
+                cells.append(f"{tp}micro {p.micro_batch_size}, AC {p.activation_checkpointing}, ~{p.days:,.1f} days")
             elif p.smallest_gpus_that_fit:
-                cells.append(f"no: {p.memory_gib['total']:.0f} GiB (fits from {p.smallest_gpus_that_fit})")
+                at = f" at TP {p.tensor_parallel}" if p.tensor_parallel > 1 else ""
+                cells.append(f"no: {p.memory_gib['total']:.0f} GiB{at} (fits from {p.smallest_gpus_that_fit})")
             elif "split" in p.reason:
                 cells.append(f"no: {PRESETS[name].batch_tokens // PRESETS[name].block_size} sequences a step")
             else:
