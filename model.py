@@ -35,8 +35,9 @@ def padded_vocab(vocab_size, multiple=64):
 
 
 # The losses without full logits (support/loss.py in training, GPT.token_losses in evaluation)
-# make the logits of this many rows at a time: at GPT-2's vocabulary an fp32 chunk is 206 MB.
-LOSS_CHUNK_ROWS = 1024
+# make the logits of this many rows at a time: at GPT-2's vocabulary an fp32 chunk is 51.5 MB, and
+# a step holds a few such buffers at once (docs/memory.md: 1,024 rows took the demo to 2.4 GB).
+LOSS_CHUNK_ROWS = 256
 IGNORE_INDEX = -100  # a target that counts for nothing (F.cross_entropy's default ignore_index)
 
 ATTENTION_PATTERNS = ("dense", "gpt3")  # Shape.attention; banded_layers says which layers band

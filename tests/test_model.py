@@ -326,9 +326,9 @@ def test_chunked_loss_ignores_targets_as_cross_entropy(ignore_index):
     assert ref.isnan() and gh.eq(0).all() and gw.eq(0).all()
     kept = mixed != ignore_index  # bf16, in one chunk: an ignored row is exactly a row left out
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ignoring = lm_head_cross_entropy(h, w, mixed, vocab_size=150, **given)
+        ignoring = lm_head_cross_entropy(h, w, mixed, vocab_size=150, chunk_size=len(mixed), **given)
         ignoring = (ignoring, *torch.autograd.grad(ignoring, (h, w)))
-        leaving_out = lm_head_cross_entropy(h[kept], w, mixed[kept], vocab_size=150, **given)
+        leaving_out = lm_head_cross_entropy(h[kept], w, mixed[kept], vocab_size=150, chunk_size=len(mixed), **given)
         leaving_out = (leaving_out, *torch.autograd.grad(leaving_out, (h, w)))
     assert all(torch.equal(a, b) for a, b in zip(ignoring, leaving_out))
 
