@@ -367,10 +367,6 @@ def check_tensor_parallel(s, config, world_size, local_world_size):
         raise SettingsError(f"--chunked_loss makes the loss from the whole head; under --tensor_parallel={tp} the "
                             f"head and the loss are split over the vocabulary instead (loss_parallel): leave "
                             f"--chunked_loss unset")
-    if s.optimizer == "muon":
-        raise SettingsError(f"--optimizer=muon orthogonalizes whole matrices, which ShardedMuon gathers from "
-                            f"FSDP's rows but not from --tensor_parallel={tp}'s columns: use --optimizer=adamw with "
-                            f"tensor parallelism")
 
 
 def auto_micro_batch(s, rt, log):
