@@ -104,21 +104,21 @@ def tp_job(runs, nproc, tmp_path, evals=()):
 def assert_trains_as(reference, log_dir, steps=range(4), validation=True):
     """The train losses of `steps`, and the validation's loss and bits per byte, within 1e-5 relative
     of the reference's, and so the gradient's global norm of step 0, from the same weights (seen:
-    7e-7). The norms of later steps drift further apart (seen: 1.3e-4, and between FSDP and one
+    7e-7). The norms of later steps drift further apart (seen: 1.0e-4, and between FSDP and one
     process without TP 4.5e-4) than the losses, from directions the loss does not see (a key's bias:
     softmax ignores it, and AdamW scales its rounding noise up): within 1e-3. Returns the worst
     relative gap of each."""
     ref, got = read_metrics(reference), read_metrics(log_dir)
-    pick = lambda events, key: {e["step"]: e[key] for e in events if key in e and e["step"] in steps}
+    pick = lambda events, key, steps: {e["step"]: e[key] for e in events if key in e and e["step"] in steps}
     gaps = {}
     for key, rtol in (("train_loss", 1e-5), ("val_loss", 1e-5), ("val_bpb", 1e-5), ("grad_norm", 1e-3)):
         if key.startswith("val") and not validation:
             continue
-        a, b = pick(ref, key), pick(got, key)
-        assert sorted(a) == sorted(b), (key, a, b)
+        at = [max(steps) + 1] if key.startswith("val") else steps  # validation: after the last step
+        a, b = pick(ref, key, at), pick(got, key, at)
+        assert sorted(a) == sorted(b) and a, (key, a, b)
         gaps[key] = max((abs(a[step] - b[step]) / abs(a[step]) for step in a), default=0.0)
         assert gaps[key] < rtol and (0 not in a or abs(a[0] - b[0]) < 1e-5 * a[0]), (key, a, b)
-    assert pick(got, "train_loss"), "no steps trained"
     return gaps
 
 
@@ -159,7 +159,8 @@ def test_tp2_trains_the_one_process_losses_resumes_exactly_reshards_and_evaluate
     assert "FSDP (1-way) x 2-way TP" in out and "4 x 32 x 1 TP groups x 2 accumulation steps" in out
     assert "ShardedMuon: each matrix gathered whole" in out
     worst = {"TP 2": assert_trains_as(dense, tp), "TP 2, gpt3 + modern recipe": assert_trains_as(beyond, modern),
-             "TP 2 -> FSDP": assert_trains_as(dense, fsdp, steps=[2]), "FSDP -> TP 2": assert_trains_as(dense, back, [3])}
+             "TP 2 -> FSDP": assert_trains_as(dense, fsdp, [2], validation=False),  # validated at its stop, 3
+             "FSDP -> TP 2": assert_trains_as(dense, back, [3])}
     print(f"worst relative gaps to one process: {worst}")  # docs/distributed.md
     assert train_losses(resumed) == {s: v for s, v in train_losses(tp).items() if s >= 2}  # bit for bit
     assert f"resumed from {os.path.join(fsdp, 'ckpt_0000003')} at step 3" in out
