@@ -1,6 +1,6 @@
 """The model wrapped for many ranks, in one place: tensor parallelism (--tensor_parallel), then
 activation checkpointing, then torch.compile, then FSDP2 (--fsdp, --fsdp_shard_size), in that
-order, as torchtitan does (torchtitan/models/llama3/infra/parallelize.py).
+order, as torchtitan does (its models/llama3 parallelize.py).
 
 Tensor parallelism (TP) splits every block over the N consecutive ranks of a TP group, the GPUs of
 one node, Megatron-style (Shoeybi et al. 2019; Korthikanti et al. 2022 for the sequence parallelism):

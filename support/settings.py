@@ -343,10 +343,6 @@ def check_tensor_parallel(s, config, world_size, local_world_size):
     works = [n for n in range(1, local_world_size + 1) if all(
         size % n == 0 for size in (config.n_head, config.padded_vocab_size, s.seq_len, world_size, local_world_size))]
     choose = f"Values that work here: --tensor_parallel in {works}"
-    if not s.fsdp:
-        raise SettingsError(f"--tensor_parallel={tp} splits each block over {tp} ranks, and FSDP2 is what runs "
-                            f"across the TP groups: add --fsdp (with --fsdp_shard_size={tp} the groups are replicas "
-                            f"of each other, as DDP's ranks are)")
     if world_size % tp:
         raise SettingsError(f"--tensor_parallel={tp} splits each block over {tp} ranks, but this run has {world_size}: "
                             f"start it with torchrun --nproc_per_node={tp} (or a multiple of {tp} ranks). {choose}.")
@@ -354,6 +350,10 @@ def check_tensor_parallel(s, config, world_size, local_world_size):
         raise SettingsError(f"--tensor_parallel={tp} does not fit in a node's {local_world_size} ranks: a TP group "
                             f"talks in every layer (all-gathers and reduce-scatters), which only the links inside a "
                             f"node are fast enough for. Use FSDP (--fsdp_shard_size) across nodes. {choose}.")
+    if not s.fsdp:
+        raise SettingsError(f"--tensor_parallel={tp} splits each block over {tp} ranks, and FSDP2 is what runs "
+                            f"across the TP groups: add --fsdp (with --fsdp_shard_size={tp} the groups are replicas "
+                            f"of each other, as DDP's ranks are)")
     for what, size in ((f"n_head={config.n_head} (heads)", config.n_head),
                        (f"the padded vocabulary {config.padded_vocab_size}", config.padded_vocab_size),
                        (f"seq_len={s.seq_len} (sequence parallelism: positions between blocks)", s.seq_len)):
