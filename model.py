@@ -203,7 +203,9 @@ def rotary(x, base=ROPE_BASE):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, band=None):
         super().__init__()
-        self.n_head = config.n_head
+        # Heads of head_size channels: as many as the projections give this module, all n_head of
+        # them, or under tensor parallelism (support/parallelize.py) this rank's share
+        self.head_size = config.n_embd // config.n_head
         self.band = band  # None: dense causal; else attention() sees the band positions up to each
         self.rope, self.qk_norm = config.rope, config.qk_norm
         # Queries, keys and values for all heads: three matrices, which Muon orthogonalizes each on
@@ -215,16 +217,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_scaled_init = True
 
     def forward(self, x):
-        B, T, C = x.size()
+        B, T, _ = x.size()
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
-        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for proj in (self.c_q, self.c_k, self.c_v))
+        q, k, v = (proj(x).view(B, T, -1, self.head_size).transpose(1, 2) for proj in (self.c_q, self.c_k, self.c_v))
         if self.qk_norm:  # unit-RMS queries and keys: the attention logits stay bounded (no gains to learn)
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-5), F.rms_norm(k, (k.size(-1),), eps=1e-5)
         if self.rope:
             q, k = rotary(q), rotary(k)
         y = attention(q, k, v, self.band)  # flash attention on GPUs (dense layers)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, nh, T, hs) -> (B, T, nh x hs)
         return self.c_proj(y)
 
 
@@ -329,7 +330,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        x = F.embedding(idx, self.transformer.wte.weight, sparse=sparse_embedding_grad)
+        wte = self.transformer.wte  # the module, where no sparse gradient is asked: tensor parallelism hooks it
+        x = F.embedding(idx, wte.weight, sparse=True) if sparse_embedding_grad else wte(idx)
         if not self.config.rope:
             pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
             x = x + self.transformer.wpe(pos)  # (B, T, C) + (T, C)

@@ -32,9 +32,10 @@ from support.hf import gpt_from_hf
 from support.optim import configure_optimizers
 from support.resume import Checkpointer, choose_checkpoints
 from support.runlog import RunLog, StepMeter, open_trackers
-from support.runtime import all_reduce_mean, fsdp_mesh, setup_runtime
-from support.settings import (auto_micro_batch, check_batch_divisibility, check_sharding, muon_config,
-                              resolve_model_settings)
+from support.parallelize import loss_context, parallelize
+from support.runtime import all_reduce_mean, setup_runtime
+from support.settings import (auto_micro_batch, check_batch_divisibility, check_sharding, check_tensor_parallel,
+                              muon_config, resolve_model_settings)
 from support.sharded_muon import ShardedMuon
 from support.tokenizer import gpt2_tokenizer
 
@@ -106,6 +107,7 @@ class Settings(ModelOptions):
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     fsdp_shard_size: int = 0  # FSDP: shard within groups of this many ranks (a node's GPUs), replicate across groups (HSDP); 0 = all ranks
     fsdp_unsharded_accumulation: bool = False  # FSDP: reduce-scatter once a step, not every micro step (full gradients per rank)
+    tensor_parallel: int = 1  # with --fsdp: split each block over this many consecutive ranks, one node's GPUs (Megatron-style, sequence-parallel); 1 = off
     activation_checkpointing: str = "none"  # recompute blocks in backward to save memory: none, selective (every other block) or full
     backend: str = "auto"  # torch.distributed backend: nccl for CUDA, gloo for the CPU
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0: from a table (GPUs) or measured (CPU)
@@ -271,24 +273,15 @@ def build_model(s, config, rt):
 
 
 def build_fsdp_model(s, config, rt):
-    """FSDP2: each block, then the root, is sharded across ranks. The model is built on the meta
-    device (no memory), sharded, then materialized and initialized shard by shard, so a model far
-    larger than one device fits. With bf16, parameters are gathered in bf16 for compute and
-    gradients are reduced in fp32. With --compile each block is compiled before it is sharded,
-    as torchtitan does (activation checkpointing, then compile, then fully_shard, block by
-    block): FSDP's gathers and reduce-scatters stay between the compiled blocks, where they
-    overlap with compute, instead of being traced into one whole-model graph."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = fsdp_mesh(s, rt)  # 2-D with --fsdp_shard_size: fully_shard then shards on one dim, replicates on the other
-    mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype or torch.float32, reduce_dtype=torch.float32)
+    """FSDP2: each block, then the root, is sharded across ranks (2-D with --fsdp_shard_size: HSDP),
+    and with --tensor_parallel each block is first split over a node's ranks. The model is built on
+    the meta device (no memory), wrapped (support/parallelize.py: TP, activation checkpointing,
+    compile, then FSDP2, in torchtitan's order), then materialized and initialized shard by shard,
+    so a model far larger than one device fits. With bf16, parameters are gathered in bf16 for
+    compute and gradients are reduced in fp32."""
     with torch.device("meta"):
         raw_model = GPT(config)
-    apply_activation_checkpointing(raw_model, s.activation_checkpointing)  # before compile and sharding
-    for block in raw_model.transformer.h:
-        if s.compile:
-            block.compile()  # in place: the module and its parameter names stay as they are
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(raw_model, mesh=mesh, mp_policy=mp)
+    parallelize(raw_model, s, rt)
     raw_model.to_empty(device=rt.device)
     raw_model.init_weights(s.seed)  # the same weights as without FSDP
     choose_training_paths(raw_model, s, rt)
@@ -335,6 +328,7 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None)
     rides on the loss's all-reduce. tools/bench.py times this."""
     autocast = (lambda: torch.autocast(rt.device.type, dtype=rt.amp_dtype)) if rt.amp_dtype and not s.fsdp \
         else contextlib.nullcontext
+    vocab_parallel = loss_context(s)  # TP: the loss over the vocabulary's shards, forward and backward
     model.train()
     loss_accum = torch.zeros((), device=rt.device)
     for micro_step in range(accum):
@@ -351,13 +345,14 @@ def train_step(s, rt, model, raw_model, optimizer, next_batch, accum, stop=None)
             # The same for FSDP, at a price: until the last micro step every rank holds the
             # whole model's gradients unsharded (docs/distributed.md).
             model.set_requires_gradient_sync(micro_step == accum - 1)
-        with autocast():
+        with autocast(), vocab_parallel():
             loss = model(x, y)
         # The gradient of the step is the mean over all micro batches: scale each micro loss
         # by 1/accum, since backward() sums into .grad.
         loss = loss / accum
         loss_accum += loss.detach()
-        loss.backward()
+        with vocab_parallel():
+            loss.backward()
     # GPT-3 clips the gradient's global norm at 1.0 (grad_clip): a longer gradient is scaled down
     # to that length, so one bad batch cannot throw the weights far.
     params = list(raw_model.parameters())
@@ -384,18 +379,18 @@ def run_evals(s, rt, step, last, raw_model, val_data, hellaswag_data, log):
     val = None
     with torch.compiler.set_stance("force_eager") if s.fsdp and s.compile else contextlib.nullcontext():
         if "validation" in todo:
-            v = evals.validation(raw_model, val_data, s.micro_batch_size, rt.rank, rt.world_size, rt.amp_dtype,
+            v = evals.validation(raw_model, val_data, s.micro_batch_size, rt.dp_rank, rt.dp_size, rt.amp_dtype,
                                  progress=rt.is_main)
             val = v["loss"]
             log(f"step {step:5d} | val loss {val:.4f} | {v['bpb']:.4f} bits/byte ({val_data.num_tokens:,} tokens, "
                 f"{v['bytes']:,} bytes)")
             log.metrics(step=step, val_loss=val, val_bpb=v["bpb"])
         if "HellaSwag" in todo:
-            r = evals.hellaswag(raw_model, hellaswag_data, rt.rank, rt.world_size, rt.amp_dtype, progress=rt.is_main)
+            r = evals.hellaswag(raw_model, hellaswag_data, rt.dp_rank, rt.dp_size, rt.amp_dtype, progress=rt.is_main)
             log(f"step {step:5d} | HellaSwag acc_norm {r['acc_norm']:.4f} acc {r['acc']:.4f} ({r['n']} examples)")
             log.metrics(step=step, hellaswag_acc=r["acc"], hellaswag_acc_norm=r["acc_norm"], hellaswag_n=r["n"])
         if "samples" in todo:
-            for i, text in enumerate(evals.sample_text(raw_model, gpt2_tokenizer(), seed=s.seed + rt.rank)):
+            for i, text in enumerate(evals.sample_text(raw_model, gpt2_tokenizer(), seed=s.seed + rt.dp_rank)):
                 log(f"sample {i}: {text!r}")
     return val
 
@@ -437,7 +432,8 @@ def train(s, stop=None):
     stop = stop or run_guard.StopOnSignal()  # without handlers installed: never set
     config = resolve_model_settings(s)
     rt = setup_runtime(s)
-    check_batch_divisibility(s, rt.world_size)
+    check_tensor_parallel(s, config, rt.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size)))
+    check_batch_divisibility(s, rt.dp_size)  # the data-parallel ranks: a TP group trains one share
     check_sharding(s, rt.world_size)
     if not s.demo:  # the demo makes its data below
         shard_paths(s.data_dir, "train")  # no data: said now, before the log folder is made
@@ -449,10 +445,10 @@ def train(s, stop=None):
             prepare_demo_data(s, rt, log)
         if s.micro_batch_size is None:
             s.micro_batch_size = auto_micro_batch(s, rt, log)
-        tokens_per_micro = s.micro_batch_size * s.seq_len * rt.world_size
+        tokens_per_micro = s.micro_batch_size * s.seq_len * rt.dp_size
         raw_model, model = build_model(s, config, rt)
         optimizer = build_optimizer(s, rt, raw_model, log)
-        loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.rank, rt.world_size, seed=s.seed,
+        loader = DataLoader(s.data_dir, s.micro_batch_size, s.seq_len, rt.dp_rank, rt.dp_size, seed=s.seed,
                             log=log, vocab_size=config.vocab_size)
         val_data = (ValidationData(s.data_dir, s.seq_len, s.val_tokens, vocab_size=config.vocab_size)
                     if s.val_every > 0 else None)

@@ -5,7 +5,10 @@ Every function takes the unwrapped model (not the DDP wrapper; under FSDP2 the f
 module itself; a torch.compile'd module works too), runs it in eval mode without autograd and
 restores its previous mode. When torch.distributed is initialized, each rank does its share (rank,
 world_size) and the sums are all-reduced, so every rank returns the same number. Under FSDP every
-rank must take part in every forward, so ranks with less work run dummy forwards.
+rank must take part in every forward, so ranks with less work run dummy forwards. Under tensor
+parallelism the ranks of a TP group compute each forward together: rank and world_size count the
+groups (train_gpt passes the data-parallel rank and size), and each group's sums, which its every
+rank holds, count once.
 """
 
 import contextlib
@@ -69,12 +72,17 @@ def autocast(device, amp_dtype, keep_casts=True):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=keep_casts)
 
 
-def all_reduce_sum(values):
-    """A 1-D float64 tensor of sums, summed over all ranks (unchanged outside torch.distributed).
-    float64: a sum over millions of tokens keeps ~1e-12 relative precision, so the result does not
-    depend on how the tokens were split over ranks and batches."""
+def all_reduce_sum(values, world_size=1):
+    """A 1-D float64 tensor of sums, summed over the world_size shares of the work (unchanged outside
+    torch.distributed). float64: a sum over millions of tokens keeps ~1e-12 relative precision, so
+    the result does not depend on how the tokens were split over ranks and batches. Where more
+    ranks than shares take part (tensor parallelism: a TP group's ranks hold the same sums), each
+    share counts once."""
     if distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        copies = dist.get_world_size() // world_size
+        if copies > 1:
+            values /= copies
     return values.tolist()
 
 
@@ -154,7 +162,7 @@ def validation(model, val_data, batch_size, rank=0, world_size=1, amp_dtype=None
             sums[0] += losses.double().sum()  # summed in float64: batching does not matter
             sums[1] += (y != -1).sum()
             bar.update()
-    loss_sum, count = all_reduce_sum(sums)
+    loss_sum, count = all_reduce_sum(sums, world_size)
     if count == 0:
         raise cli.BadInput("the validation data has no tokens to score; give it more tokens (--val_tokens)")
     num_bytes = val_bytes(val_data)
@@ -313,7 +321,7 @@ def hellaswag(model, examples, rank=0, world_size=1, amp_dtype=None, batch_size=
             sums[0] += len(batch)
             sums[1] += (loss_sum.argmin(1) == labels).sum()
             sums[2] += ((loss_sum / n_tokens).argmin(1) == labels).sum()
-    n, correct, correct_norm = all_reduce_sum(sums)
+    n, correct, correct_norm = all_reduce_sum(sums, world_size)
     return dict(acc=correct / n, acc_norm=correct_norm / n, n=int(n))
 
 

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from model import full_cross_entropy
-from support.loss import chunked_cross_entropy
+from support.loss import chunked_cross_entropy, vocab_parallel_cross_entropy
 
 
 def keep_freed_memory():
@@ -50,9 +50,11 @@ def cpu_has_bf16():
 def choose_training_paths(model, s, rt):
     """Set how the model (a GPT) computes its training loss: the trainer's choices, not the model's.
     --chunked_loss (on by default on the CPU): the loss from chunks of rows, never the full (B, T, V)
-    logits (support/loss.py), where the full logits' F.cross_entropy is the model's own. And a
-    sparse gradient for the tied token embedding where it pays (sparse_embedding_pays)."""
-    model.loss_fn = chunked_cross_entropy if s.chunked_loss else full_cross_entropy
+    logits (support/loss.py), where the full logits' F.cross_entropy is the model's own; under
+    tensor parallelism the loss over the vocabulary's shards instead. And a sparse gradient for the
+    tied token embedding where it pays (sparse_embedding_pays)."""
+    model.loss_fn = (vocab_parallel_cross_entropy if s.tensor_parallel > 1 else
+                     chunked_cross_entropy if s.chunked_loss else full_cross_entropy)
     model.sparse_embedding_grad = sparse_embedding_pays(s, rt)
 
 
@@ -62,8 +64,9 @@ def sparse_embedding_pays(s, rt):
     zeroes a whole (V, C) fp32 table (155 MB at gpt2 size) to scatter B*T rows into, and autograd
     then adds that table to the lm_head's gradient; a sparse one holds just the B*T rows. That
     saves the table's zeroing and addition each step on the CPU (docs/performance.md); on GPUs
-    it saves microseconds, and compiled graphs hold no sparse tensors."""
-    return rt.device.type == "cpu" and not s.compile
+    it saves microseconds, and compiled graphs hold no sparse tensors, nor tensor parallelism's
+    DTensors sparse gradients."""
+    return rt.device.type == "cpu" and not s.compile and s.tensor_parallel == 1
 
 
 def on_the_cpu(grads):

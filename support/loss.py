@@ -5,7 +5,7 @@ whole: at B=8, T=256 and GPT-2's vocabulary they would be 400 MB each in fp32.""
 
 import torch
 
-from model import IGNORE_INDEX, LOSS_CHUNK_ROWS, check_targets
+from model import IGNORE_INDEX, LOSS_CHUNK_ROWS, check_targets, softcap
 
 
 def chunked_cross_entropy(model, h, targets):
@@ -14,6 +14,26 @@ def chunked_cross_entropy(model, h, targets):
     as model.logits does: the full logits' loss to fp32 rounding."""
     return lm_head_cross_entropy(h.flatten(0, 1), model.lm_head.weight, targets.flatten(), model.config.vocab_size,
                                  softcap=model.config.logit_softcap)
+
+
+def vocab_parallel_cross_entropy(model, h, targets):
+    """GPT.loss_fn under tensor parallelism (support/parallelize.py): the mean cross-entropy of the
+    logits of h (B, T, C), whole and the same on every rank of the TP group, made by each rank for
+    its own rows of the head (V/N of the vocabulary) and never gathered: torch's loss_parallel
+    finds each row's maximum, sum of exponentials and target logit across the ranks. Soft-capped,
+    and padded ids masked, as model.logits does. Call it, and its backward, inside torch's
+    loss_parallel() (train_gpt.train_step), which is not re-entrant: that is where each rank's part of
+    the gradient of h, from its rows alone, is summed over the group (the from_local below)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    weight = model.lm_head.weight  # (V, C): a DTensor, this rank's rows (Shard(0))
+    mesh, vocab_size = weight.device_mesh, model.config.vocab_size
+    logits = torch.nn.functional.linear(DTensor.from_local(h, mesh, [Replicate()], run_check=False), weight)
+    if model.config.logit_softcap:
+        logits = softcap(logits, model.config.logit_softcap)
+    if weight.size(0) > vocab_size:  # padded ids: probability 0
+        dead = torch.arange(weight.size(0), device=h.device) >= vocab_size
+        logits = logits.masked_fill(distribute_tensor(dead, mesh, [Shard(0)], src_data_rank=None), float("-inf"))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).to_local()
 
 
 class _LMHeadCrossEntropy(torch.autograd.Function):

@@ -185,11 +185,12 @@ class RunLog:
              f"device {rt.device} x {rt.world_size}, dtype {s.dtype}, compile {s.compile}, "
              f"{describe_parallelism(s, rt)}, activation checkpointing {s.activation_checkpointing}; "
              f"peak {meter.peak / 1e12:.2f} TFLOP/s for MFU")
+        ranks = f"{rt.world_size} ranks" if rt.tensor_parallel == 1 else f"{rt.dp_size} TP groups"  # a group: one share
         self(f"batch: {s.total_batch_size:,} tokens/step = {s.micro_batch_size} x {s.seq_len} x "
-             f"{rt.world_size} ranks x {s.total_batch_size // tokens_per_micro} accumulation steps")
+             f"{ranks} x {s.total_batch_size // tokens_per_micro} accumulation steps")
         if 0 < s.batch_warmup_tokens and tokens_per_micro > min(ramp_start, s.total_batch_size):
             self(f"note: the batch-size warmup starts at one global micro batch, {tokens_per_micro:,} tokens "
-                 f"({s.micro_batch_size} x {s.seq_len} x {rt.world_size} ranks), not {ramp_start:,}: "
+                 f"({s.micro_batch_size} x {s.seq_len} x {ranks}), not {ramp_start:,}: "
                  f"a smaller --micro_batch_size starts it lower")
         self(plan)
 

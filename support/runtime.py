@@ -23,6 +23,17 @@ class Runtime:
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # autocast dtype, None for fp32
     is_main: bool
+    tensor_parallel: int = 1  # ranks per TP group (--tensor_parallel): consecutive ranks, which train one share of a batch
+
+    @property
+    def dp_rank(self):
+        """Which share of each batch this rank trains (and scores in evaluations): its TP group's."""
+        return self.rank // self.tensor_parallel
+
+    @property
+    def dp_size(self):
+        """How many shares a batch is split into: the data-parallel ranks, one a TP group."""
+        return self.world_size // self.tensor_parallel
 
 
 def free_port():
@@ -87,15 +98,15 @@ def setup_runtime(s):
         s.dtype = "bfloat16" if device_type == "cuda" or (device_type == "cpu" and cpu_has_bf16()) else "float32"
     if s.compile is None:
         s.compile = device_type == "cuda"
-    if s.chunked_loss is None:
-        s.chunked_loss = device_type == "cpu"
+    if s.chunked_loss is None:  # under TP the loss is vocabulary-parallel instead (support/parallelize.py)
+        s.chunked_loss = device_type == "cpu" and s.tensor_parallel == 1
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left over
         torch.backends.cudnn.allow_tf32 = True
     if device_type == "cpu":
         keep_freed_memory()
     amp = torch.bfloat16 if s.dtype == "bfloat16" else None
-    return Runtime(rank, local_rank, world_size, device, amp, rank == 0)
+    return Runtime(rank, local_rank, world_size, device, amp, rank == 0, s.tensor_parallel)
 
 
 def cuda_device(index, local_rank, world_size):
@@ -129,8 +140,12 @@ def fsdp_mesh(s, rt):
 
 
 def describe_parallelism(s, rt):
+    tp = f" x {s.tensor_parallel}-way TP" if s.tensor_parallel > 1 else ""
     if s.fsdp and s.fsdp_shard_size and s.fsdp_shard_size < rt.world_size:
-        return f"HSDP ({rt.world_size // s.fsdp_shard_size} replicas x {s.fsdp_shard_size}-way FSDP)"
+        shard = s.fsdp_shard_size // s.tensor_parallel
+        return f"HSDP ({rt.world_size // s.fsdp_shard_size} replicas x {shard}-way FSDP){tp}"
+    if tp:
+        return f"FSDP ({rt.dp_size}-way){tp}"
     return "FSDP" if s.fsdp else "DDP" if rt.world_size > 1 else "single process"
 
 

@@ -74,13 +74,14 @@ SAME_THING = (("max_tokens", "max_steps"), ("warmup_tokens", "warmup_steps"))
 # tests/test_train.py feeds every one 0, -1, NaN and Inf.
 POSITIVE = ("n_layer", "n_head", "n_embd", "block_size", "attention_band", "seq_len", "total_batch_size",
             "micro_batch_size", "max_lr_scale", "max_tokens", "decay_tokens", "max_steps", "max_bad_steps",
-            "muon_lr", "decay_fraction", "val_tokens", "checkpoint_every", "keep_checkpoints", "collective_timeout")
+            "muon_lr", "decay_fraction", "val_tokens", "checkpoint_every", "keep_checkpoints", "collective_timeout",
+            "tensor_parallel")
 NOT_NEGATIVE = ("logit_softcap", "batch_warmup_tokens", "max_lr", "min_lr", "warmup_tokens", "warmup_steps",
                 "stop_step", "weight_decay", "grad_clip", "muon_momentum", "muon_weight_decay", "val_every",
                 "hellaswag_every", "sample_every", "fsdp_shard_size", "peak_flops", "seed")
 RANGE_NOTES = dict(  # what a refusal adds where the range alone does not say what to give
     seq_len="or none: the model's block_size", micro_batch_size="or auto: the largest that fits",
-    attention_band="the tokens a banded layer sees", collective_timeout="in seconds",
+    attention_band="the tokens a banded layer sees", collective_timeout="in seconds", tensor_parallel="1 = off",
     checkpoint_every="a checkpoint is also written at the end and when stopped by a signal; a large value "
                      "checkpoints rarely")
 
@@ -346,16 +347,55 @@ def check_sharding(s, world_size):
                             f"equal groups: choose one of {sizes} (usually the GPUs of one node)")
 
 
+def check_tensor_parallel(s, config, world_size, local_world_size):
+    """--tensor_parallel=N (support/parallelize.py): every layout it cannot split evenly, or across
+    nodes, and what it does not work with, refused before any work with the degrees that work. (The
+    MLP's width, 4 x n_embd, splits wherever the heads do: n_head divides n_embd.)"""
+    tp = s.tensor_parallel
+    if tp == 1:
+        return
+    works = [n for n in range(1, local_world_size + 1) if all(
+        size % n == 0 for size in (config.n_head, config.padded_vocab_size, s.seq_len, world_size, local_world_size))]
+    choose = f"Values that work here: --tensor_parallel in {works}"
+    if world_size % tp:
+        raise SettingsError(f"--tensor_parallel={tp} splits each block over {tp} ranks, but this run has {world_size}: "
+                            f"start it with torchrun --nproc_per_node={tp} (or a multiple of {tp} ranks). {choose}.")
+    if local_world_size % tp:
+        raise SettingsError(f"--tensor_parallel={tp} does not fit in a node's {local_world_size} ranks: a TP group "
+                            f"talks in every layer (all-gathers and reduce-scatters), which only the links inside a "
+                            f"node are fast enough for. Use FSDP (--fsdp_shard_size) across nodes. {choose}.")
+    if not s.fsdp:
+        raise SettingsError(f"--tensor_parallel={tp} splits each block over {tp} ranks, and FSDP2 is what runs "
+                            f"across the TP groups: add --fsdp (with --fsdp_shard_size={tp} the groups are replicas "
+                            f"of each other, as DDP's ranks are)")
+    for what, size in ((f"n_head={config.n_head} (heads)", config.n_head),
+                       (f"the padded vocabulary {config.padded_vocab_size}", config.padded_vocab_size),
+                       (f"seq_len={s.seq_len} (sequence parallelism: positions between blocks)", s.seq_len)):
+        if size % tp:
+            raise SettingsError(f"{what} is not divisible by --tensor_parallel={tp}: each rank of a TP group "
+                                f"holds an equal share. {choose}.")
+    if s.fsdp_shard_size % tp:
+        raise SettingsError(f"--fsdp_shard_size={s.fsdp_shard_size} counts ranks, the TP groups' included: give a "
+                            f"multiple of --tensor_parallel={tp} (a node's GPUs)")
+    if s.chunked_loss:
+        raise SettingsError(f"--chunked_loss makes the loss from the whole head; under --tensor_parallel={tp} the "
+                            f"head and the loss are split over the vocabulary instead (loss_parallel): leave "
+                            f"--chunked_loss unset")
+
+
 def auto_micro_batch(s, rt, log):
     """--micro_batch_size=auto: on a GPU, the largest micro batch that fits its memory and divides
     each rank's share of the batch, from tools/plan.py (a fake training step, run by rank 0 in a process
     of its own: it needs a process group of its own); on the CPU, the largest divisor up to 16
     (memory is rarely the limit there, and larger micro batches gain little speed)."""
-    per_rank = s.total_batch_size // (s.seq_len * rt.world_size)
+    per_rank = s.total_batch_size // (s.seq_len * rt.dp_size)
     if rt.device.type != "cuda":
         choice = max((b for b in range(1, 17) if per_rank % b == 0), default=1)
         log(f"micro batch: auto = {choice} ({rt.device.type}: the largest divisor of {per_rank} sequences up to 16)")
         return choice
+    if rt.tensor_parallel > 1:
+        raise SettingsError(f"--micro_batch_size=auto plans models without tensor parallelism (tools/plan.py): give "
+                            f"a number with --tensor_parallel={rt.tensor_parallel}")
     preset = PRESETS[s.model]
     if (s.n_layer, s.n_head, s.n_embd, s.seq_len) != (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size):
         raise SettingsError("--micro_batch_size=auto plans the presets as they are; with n_layer, n_head, n_embd "

@@ -17,7 +17,15 @@ group (largest first, so the matrices of a round are alike and no rank waits for
   3. sends every rank its rows of the new weight and momentum buffer back (two all_to_all_single).
 Each rank thus orthogonalizes 1/N of the matrices and receives 1/N of them whole: at gpt3-xl on
 8 GPUs 8x less work and 5x fewer bytes than every rank gathering and stepping every matrix
-(docs/recipes.md). The momentum buffers stay DTensors sharded like their matrices: in the sharded
+(docs/recipes.md).
+
+Under tensor parallelism (support/parallelize.py) a matrix is also split over the TP group, a
+node's ranks: by rows (q, k, v, the MLP's first) or by columns (the output projections). Each
+round first gathers its matrices' TP shards (rows_over_fsdp: DTensor's redistribute, inside the
+node), leaving the rows FSDP shards them by, and puts the new weight and momentum back into them
+after. Every rank of a TP group then steps the same matrices (the work is shared over the FSDP
+ranks only), and under FSDP x TP DTensor gathers a row-split matrix whole on every rank of the
+group first (FSDP shards the rows of its TP shards: two all-gathers, docs/distributed.md). The momentum buffers stay DTensors sharded like their matrices: in the sharded
 checkpoint as shards, as AdamW's moments are. For the step, each rank holds the whole weight,
 gradient and momentum of the largest matrix it steps (12 bytes an element), one flat buffer of its
 rows of the largest round, and the Newton-Schulz temporaries: tools/plan.py counts them.
@@ -27,14 +35,32 @@ import torch
 import torch.distributed as dist
 
 
+def fsdp_placements(t):
+    """The placements of t (a DTensor) with tensor parallelism's mesh dim ("tp") whole: the rows
+    FSDP2 shards it by over its other dims, as without TP. Without TP, t's own."""
+    from torch.distributed.tensor import Replicate, Shard
+    names = t.device_mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return tuple(t.placements)
+    return tuple(Replicate() if name == "tp" else placement if placement.is_replicate() else Shard(0)
+                 for name, placement in zip(names, t.placements))
+
+
+def rows_over_fsdp(t):
+    """t (a matrix, its gradient or its momentum) gathered over the TP group into the rows FSDP2
+    shards it by (fsdp_placements); without TP, t itself, with no communication."""
+    placements = fsdp_placements(t)
+    return t if placements == tuple(t.placements) else t.redistribute(placements=placements)
+
+
 def row_sharding(p):
     """(process group, this rank's index in it, its size) of the mesh dim over which FSDP2 shards
-    the matrix p by rows; a ValueError for any other layout."""
+    the matrix p by rows (once TP's shards are gathered); a ValueError for any other layout."""
     from torch.distributed.tensor import DTensor, Shard
-    placements = getattr(p, "placements", None)
     if not isinstance(p, DTensor) or p.ndim != 2:
         raise ValueError(f"ShardedMuon steps FSDP2's sharded matrices (2-D DTensors); got a {type(p).__name__} "
                          f"of shape {tuple(p.shape)}")
+    placements = fsdp_placements(p)
     sharded = [d for d, placement in enumerate(placements) if placement.is_shard()]
     if len(sharded) != 1 or placements[sharded[0]] != Shard(0) or not all(
             placement.is_replicate() for d, placement in enumerate(placements) if d != sharded[0]):
@@ -74,7 +100,7 @@ class ShardedMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 group_rank_size = row_sharding(p)
                 rows = row_counts(p.shape[0], group_rank_size[2])[group_rank_size[1]]
-                if p.to_local().shape != (rows, p.shape[1]):
+                if fsdp_placements(p) == tuple(p.placements) and p.to_local().shape != (rows, p.shape[1]):
                     raise ValueError(f"a matrix of shape {tuple(p.shape)} holds {tuple(p.to_local().shape)} on this "
                                      f"rank, not the {rows} rows torch.chunk gives it: FSDP2 shards otherwise here")
 
@@ -99,17 +125,18 @@ class ShardedMuon(torch.optim.Optimizer):
 
     def _step_group(self, matrices, settings, pg, rank, n):
         """Step the matrices sharded over one group of n ranks, round by round (deal)."""
-        local = lambda p: (p.to_local(), p.grad.to_local(), self.state[p]["momentum_buffer"].to_local())
         rounds = [[matrices[i] for i in round_] for round_ in deal([tuple(p.shape) for p in matrices], n)]
         stepped_here = [round_[rank] for round_ in rounds if rank < len(round_)]
         # One set of buffers for the step, the largest any round needs, rather than fresh tensors
         # each round: a backend may hold a collective's tensors a moment after it returns (seen on
         # gloo: a round's buffers still allocated when the next round's were made).
         like = matrices[0].to_local()
-        sent = like.new_empty(max(sum(p.to_local().numel() for p in round_) for round_ in rounds))
+        here = lambda p: row_counts(p.shape[0], n)[rank] * p.shape[1]  # the elements of p's rows on this rank
+        sent = like.new_empty(max(sum(here(p) for p in round_) for round_ in rounds))
         whole = like.new_empty(3, max((p.numel() for p in stepped_here), default=0))  # weight, gradient, momentum
         for round_ in rounds:
-            shards = [local(p) for p in round_]
+            tensors = [[rows_over_fsdp(t) for t in (p, p.grad, self.state[p]["momentum_buffer"])] for p in round_]
+            shards = [[t.to_local() for t in ts] for ts in tensors]
             mine = round_[rank] if rank < len(round_) else None
             wholes = [whole[k, :mine.numel()].view(mine.shape) if mine is not None else None for k in range(3)]
             for k in range(3):
@@ -118,6 +145,10 @@ class ShardedMuon(torch.optim.Optimizer):
                 step_whole(self.muon_class, *wholes, settings)
             for k in (0, 2):  # the new weight and momentum back; the gradient is read only
                 exchange_rows([s[k] for s in shards], wholes[k], sent, pg, n, gather=False)
+            for p, (weight, _, momentum) in zip(round_, tensors):  # and under TP into its shards
+                for new, old in ((weight, p), (momentum, self.state[p]["momentum_buffer"])):
+                    if new is not old:
+                        old.to_local().copy_(new.redistribute(placements=old.placements).to_local())
 
 
 def exchange_rows(shards, whole, buffer, pg, n, gather):

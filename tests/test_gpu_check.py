@@ -61,7 +61,7 @@ def test_every_section_lists_its_steps_with_every_setting_valid():
     """Issue 28.12: SECTIONS=2 printed `GPT2: unbound variable` for every benchmark, then `done`, and
     exit 0. Under set -u every section's dry run expands all its commands, each one valid."""
     helpers = set(re.search(r"^export -f (.+)$", open(SCRIPT).read(), re.M).group(1).split())
-    for section in "1234567":
+    for section in "12345678":
         steps, _ = dry_run(SECTIONS=section, BUDGET_S="100000")
         assert steps[0][0] == "setup" and len(steps) > 1
         assert all(step_id[0] == section and estimate for step_id, estimate, _ in steps[1:]), steps
@@ -71,23 +71,24 @@ def test_every_section_lists_its_steps_with_every_setting_valid():
 
 
 def test_the_default_runs_what_never_ran_on_a_gpu_first_within_the_budget():
-    """6 (banded attention), 7 (the modern GPT), 5 (FSDP + Muon), then the MFU benchmarks, then the
-    rest; by their estimates the first four fit in 11 minutes, the rest is skipped and named."""
+    """8 (tensor parallelism's code), 6 (banded attention), 7 (the modern GPT), 5 (FSDP + Muon), then
+    the MFU benchmarks, then the rest; by their estimates the first four fit in 11 minutes, the rest
+    is skipped and named."""
     steps, out = dry_run()
     sections = [step_id[0] for step_id, _, _ in steps[1:]]
-    assert list(dict.fromkeys(sections)) == list("6752134")
+    assert list(dict.fromkeys(sections)) == list("86752134")
     ran = [step_id for step_id, estimate, _ in steps if estimate]
-    assert [s for s in ran if s[0] in "675"] == [s for s, _, _ in steps if s[0] in "675"] and "2a" in ran
+    assert [s for s in ran if s[0] in "8675"] == [s for s, _, _ in steps if s[0] in "8675"]
     assert sum(estimate for _, estimate, _ in steps if estimate) <= 660
-    assert re.search(r'not run \(or cut\) for the 660 s budget: sections [1-7 ]+; SECTIONS="[1-7 ]+" bash', out)
-    assert "| 6a | would run | ~" in out and "| 4c | SKIP (budget) | - |" in out
+    assert re.search(r'not run \(or cut\) for the 660 s budget: sections [1-8 ]+; SECTIONS="[1-8 ]+" bash', out)
+    assert "| 8 | would run | ~" in out and "| 4c | SKIP (budget) | - |" in out
 
 
 def test_bad_sections_are_refused_in_one_line():
     done = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, env={"PATH": os.environ["PATH"],
-                                                                                 "SECTIONS": "2 8"})
+                                                                                 "SECTIONS": "2 9"})
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == 'gpu_check.sh: error: SECTIONS="2 8": 8 is not a section; choose from 1 2 3 4 5 6 7\n'
+    assert done.stderr == 'gpu_check.sh: error: SECTIONS="2 9": 9 is not a section; choose from 1 2 3 4 5 6 7 8\n'
 
 
 @pytest.mark.parametrize("resumed, tolerance, ok", [({6: 2.5, 7: 2.25}, "0", True), ({6: 2.5, 7: 2.2500001}, "0", False),

@@ -164,7 +164,9 @@ def test_sparse_embedding_gradient_equals_the_dense_one(monkeypatch):
     assert not model.sparse_embedding_grad  # the model alone: off
     model.sparse_embedding_grad = True
     asked, embedding = [], F.embedding
-    monkeypatch.setattr(F, "embedding", lambda *a, **k: ("sparse" in k and asked.append(k["sparse"])) or embedding(*a, **k))
+    sparse = lambda a, k: k["sparse"] if "sparse" in k else a[6]  # keyword, or nn.Embedding's 7th argument
+    monkeypatch.setattr(F, "embedding", lambda *a, **k: (a[1] is model.transformer.wte.weight and  # not wpe's
+                                                         asked.append(sparse(a, k))) or embedding(*a, **k))
     x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
     h = model.hidden_states(x, sparse_embedding_grad=False)
     ref = F.cross_entropy(model.logits(h).flatten(0, 1), y.flatten())

@@ -172,6 +172,9 @@ def resolve(s):
     micro batch: the speed of a micro step is what is measured, accumulation only repeats it."""
     if s.micro_batch_size is None:
         raise cli.SettingsError("tools/bench.py measures a given micro batch: --micro_batch_size=N, not auto")
+    if s.tensor_parallel > 1:
+        raise cli.SettingsError(f"tools/bench.py measures one process; --tensor_parallel={s.tensor_parallel} splits "
+                                f"each block over the ranks of a torchrun job: time it by train_gpt.py's step lines")
     if s.total_batch_size is None:
         s.total_batch_size = s.micro_batch_size * (s.seq_len or s.block_size)
     config = settings.resolve_model_settings(s)

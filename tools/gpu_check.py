@@ -3,9 +3,11 @@ AdamW, DDP and FSDP starting from the same weights, NCCL with one rank. Prints o
 
     python -m tools.gpu_check          # then python -m tools.bench for MFU; bash tools/gpu_check.sh runs both and more
     python -m tools.gpu_check banded   # a group: GPT-3's banded attention, FlexAttention against the masked reference
-    python -m tools.gpu_check fsdp_muon_step_share     # one check by name (groups: default, banded, fsdp_muon, modern)
+    python -m tools.gpu_check fsdp_muon_step_share     # one check by name (groups: default, banded, fsdp_muon, modern,
+                                                       # tensor_parallel)
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -21,7 +23,7 @@ from support.attention_kernels import attention, band_mask, flex_band_attention
 from support.loss import chunked_cross_entropy
 from support.optim import configure_optimizers
 
-CHECKS = {"default": [], "banded": [], "fsdp_muon": [], "modern": []}  # python -m tools.gpu_check [group or check ...]
+CHECKS = {"default": [], "banded": [], "fsdp_muon": [], "modern": [], "tensor_parallel": []}  # python -m tools.gpu_check [group or check ...]
 
 
 def check(fn=None, group="default"):
@@ -273,6 +275,60 @@ def compiled_modern_gpt_trains_as_eager():
     CPU suite traces it with aot_eager only)."""
     return compiled_trains_as_eager(GPTConfig(block_size=1024, n_layer=4, n_head=12, n_embd=768,
                                               **ARCHITECTURES["modern"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor parallelism (support/parallelize.py): its code on one GPU, a TP group of one
+
+@check(group="tensor_parallel")
+def tp_group_of_one_trains_as_fsdp(device="cuda", backend="nccl"):
+    """One GPU cannot run tensor parallelism across ranks (docs/distributed.md), but its code runs
+    with a TP group of one, a (1, 1) mesh: the TP plan's DTensors, sequence-parallel norms, the
+    vocabulary-parallel loss under loss_parallel, inside FSDP2 with bf16 parameters, eager and with
+    each block compiled. 3 AdamW steps of the modern GPT with GPT-3's banded attention (T 256, 2
+    layers, selective activation checkpointing) against plain FSDP2: the same losses (bf16 on CUDA)."""
+    import train_gpt
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+    from model import full_cross_entropy
+    from support.loss import vocab_parallel_cross_entropy
+    from support.parallelize import parallelize
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = "29514"
+    dist.init_process_group(backend, rank=0, world_size=1,
+                            device_id=torch.device(device, 0) if device == "cuda" else None)
+    try:
+        config = GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=256, attention="gpt3", attention_band=64,
+                           **ARCHITECTURES["modern"])
+        rt = runtime.Runtime(0, 0, 1, torch.device(device, 0) if device == "cuda" else torch.device(device),
+                             torch.bfloat16 if device == "cuda" else None, True)
+        mesh = init_device_mesh(device, (1, 1), mesh_dim_names=("dp", "tp"))
+        x = torch.randint(0, 50257, (3, 4, 256), generator=torch.Generator().manual_seed(0)).to(rt.device)
+        losses = {}
+        for name in ("FSDP", "TP group of one", "TP group of one, compiled")[:3 if device == "cuda" else 2]:
+            tp = name.startswith("TP")
+            s = train_gpt.Settings(fsdp=True, compile=name.endswith("compiled"), activation_checkpointing="selective")
+            with torch.device("meta"):
+                model = GPT(config)
+            parallelize(model, s, rt, meshes=(mesh["dp"], mesh["tp"]) if tp else None)
+            model.to_empty(device=rt.device)
+            model.init_weights(7)
+            model.loss_fn = vocab_parallel_cross_entropy if tp else full_cross_entropy
+            opt = configure_optimizers(model, 0.1, 1e-3, device, log=lambda m: None)
+            context = loss_parallel if tp else contextlib.nullcontext
+            losses[name] = []
+            for batch in x:
+                with context():
+                    loss = model(batch, torch.roll(batch, -1, 1))
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses[name].append(round(loss.item(), 5))
+        gap = max(abs(a - b) for name in losses for a, b in zip(losses[name], losses["FSDP"]))
+        assert gap < (2e-2 if device == "cuda" else 1e-5), losses
+        return f"largest gap {gap:.1e}: {losses}"
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv=None):

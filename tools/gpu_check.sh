@@ -5,7 +5,7 @@
 # BUDGET_S (660 s: 11 minutes). It ends with a PASS/FAIL table (also in $OUT/summary.md, rewritten
 # after every step) and exits 1 if any step failed or timed out.
 #
-#   bash tools/gpu_check.sh                     # sections 6 7 5 2 1 3 4, as far as 11 minutes go
+#   bash tools/gpu_check.sh                     # sections 8 6 7 5 2 1 3 4, as far as 11 minutes go
 #   SECTIONS="1 3" bash tools/gpu_check.sh      # only those sections, in that order
 #   BUDGET_S=2400 bash tools/gpu_check.sh       # every section, on a machine held longer
 #   DRY_RUN=1 bash tools/gpu_check.sh           # (or --dry-run) each step's command and estimate; runs nothing
@@ -29,8 +29,11 @@
 #      banded against dense
 #   7. The modern GPT (--arch=modern): inductor against eager; train_gpt.py --recipe=modern compiled,
 #      12 steps and resumed from step 6: the same losses; gpt2: tokens/s modern against GPT-2's
+#   8. Tensor parallelism's code on one GPU (a TP group of one: one GPU cannot run TP across ranks):
+#      the plan's DTensors, sequence-parallel norms and the vocabulary-parallel loss inside FSDP2 with
+#      bf16 parameters, eager and compiled, against plain FSDP2: the same losses
 #
-# Sections 5, 6 and 7 have never run on a GPU, so they come first. The estimates (seconds) are not
+# Sections 5, 6, 7 and 8 have never run on a GPU, so they come first. The estimates (seconds) are not
 # measured on a GPU: they add to the step times of docs/performance.md (gpt2's compiled step 72 ms at
 # micro batch 32 on an H100, so a benchmark's timed steps take seconds) an allowance of about 15 s to
 # start a process with CUDA, 45 s to compile a 12-layer model and 20 s a tiny one. The table records
@@ -39,7 +42,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."  # the repository root: the paths below are relative to it
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
 DRY_RUN=${DRY_RUN:-0}
-SECTIONS=${SECTIONS:-6 7 5 2 1 3 4}
+SECTIONS=${SECTIONS:-8 6 7 5 2 1 3 4}
 BUDGET_S=${BUDGET_S:-660}
 OUT=${OUT:-gpu_out}
 WORK=${WORK:-/tmp/gpu_check}  # made anew each run: no run resumes an earlier one's checkpoints
@@ -48,8 +51,8 @@ TINY="--model=tiny --data_dir=$SHARDS --micro_batch_size=16 --total_batch_size=8
 GPT2="--device=cuda --model=gpt2 --seq_len=1024 --micro_batch_size=32 --dtype=bfloat16 --compile=True --warmup=2"
 ONE_GPU="torchrun --standalone --nproc_per_node=1"
 for section in $SECTIONS; do
-  if [[ ! "$section" =~ ^[1-7]$ ]]; then
-    echo "gpu_check.sh: error: SECTIONS=\"$SECTIONS\": $section is not a section; choose from 1 2 3 4 5 6 7" >&2
+  if [[ ! "$section" =~ ^[1-8]$ ]]; then
+    echo "gpu_check.sh: error: SECTIONS=\"$SECTIONS\": $section is not a section; choose from 1 2 3 4 5 6 7 8" >&2
     exit 2
   fi
 done
@@ -219,6 +222,10 @@ section_7() {
   step 7c 110 300 "gpt2, T 1024, bf16, compiled: tokens/s of the modern architecture against GPT-2's" \
     "python3 -m tools.bench --device=cuda --model=gpt2 --micro_batch_size=16 --dtype=bfloat16 --compile=True \
 --warmup=2 --steps=5 --loader_tokens=0 --arch=modern --against=arch=gpt"
+}
+section_8() {
+  step 8 50 200 "TP's code on one GPU (a TP group of one), bf16, eager and compiled, against plain FSDP2" \
+    "python3 -m tools.gpu_check tensor_parallel"
 }
 
 if [[ $DRY_RUN == 1 ]]; then
