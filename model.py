@@ -478,9 +478,11 @@ def flops_per_token(config, seq_len):
 
 def optimizer_groups(model, weight_decay):
     """Decay every tensor of 2 or more dimensions (matmul weights, embeddings); never biases or
-    LayerNorm gains, which only shift or scale and gain nothing from being pulled to zero."""
+    LayerNorm gains, which only shift or scale and gain nothing from being pulled to zero. A group
+    with no tensors (the modern GPT has no biases or gains) is left out: torch's distributed
+    checkpoint cannot load an empty group beside a second optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weight appears once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in ({"params": decay, "weight_decay": weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}) if group["params"]]

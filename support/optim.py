@@ -23,9 +23,9 @@ def configure_optimizers(model, weight_decay, learning_rate, device_type, log=pr
     if muon is not None:
         return configure_muon(model, weight_decay, learning_rate, muon, fused, log, sharded_muon)
     groups = optimizer_groups(model, weight_decay)
-    for name, group in zip(("decayed", "not decayed"), groups):
+    for group in groups:
         log(f"optimizer: {len(group['params'])} tensors, {sum(p.numel() for p in group['params']):,} "
-            f"parameters {name} (weight_decay={group['weight_decay']})")
+            f"parameters {'decayed' if group['params'][0].dim() >= 2 else 'not decayed'} (weight_decay={group['weight_decay']})")
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
@@ -66,6 +66,7 @@ def configure_muon(model, weight_decay, learning_rate, muon, fused, log=print, s
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
     adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    adamw_groups = [group for group in adamw_groups if group["params"]]  # as optimizer_groups: none empty
     log(f"optimizer: Muon for {len(matrices)} block matrices, {sum(p.numel() for p in matrices):,} parameters "
         f"(lr={muon.lr}, momentum={muon.momentum}, weight_decay={muon.weight_decay}, {muon.adjust_lr_fn}); "
         f"AdamW for {len(rest)} tensors (embeddings, biases, gains), {sum(p.numel() for p in rest):,} parameters"

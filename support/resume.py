@@ -295,9 +295,12 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
         if sharded:
             if verify:
                 agree(checkpoint.verify_folder(path, rt.rank, rt.world_size), rt, path, each_reads_all=False)
-            if fused_qkv.is_fused(checkpoint.sharded_names(path)):  # another layout: read whole, split below
+            names = checkpoint.sharded_names(path)
+            if fused_qkv.is_fused(names) or saved_group_count(names) != group_count(optimizer):
+                # another layout (q, k and v fused; an empty param group, saved before optimizers
+                # left them out): read whole, split and dropped below
                 (tensors, state), whole = checkpoint.load_sharded_whole(path), True
-                model_state, optim_state = tensors["model"], tensors["optimizer"]
+                model_state, optim_state = tensors["model"], without_empty_groups(tensors["optimizer"])
             else:
                 from torch.distributed.checkpoint.state_dict import get_state_dict
                 model_state, optim_state = get_state_dict(raw_model, optimizer_parts(optimizer))
@@ -311,7 +314,7 @@ def load_checkpoint(rt, path, raw_model, optimizer, log, unverified_ok=False, op
     agree(reason, rt, path, each_reads_all=not sharded)
     check_resumable(state, path, sharded)
     if not sharded:
-        model_state, optim_state = state["model"], state["optimizer"]
+        model_state, optim_state = state["model"], without_empty_groups(state["optimizer"])
     check_compatible(state, raw_model.config)
     check_same_optimizer(state, optimizer_name)
     if fused_qkv.is_fused(model_state):
@@ -354,6 +357,26 @@ def check_resumable(state, path, sharded):
                             f"its weights with --init_from={path} instead of --resume")
     raise SettingsError(f"{path} is not a checkpoint of a training run (it lacks {', '.join(missing)}): give a "
                         f"ckpt_<step>.pt file or ckpt_<step>/ folder from a --log_dir")
+
+
+def without_empty_groups(saved):
+    """A checkpoint file's optimizer state (torch's, or a CombinedOptimizer's dict of them) without
+    param groups of no tensors, which optimizers no longer hold (model.optimizer_groups): a modern
+    GPT's file saved before still loads. A group lists its tensors' numbers, so dropping an empty
+    one renumbers nothing."""
+    if "param_groups" not in saved:
+        return {name: without_empty_groups(part) for name, part in saved.items()}
+    return {**saved, "param_groups": [group for group in saved["param_groups"] if group["params"]]}
+
+
+def saved_group_count(names):
+    """The param groups a sharded folder's optimizer state has (DCP flattens them to
+    "optimizer.param_groups.<i>.<setting>")."""
+    return len({name.split(".")[2] for name in names if name.startswith("optimizer.param_groups.")})
+
+
+def group_count(optimizer):
+    return sum(len(part.param_groups) for part in optimizer_parts(optimizer))
 
 
 def is_sharded_model(model):

@@ -556,3 +556,31 @@ def test_fsdp_with_muon_resumed_with_new_settings_trains_them(shards, tmp_path):
     assert b[2] == a[2] and b[3] != a[3]  # step 2 trained with 0.8: step 3's loss shows it
     fail(tiny_args(shards, str(tmp_path / "nan"), fsdp=True, optimizer="muon", max_lr=1e39, max_steps=2),
          "step 0's update made the weights NaN/Inf")
+
+
+def test_the_modern_recipe_under_fsdp_resumes_exactly_also_from_a_checkpoint_saved_before(shards, tmp_path,
+                                                                                           monkeypatch):
+    """The modern GPT has no biases or gains, so AdamW's undecayed group was empty, and
+    torch.distributed.checkpoint loads no empty group beside a second optimizer (Muon): the
+    resume died in a traceback. Optimizers hold no empty groups now, and a sharded checkpoint
+    saved with one (as before) is read whole and resumes too, and so does a file (one process)."""
+    straight, old, again, from_old = (str(tmp_path / n) for n in ("straight", "old", "again", "from_old"))
+    args = dict(fsdp=True, recipe="modern", max_steps=4, checkpoint_every=2, val_every=0)
+    train_gpt.main(tiny_args(shards, straight, **args))
+    train_gpt.main(tiny_args(shards, again, resume=os.path.join(straight, "ckpt_0000002"), **args))
+    last_two = {s: v for s, v in train_losses(straight).items() if s >= 2}
+    assert train_losses(again) == last_two
+
+    class AdamWAsBefore(torch.optim.AdamW):  # the optimizer of the code before: an empty undecayed group
+        def __init__(self, groups, **settings):
+            assert all(group["params"] for group in groups)
+            super().__init__(list(groups) + [{"params": [], "weight_decay": 0.0, "lr_scale": 1.0}], **settings)
+    one = dict(args, fsdp=False)
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim, "AdamW", AdamWAsBefore)
+        train_gpt.main(tiny_args(shards, old, stop_step=2, **args))
+        train_gpt.main(tiny_args(shards, old + "_file", stop_step=2, **one))
+    train_gpt.main(tiny_args(shards, from_old, resume=os.path.join(old, "ckpt_0000002"), **args))
+    assert train_losses(from_old) == last_two
+    train_gpt.main(tiny_args(shards, from_old + "_file", resume=os.path.join(old + "_file", "ckpt_0000002.pt"), **one))
+    assert train_losses(from_old + "_file") == last_two  # FSDP in one process trains as one process does
