@@ -393,9 +393,6 @@ def auto_micro_batch(s, rt, log):
         choice = max((b for b in range(1, 17) if per_rank % b == 0), default=1)
         log(f"micro batch: auto = {choice} ({rt.device.type}: the largest divisor of {per_rank} sequences up to 16)")
         return choice
-    if rt.tensor_parallel > 1:
-        raise SettingsError(f"--micro_batch_size=auto plans models without tensor parallelism (tools/plan.py): give "
-                            f"a number with --tensor_parallel={rt.tensor_parallel}")
     preset = PRESETS[s.model]
     if (s.n_layer, s.n_head, s.n_embd, s.seq_len) != (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size):
         raise SettingsError("--micro_batch_size=auto plans the presets as they are; with n_layer, n_head, n_embd "
@@ -413,7 +410,8 @@ def auto_micro_batch(s, rt, log):
                f"--fsdp_shard_size={s.fsdp_shard_size}",
                f"--activation_checkpointing={s.activation_checkpointing}", f"--dtype={s.dtype}",
                f"--chunked_loss={s.chunked_loss}", f"--total_batch_size={s.total_batch_size}",
-               f"--optimizer={s.optimizer}", f"--attention={s.attention}"] + (
+               f"--optimizer={s.optimizer}", f"--attention={s.attention}",
+               f"--tensor_parallel={s.tensor_parallel}"] + (  # the run's degree: the plan must not choose another
                   [f"--attention_band={s.attention_band}"] if s.attention_band else [])
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))

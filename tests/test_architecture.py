@@ -331,6 +331,6 @@ def test_auto_micro_batch_plans_named_architectures_only():
     from support.settings import auto_micro_batch
     s = train_gpt.parse_settings(["--arch=modern", "--rope=False", "--micro_batch_size=auto"])
     train_gpt.resolve_model_settings(s)
-    rt = SimpleNamespace(device=torch.device("cuda"), world_size=1, is_main=True)  # refused before any CUDA call
+    rt = SimpleNamespace(device=torch.device("cuda"), world_size=1, dp_size=1, is_main=True)  # refused before any CUDA call
     with pytest.raises(cli.SettingsError, match="plans the named architectures"):
         auto_micro_batch(s, rt, print)

@@ -149,9 +149,13 @@ def test_auto_micro_batch_plans_the_pattern_that_trains(monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(answer), stderr="")
     monkeypatch.setattr(settings.subprocess, "run", run)
     monkeypatch.setattr(settings.torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=2**36))
-    rt = types.SimpleNamespace(device=torch.device("cuda", 0), world_size=1, is_main=True)
+    rt = types.SimpleNamespace(device=torch.device("cuda", 0), world_size=1, dp_size=1, is_main=True)
     assert settings.auto_micro_batch(s, rt, log=lambda m: None) == 4
     assert "--attention=gpt3" in asked[0] and "--attention_band=128" in asked[0]
+    assert "--tensor_parallel=1" in asked[0]  # the run's degree, not the plan's auto search
+    s.tensor_parallel = 8
+    settings.auto_micro_batch(s, rt, log=lambda m: None)
+    assert "--tensor_parallel=8" in asked[1]
 
 
 def test_gpt3_175b_fits_1024_gpus_at_the_papers_batch_with_tensor_parallel_8():
