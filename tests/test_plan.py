@@ -304,7 +304,8 @@ def test_the_step_is_the_longer_of_compute_and_fsdp_plus_tp():
     kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
     h100 = plan.GPUS["H100-80GB"]
     p = plan.make_plan("tiny", 16, tensor_parallel=2, **kw)
-    compute = 2**14 * flops_per_token(plan.setup_config(plan.Setup("tiny", 16, 1)), 256) / (16 * h100.peak_flops * p.mfu)
+    per_token = flops_per_token(plan.setup_config(plan.Setup("tiny", 16, 1)), 256)
+    compute = 2**14 * per_token / (16 * h100.peak_flops * p.mfu)
     assert p.compute_seconds == pytest.approx(compute)
     [fsdp] = p.data_parallel_communication
     assert fsdp["seconds"] == pytest.approx(fsdp["gb"] * 1e9 / (4 * h100.inter_node)) and fsdp["ranks"] == 8

@@ -86,7 +86,8 @@ INFINIBAND_NDR, INFINIBAND_HDR = 400e9 / 8, 200e9 / 8
 MEASURED = "measured: gpt2 on one H100 80GB, docs/performance.md"
 GPUS = {
     "H100-80GB": GPU(81559 * 2**20, 989e12, 0.393, MEASURED, NVLINK_4, INFINIBAND_NDR),
-    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)", NVLINK_4, INFINIBAND_NDR),
+    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)", NVLINK_4,
+                      INFINIBAND_NDR),
     "A100-80GB": GPU(81920 * 2**20, 312e12, None, "", NVLINK_3, INFINIBAND_HDR),
     "A100-40GB": GPU(40960 * 2**20, 312e12, None, "", NVLINK_3, INFINIBAND_HDR),
 }
@@ -543,8 +544,8 @@ def ring_rate(kind, size, stride):
     leaving a node through another of the group's GPUs and its NIC, so the group's m GPUs of a node
     share m NICs: min(m x inter_node, NVLink). So a data-parallel group with one GPU a node (TP 8)
     gets one NIC, and plain FSDP over whole nodes eight. The pattern NCCL shows: its bus bandwidth
-    across nodes grows with the NICs a node's GPUs use (NVIDIA/nccl issues 412, 1168: 4 GPUs a node
-    about 45 GB/s, 8 about 90, on the same nodes). (None, why) when the table has no rate."""
+    across nodes grows with the NICs a node's GPUs use (NVIDIA/nccl issues 412; 1168: on 4 nodes, 4
+    GPUs a node about 45 GB/s, 8 about 90). (None, why) when the table has no rate."""
     per_node = max(1, GPUS_PER_NODE // stride)
     if size * stride <= GPUS_PER_NODE:
         return kind.nvlink, "NVLink" if kind.nvlink else "no NVLink rate for this GPU"
@@ -559,12 +560,12 @@ def ring_rate(kind, size, stride):
 def data_parallel_communication(setup, n_params, accum, kind):
     """One GPU's data-parallel collectives a step, each a dict: by (FSDP, HSDP or DDP), what, GB
     (received, and as many sent), ranks, seconds at ring_rate (0 when not known), the rate and its
-    link. FSDP: fsdp_traffic over the
-    shard group. HSDP adds the replicas' all-reduce of the fp32 gradient shards, each micro batch
-    (FSDP2 all-reduces after every reduce-scatter unless told not to; train_gpt does not), 2(r - 1)/r
-    of the shard over r replicas. DDP: its all-reduce of the fp32 gradients, on the last micro batch
-    only (train_gpt skips the others' sync), 2(n - 1)/n of them. With TP, of 1/t of the parameters.
-    Not counted: train_gpt --fsdp_unsharded_accumulation (one reduce-scatter a step)."""
+    link. FSDP: fsdp_traffic over the shard group. HSDP adds the replicas' all-reduce of the fp32
+    gradient shards, each micro batch (FSDP2 all-reduces after every reduce-scatter unless told not
+    to; train_gpt does not), 2(r - 1)/r of the shard over r replicas. DDP: its all-reduce of the
+    fp32 gradients, on the last micro batch only (train_gpt skips the others' sync), 2(n - 1)/n of
+    them. With TP, of 1/t of the parameters. Not counted: train_gpt --fsdp_unsharded_accumulation
+    (one reduce-scatter a step)."""
     t, dp = setup.tensor_parallel, data_parallel(setup)
     gathers = ("bf16 parameters all-gathered in forward and again in backward, fp32 gradients reduce-scattered, "
                "each micro batch")
