@@ -82,8 +82,9 @@ def test_auto_micro_batch_on_the_cpu_is_the_largest_divisor_up_to_16(shards, tmp
 
 
 def test_hybrid_sharding_plans_the_memory_of_one_shard_group():
-    """HSDP over 4 GPUs as 2 x 2 holds what 2-way FSDP holds per GPU, more than 4-way FSDP."""
-    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
+    """HSDP over 4 GPUs as 2 x 2 holds what 2-way FSDP holds per GPU, more than 4-way FSDP (all at
+    TP 1: at micro batch 1 FSDP's time would make auto take TP 2 or 4)."""
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", tensor_parallel=1, log=lambda m: None)
     hybrid = plan.make_plan("tiny", 4, fsdp_shard_size=2, **kw)
     assert hybrid.fits and hybrid.sharding == "HSDP (2 replicas x 2-way FSDP2)"
     assert hybrid.accumulation_steps == 2**14 // (256 * 4)  # the batch still splits over all 4 GPUs
@@ -99,8 +100,8 @@ def test_muon_under_fsdp_is_planned_with_its_traffic_work_and_step():
     matrix it steps, the other's half of its weight, gradient and momentum, and per matrix the other
     steps, its half of the new weight and momentum: 20 bytes for every other element, halved over 2
     GPUs. Rounds of 2 alike matrices: the busiest GPU does half of the Newton-Schulz work. Muon's
-    sharded momentum is less state than AdamW's two moments."""
-    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
+    sharded momentum is less state than AdamW's two moments (AdamW's at TP 1, as Muon's)."""
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", tensor_parallel=1, log=lambda m: None)
     muon, adamw = plan.make_plan("tiny", 2, optimizer="muon", **kw), plan.make_plan("tiny", 2, **kw)
     C, matrices = 256, 4 * 12 * 256 * 256
     assert muon.muon["matrices"] == 24 and muon.muon["largest"] == [4 * C, C]
@@ -158,9 +159,10 @@ def test_auto_micro_batch_plans_the_pattern_that_trains(monkeypatch):
     assert "--tensor_parallel=8" in asked[1]
 
 
-def test_gpt3_175b_fits_1024_gpus_at_the_papers_batch_with_tensor_parallel_8():
+def test_gpt3_175b_on_1024_gpus_at_the_papers_batch_tensor_parallel_8_and_auto():
     """Without TP the paper's 1,536 sequences do not split over 1,024 GPUs (above); with TP 8 they
-    split over 128 data-parallel ranks, 12 each. A few seconds: fake steps of the 128-rank group."""
+    split over 128 data-parallel ranks, 12 each. Then auto, which plans TP 2, 4 and 8. Under a
+    minute: fake steps of the 512-, 256- and 128-rank groups."""
     p = plan.make_plan("gpt3-175b", 1024, total_batch_size=3_145_728, tensor_parallel=8, log=lambda m: None)
     assert p.fits and (p.tensor_parallel, p.data_parallel) == (8, 128)
     assert 12 % p.micro_batch_size == 0 and p.accumulation_steps == 12 // p.micro_batch_size
@@ -175,6 +177,31 @@ def test_gpt3_175b_fits_1024_gpus_at_the_papers_batch_with_tensor_parallel_8():
     assert "tensor parallel 8 (Megatron-style, sequence parallel) x FSDP2 over 128 data-parallel ranks" in text
     assert f"activation checkpointing {p.activation_checkpointing}, micro batch {p.micro_batch_size} " in text
     assert f"ESTIMATE {p.tensor_parallel_seconds:.2f} s at NVLink's 450 GB/s" in text
+    # FSDP over the 128 ranks of one TP rank, one GPU in each node: one NIC's rate
+    h100 = plan.GPUS["H100-80GB"]
+    [fsdp] = p.data_parallel_communication
+    assert fsdp["ranks"] == 128 and fsdp["seconds"] == pytest.approx(fsdp["gb"] * 1e9 / h100.inter_node)
+    assert f"FSDP communication: {fsdp['gb']:,.0f} GB received" in text
+    assert f"ESTIMATE {fsdp['seconds']:.2f} s at 50 GB/s a direction (InfiniBand: the group's 1 GPU of a node" in text
+
+    # auto: TP 2 and 4 move 4 and 2 times TP 8's FSDP bytes a GPU (at the same 3 accumulation steps),
+    # through the NICs of the 4 and 2 GPUs of their group in each node: the same bytes a NIC, so
+    # the same FSDP time to (n - 1)/n, 10.4 s, over the 8.4 s of compute. TP's time decides.
+    plans = {2: plan.make_plan("gpt3-175b", 1024, tensor_parallel=2, log=lambda m: None),
+             4: plan.make_plan("gpt3-175b", 1024, tensor_parallel=4, log=lambda m: None), 8: p}
+    for t, q in plans.items():
+        [fsdp] = q.data_parallel_communication
+        assert q.accumulation_steps == 3
+        rate = min(plan.GPUS_PER_NODE // t * h100.inter_node, h100.nvlink)
+        assert fsdp["seconds"] == pytest.approx(fsdp["gb"] * 1e9 / rate)
+        assert fsdp["seconds"] == pytest.approx(plans[8].data_parallel_seconds, rel=0.01)
+        assert q.step_seconds == pytest.approx(max(q.compute_seconds, fsdp["seconds"]) + q.tensor_parallel_seconds)
+    assert plans[2].data_parallel_seconds > plans[2].compute_seconds
+    auto = plan.make_plan("gpt3-175b", 1024, log=lambda m: None)
+    assert auto.tensor_parallel == min(plans, key=lambda t: plans[t].step_seconds) == 2
+    assert auto.step_seconds == plans[2].step_seconds
+    assert "TP 1: the batch does not split; TP 2 " in auto.tensor_parallel_choice
+    assert f"TP 8 {plans[8].step_seconds:.2f} s a step = compute" in auto.tensor_parallel_choice
 
 
 def test_tensor_parallel_cuts_the_state_over_dp_x_tp_and_the_activations_over_tp():
@@ -221,14 +248,80 @@ def test_bad_tensor_parallel_layouts_are_refused_in_one_line():
         plan.main(["--model=tiny", "--gpus=8", "--tensor_parallel=8"])
 
 
-def test_auto_tensor_parallel_takes_tp_only_when_it_pays(monkeypatch):
-    """tiny on 4 GPUs, no checkpointing: TP 1 when it fits (nothing more is planned); on a GPU too
-    small for it, TP 2, with the reason."""
-    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
-    alone = plan.make_plan("tiny", 4, **kw)
+def test_auto_tensor_parallel_takes_tp_only_when_it_pays():
+    """tiny on 4 GPUs (one node), no checkpointing. At micro batch 8 TP 1 fits and FSDP's time hides
+    under the compute: no wider TP can be faster (each adds TP's time to the same compute), so none
+    is planned. On a GPU too small for TP 1, TP 2. At micro batch 1, 64 micro batches a step gather
+    the parameters 64 times, and FSDP's time exceeds the compute: auto plans TP 2 and 4 too, and
+    takes TP 4, one data-parallel rank, no FSDP traffic."""
+    kw = dict(activation_checkpointing="none", log=lambda m: None)
+    alone = plan.make_plan("tiny", 4, micro_batch_size="8", **kw)
     assert alone.fits and alone.tensor_parallel == 1 and not alone.tensor_parallel_choice
-    tp2 = plan.peak_bytes(plan.Setup("tiny", 4, 1, tensor_parallel=2))["total"]
-    small = plan.make_plan("tiny", 4, gpu_memory=(tp2 + alone.memory_gib["total"] * plan.GiB) / 2 / plan.USABLE, **kw)
+    assert 0 < alone.data_parallel_seconds < alone.compute_seconds == alone.step_seconds
+    tp2 = plan.peak_bytes(plan.Setup("tiny", 4, 8, tensor_parallel=2))["total"]
+    assert tp2 < alone.memory_gib["total"] * plan.GiB
+    small = plan.make_plan("tiny", 4, micro_batch_size="8", **kw,
+                           gpu_memory=(tp2 + alone.memory_gib["total"] * plan.GiB) / 2 / plan.USABLE)
     assert small.fits and small.tensor_parallel == 2
     assert small.tensor_parallel_choice.startswith("TP 2, the shortest estimated step (TP 1 does not fit; TP 2 ")
+    assert "; none wider planned: TP 4 takes at least" in small.tensor_parallel_choice
     assert "tensor parallel auto: TP 2" in plan.format_plan(small)
+    one = {t: plan.make_plan("tiny", 4, micro_batch_size="1", tensor_parallel=t, **kw) for t in (1, 2, 4)}
+    assert one[1].data_parallel_seconds > one[1].compute_seconds
+    wide = plan.make_plan("tiny", 4, micro_batch_size="1", **kw)
+    assert wide.tensor_parallel == min(one, key=lambda t: one[t].step_seconds) == 4
+    assert wide.data_parallel_communication == [] and wide.step_seconds == one[4].step_seconds
+    assert "TP 1 " in wide.tensor_parallel_choice and "TP 2 " in wide.tensor_parallel_choice
+
+
+def test_data_parallel_collectives_are_timed_on_the_links_they_cross():
+    """Bytes at ring_rate, for a model of a billion parameters, 3 micro batches a step, on H100s:
+    within a node NVLink; across nodes the NICs of the group's GPUs in a node (ranks TP-innermost)."""
+    h100, node, n = plan.GPUS["H100-80GB"], plan.GPUS_PER_NODE, 1e9
+
+    def comm(gpus, tp=1, fsdp=True, shard=None):
+        return plan.data_parallel_communication(plan.Setup("tiny", gpus, 1, fsdp=fsdp, shard_size=shard,
+                                                           tensor_parallel=tp), n, 3, h100)
+
+    def check(c, nbytes, rate):
+        assert c["gb"] * 1e9 == pytest.approx(nbytes) and c["seconds"] == pytest.approx(nbytes / rate)
+
+    check(*comm(8), 8 * n * 7 / 8 * 3, h100.nvlink)  # one node
+    check(*comm(128, tp=8), 8 * n / 8 * 15 / 16 * 3, h100.inter_node)  # 16 ranks, one in each node
+    check(*comm(128, tp=2), 8 * n / 2 * 63 / 64 * 3, 4 * h100.inter_node)  # 64 ranks, 4 in each node
+    check(*comm(32), 8 * n * 31 / 32 * 3, min(node * h100.inter_node, h100.nvlink))  # whole nodes
+    assert comm(128, tp=2)[0]["seconds"] == pytest.approx(comm(128, tp=8)[0]["seconds"], rel=0.06)
+    gathers, replicas = comm(32, shard=8)  # HSDP: 4 nodes, a shard group in each
+    check(gathers, 8 * n * 7 / 8 * 3, h100.nvlink)
+    check(replicas, 2 * 4 * n / 8 * 3 / 4 * 3, h100.inter_node)  # 4 replicas, one GPU in each node
+    check(*comm(16, fsdp=False), 2 * 4 * n * 15 / 16, min(node * h100.inter_node, h100.nvlink))  # DDP: once
+    assert comm(1) == comm(8, tp=8) == []  # one data-parallel rank: nothing to gather or reduce
+    a100 = plan.data_parallel_communication(plan.Setup("tiny", 128, 1, tensor_parallel=8), n, 3, plan.GPUS["A100-80GB"])
+    assert a100[0]["rate_gb_s"] == 25 and "25 GB/s NIC" in a100[0]["link"]
+
+
+def test_the_step_is_the_longer_of_compute_and_fsdp_plus_tp():
+    """tiny on 16 GPUs (2 nodes) at micro batch 1: FSDP's time, over 8 ranks of TP 2 with 4 GPUs in
+    each node, exceeds the compute and shows; DDP's all-reduce, once a step, hides under the last
+    micro batch's backward unless it is longer."""
+    from model import flops_per_token
+    kw = dict(activation_checkpointing="none", micro_batch_size="1", log=lambda m: None)
+    h100 = plan.GPUS["H100-80GB"]
+    p = plan.make_plan("tiny", 16, tensor_parallel=2, **kw)
+    per_token = flops_per_token(plan.setup_config(plan.Setup("tiny", 16, 1)), 256)
+    compute = 2**14 * per_token / (16 * h100.peak_flops * p.mfu)
+    assert p.compute_seconds == pytest.approx(compute)
+    [fsdp] = p.data_parallel_communication
+    assert fsdp["seconds"] == pytest.approx(fsdp["gb"] * 1e9 / (4 * h100.inter_node)) and fsdp["ranks"] == 8
+    assert p.data_parallel_seconds > p.compute_seconds
+    assert p.step_seconds == pytest.approx(p.data_parallel_seconds + p.tensor_parallel_seconds)
+    text = plan.format_plan(p)
+    assert f"{p.step_seconds:.2f} s a step = compute {p.compute_seconds:.2f} s + " in text
+    assert f"of FSDP's {p.data_parallel_seconds:.2f} s not hidden under it + TP" in text
+    assert "overlapped with compute (FSDP2's prefetch)" in text
+    ddp = plan.make_plan("tiny", 16, fsdp=False, tensor_parallel=1, **kw)
+    [reduce] = ddp.data_parallel_communication
+    window = ddp.compute_seconds / ddp.accumulation_steps * 2 / 3
+    assert reduce["seconds"] > window  # 125 MB at 400 GB/s against a quarter of 2/3 of the compute
+    assert ddp.step_seconds == pytest.approx(ddp.compute_seconds + reduce["seconds"] - window)
+    assert "overlapped with the last micro batch's backward" in plan.format_plan(ddp)

@@ -20,6 +20,11 @@ fake step runs on the CPU's kernels (its flash attention, like the GPU's, keeps 
 Time is the model's training FLOPs per token (model.flops_per_token) at a stated MFU: by default
 the best this project has measured on that GPU class (docs/performance.md). Recomputed blocks cost
 a third more of their FLOPs, which model FLOPs (and so MFU) do not count: the estimate adds them.
+FSDP's collectives (HSDP's, DDP's: data_parallel_communication) are timed on the links they cross
+(ring_rate: NVLink within a node, the NICs between nodes) and run under the compute (FSDP2
+prefetches the next block's gather and reduce-scatters the last one's gradients while a block
+computes), so a step is max(compute, FSDP's time) + TP's time (overlap_window). Rates are the
+links' (GPU.nvlink, GPU.inter_node), so the times are floors; latency is not counted.
 
 Tensor parallelism (--tensor_parallel, Megatron-style with sequence parallelism: q, k, v and the
 MLP's fc split by columns, the output projections by rows, the norms and the residual split along
@@ -28,8 +33,8 @@ data-parallel group, not run: TP's shards are the DP step's tensors cut t ways. 
 gradients, optimizer state and FSDP's buffers divide by t (the sharded state over DP x TP), and so
 do the activations, except the all-gathered (B, T, C) inputs of the column-parallel projections,
 which each GPU keeps whole for backward (tensor_parallel_peak). TP's collectives are timed at
-NVLink's rate (tensor_parallel_traffic). "auto" plans TP 1, 2, 4, 8 and keeps the shortest
-estimated step (choose_tensor_parallel).
+NVLink's rate (tensor_parallel_traffic) and wait for nothing to hide them. "auto" plans TP 1, 2,
+4, 8 and keeps the shortest estimated step, FSDP's time included (choose_tensor_parallel).
 """
 
 import argparse
@@ -62,6 +67,7 @@ class GPU:
     mfu: Optional[float]  # best MFU this project measured on this class, None if never measured
     mfu_source: str
     nvlink: Optional[float] = None  # bytes/s one way, per GPU, to the others of its node (NVSwitch); None: unknown
+    inter_node: Optional[float] = None  # bytes/s one way, per GPU, to other nodes (its own NIC); None: unknown
 
 
 # NVLink: NVIDIA's datasheets give both directions together; one way is half. H100 and H200 SXM
@@ -69,14 +75,21 @@ class GPU:
 # (NVLink 3): 12 links x 25 GB/s = 300 GB/s (600 GB/s). The link rate: NCCL's collectives reach
 # less, so TP times planned from it are floors (not measured here).
 NVLINK_4, NVLINK_3 = 450e9, 300e9
+# Between nodes, one InfiniBand NIC a GPU, as in NVIDIA's DGX and HGX reference systems: DGX H100
+# and H200 have 8 ConnectX-7 at 400 Gb/s (NDR) for the compute fabric, 400e9 / 8 = 50 GB/s each
+# way; DGX A100 8 ConnectX-6 at 200 Gb/s (HDR), 25 GB/s. IB is full duplex, so like NVLink's these
+# are one way. The link rate, an assumption about the cluster (fewer NICs a node, or Ethernet, is
+# slower), not measured here.
+INFINIBAND_NDR, INFINIBAND_HDR = 400e9 / 8, 200e9 / 8
 # 80 GB parts show 79.1-80 GiB to torch. The MFU default is the only measurement this project has:
 # gpt2 on one H100 80GB, compiled, bf16 (docs/performance.md): 39.3% of 989 TFLOP/s.
 MEASURED = "measured: gpt2 on one H100 80GB, docs/performance.md"
 GPUS = {
-    "H100-80GB": GPU(81559 * 2**20, 989e12, 0.393, MEASURED, NVLINK_4),
-    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)", NVLINK_4),
-    "A100-80GB": GPU(81920 * 2**20, 312e12, None, "", NVLINK_3),
-    "A100-40GB": GPU(40960 * 2**20, 312e12, None, "", NVLINK_3),
+    "H100-80GB": GPU(81559 * 2**20, 989e12, 0.393, MEASURED, NVLINK_4, INFINIBAND_NDR),
+    "H200-141GB": GPU(143771 * 2**20, 989e12, 0.393, "H100's " + MEASURED + " (same compute)", NVLINK_4,
+                      INFINIBAND_NDR),
+    "A100-80GB": GPU(81920 * 2**20, 312e12, None, "", NVLINK_3, INFINIBAND_HDR),
+    "A100-40GB": GPU(40960 * 2**20, 312e12, None, "", NVLINK_3, INFINIBAND_HDR),
 }
 USABLE = 0.9  # fraction of a GPU's memory a plan may fill (see the module docstring)
 # An HGX board (H100, H200, A100): 8 GPUs on one NVSwitch. TP's collectives, 4 a block in forward
@@ -510,6 +523,84 @@ def tensor_parallel_traffic(setup, config, total_batch_size):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data-parallel communication: FSDP's, HSDP's and DDP's collectives, timed on the links they cross
+
+def fsdp_traffic(setup, n_params, accum):
+    """Bytes one GPU receives (and as many it sends) a step in FSDP's own collectives: the bf16
+    parameters gathered in forward and again in backward, and the fp32 gradients reduce-scattered,
+    each micro batch, within its shard group; with TP, of its 1/t of the parameters. A ring
+    all-gather or reduce-scatter over n ranks moves (n - 1)/n of the whole tensor through each GPU
+    (NCCL's, and NVSwitch's). 0 under DDP. Timed by data_parallel_communication."""
+    n = setup.shard_size or data_parallel(setup)
+    return (2 + 2 + 4) * n_params / setup.tensor_parallel * (n - 1) / n * accum if setup.fsdp else 0
+
+
+def ring_rate(kind, size, stride):
+    """(bytes/s, which link) at which one GPU's share of a ring collective moves, over a group of
+    `size` ranks `stride` GPUs apart: ranks are numbered TP-innermost, so a TP group is t adjacent
+    GPUs and a data-parallel group (FSDP's shard group, DDP's) takes one GPU of each, stride t, and
+    HSDP's replicas stride shard_size. Within one node, NVLink. Across nodes a ring runs at its
+    slowest link, the NIC where it leaves a node; NCCL runs several rings at once (channels), each
+    leaving a node through another of the group's GPUs and its NIC, so the group's m GPUs of a node
+    share m NICs: min(m x inter_node, NVLink). So a data-parallel group with one GPU a node (TP 8)
+    gets one NIC, and plain FSDP over whole nodes eight. The pattern NCCL shows: its bus bandwidth
+    across nodes grows with the NICs a node's GPUs use (NVIDIA/nccl issues 412; 1168: on 4 nodes, 4
+    GPUs a node about 45 GB/s, 8 about 90). (None, why) when the table has no rate."""
+    per_node = max(1, GPUS_PER_NODE // stride)
+    if size * stride <= GPUS_PER_NODE:
+        return kind.nvlink, "NVLink" if kind.nvlink else "no NVLink rate for this GPU"
+    if not (kind.inter_node and kind.nvlink):
+        return None, "no rate between nodes for this GPU"
+    if per_node * kind.inter_node >= kind.nvlink:
+        return kind.nvlink, f"NVLink (the group's {per_node} NICs a node are faster)"
+    return per_node * kind.inter_node, (f"InfiniBand: the group's {per_node} GPU{'s' * (per_node > 1)} of a node, "
+                                        f"a {kind.inter_node / 1e9:.0f} GB/s NIC each")
+
+
+def data_parallel_communication(setup, n_params, accum, kind):
+    """One GPU's data-parallel collectives a step, each a dict: by (FSDP, HSDP or DDP), what, GB
+    (received, and as many sent), ranks, seconds at ring_rate (0 when not known), the rate and its
+    link. FSDP: fsdp_traffic over the shard group. HSDP adds the replicas' all-reduce of the fp32
+    gradient shards, each micro batch (FSDP2 all-reduces after every reduce-scatter unless told not
+    to; train_gpt does not), 2(r - 1)/r of the shard over r replicas. DDP: its all-reduce of the
+    fp32 gradients, on the last micro batch only (train_gpt skips the others' sync), 2(n - 1)/n of
+    them. With TP, of 1/t of the parameters. Not counted: train_gpt --fsdp_unsharded_accumulation
+    (one reduce-scatter a step)."""
+    t, dp = setup.tensor_parallel, data_parallel(setup)
+    gathers = ("bf16 parameters all-gathered in forward and again in backward, fp32 gradients reduce-scattered, "
+               "each micro batch")
+    if not setup.fsdp:
+        legs = [("DDP", "the fp32 gradients all-reduced, once a step", 2 * 4 * n_params / t * (dp - 1) / dp, dp, t)]
+    elif setup.shard_size and setup.shard_size < setup.gpus:  # HSDP (the plan has no TP with it)
+        s, r = setup.shard_size, setup.gpus // setup.shard_size
+        legs = [("HSDP", gathers + ", within a shard group", fsdp_traffic(setup, n_params, accum), s, 1),
+                ("HSDP", "the fp32 gradient shards all-reduced across replicas, each micro batch",
+                 2 * 4 * n_params / s * (r - 1) / r * accum, r, s)]
+    else:
+        legs = [("FSDP", gathers, fsdp_traffic(setup, n_params, accum), dp, t)]
+    out = []
+    for by, what, nbytes, ranks, stride in legs:
+        if ranks > 1:
+            rate, link = ring_rate(kind, ranks, stride)
+            out.append(dict(by=by, what=what, gb=nbytes / 1e9, ranks=ranks, seconds=nbytes / rate if rate else 0.0,
+                            rate_gb_s=rate / 1e9 if rate else 0.0, link=link))
+    return out
+
+
+def overlap_window(setup, compute, accum, recomputed):
+    """Seconds of a step's compute that its data-parallel collectives run under. FSDP2 gathers the
+    next block's parameters while this one computes (prefetch) and reduce-scatters a block's
+    gradients while the next one's backward runs, every micro batch: the whole step, so a step is
+    max(compute, FSDP's time). DDP all-reduces its gradient buckets as backward makes them, on the
+    last micro batch only: that backward, 2/3 of a micro batch's FLOPs (a recomputed block's
+    forward runs in backward too: (2 + r)/(3 + r) with r the recomputed share). Neither counts the
+    first gather or the last reduce that nothing hides, nor TP's collectives sharing NVLink."""
+    if setup.fsdp:
+        return compute
+    return compute / accum * (2 + recomputed) / (3 + recomputed)
+
+
+# ----------------------------------------------------------------------------------------------
 # The plan
 
 @dataclass
@@ -541,7 +632,10 @@ class Plan:
     data_parallel: int = 0  # ranks that each take a share of the batch: gpus / tensor_parallel
     tensor_parallel_gb: float = 0.0  # GB one GPU sends (and receives) a step in TP's collectives
     tensor_parallel_seconds: float = 0.0  # their time at NVLink's rate, part of step_seconds
-    fsdp_gb: float = 0.0  # with TP: GB one GPU receives a step in FSDP's collectives (fsdp_traffic), not timed
+    # FSDP's (HSDP's, DDP's) collectives a step, each timed on the link it crosses (data_parallel_communication)
+    data_parallel_communication: list = dataclasses.field(default_factory=list)
+    data_parallel_seconds: float = 0.0  # their time, overlapped with compute (overlap_window)
+    compute_seconds: float = 0.0  # a step's FLOPs at the MFU, recomputation included
     tensor_parallel_choice: str = ""  # with tensor_parallel "auto": what was planned and why this one
 
 
@@ -582,8 +676,15 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
                   attention_band=attention_band, arch=arch)
     config = setup_config(setup)
     if tensor_parallel == "auto":
+        flop_rate = kind.peak_flops * estimate_mfu(kind, mfu)[0]
+        least = MODES[0] if activation_checkpointing == "auto" else activation_checkpointing
+
+        def fastest(t):  # no step at TP t is shorter: its compute with the least recomputation, its TP traffic
+            at = dataclasses.replace(setup, tensor_parallel=t, activation_checkpointing=least)
+            return (compute_seconds(config, least, total_batch_size, gpus, flop_rate)
+                    + tensor_parallel_seconds(at, config, total_batch_size, kind))
         return choose_tensor_parallel(options, tensor_parallel_degrees(config, gpus, fsdp_shard_size, optimizer),
-                                      log)
+                                      fastest if flop_rate else None, log)
     tp = int(tensor_parallel)
     if tp > 1 and (fsdp_shard_size or optimizer == "muon"):
         raise ValueError(f"--tensor_parallel={tp} is planned with plain FSDP or DDP and AdamW, not with "
@@ -648,27 +749,40 @@ def make_plan(model, gpus, gpu="H100-80GB", fsdp=True, activation_checkpointing=
         return plan
     plan.fits, plan.micro_batch_size = True, b
     plan.accumulation_steps = total_batch_size // (b * preset.block_size * dp)
-    traffic = tensor_parallel_traffic(setup, config, total_batch_size)
-    plan.tensor_parallel_gb = traffic / 1e9
-    plan.tensor_parallel_seconds = traffic / kind.nvlink if traffic and kind.nvlink else 0.0
-    if tp > 1:
-        with torch.device("meta"):
-            n_params = num_params(GPT(config))
-        plan.fsdp_gb = fsdp_traffic(setup, n_params, plan.accumulation_steps) / 1e9
+    plan.tensor_parallel_seconds = tensor_parallel_seconds(setup, config, total_batch_size, kind)
+    plan.tensor_parallel_gb = tensor_parallel_traffic(setup, config, total_batch_size) / 1e9
+    with torch.device("meta"):
+        n_params = num_params(GPT(config))
+    plan.data_parallel_communication = data_parallel_communication(setup, n_params, plan.accumulation_steps, kind)
+    plan.data_parallel_seconds = sum(c["seconds"] for c in plan.data_parallel_communication)
     plan.mfu, plan.mfu_source = estimate_mfu(kind, mfu)
     if plan.mfu:
+        plan.compute_seconds = compute_seconds(config, mode, total_batch_size, gpus, kind.peak_flops * plan.mfu)
         recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
-        # a recomputed block runs its forward twice: 4 instead of 3 forward-passes' FLOPs
-        flops = flops_per_token(config, preset.block_size) * (1 + recomputed / 3)
+        window = overlap_window(setup, plan.compute_seconds, plan.accumulation_steps, recomputed)
         # TP's collectives sit between a block's matmuls, which wait for them: not overlapped
-        compute = total_batch_size * flops / (gpus * kind.peak_flops * plan.mfu)
-        plan.step_seconds = compute + plan.tensor_parallel_seconds
+        plan.step_seconds = (plan.compute_seconds + max(0.0, plan.data_parallel_seconds - window)
+                             + plan.tensor_parallel_seconds)
         plan.tokens_per_second = total_batch_size / plan.step_seconds
         plan.days = plan.tokens / plan.tokens_per_second / 86400
         plan.gpu_hours = plan.days * 24 * gpus
     if optimizer == "muon":
         plan.muon = muon_costs(setup, peak, plan.accumulation_steps, kind.peak_flops * plan.mfu, plan.step_seconds)
     return plan
+
+
+def compute_seconds(config, mode, total_batch_size, gpus, flop_rate):
+    """A step's compute on one GPU: the batch's training FLOPs (model.flops_per_token), shared by
+    all the GPUs, at flop_rate (peak x MFU). A block recomputed under checkpointing `mode` runs its
+    forward twice: 4 instead of 3 forward passes' FLOPs, which model FLOPs (and so MFU) do not count."""
+    recomputed = len(checkpointed_blocks(config.n_layer, mode)) / config.n_layer
+    return total_batch_size * flops_per_token(config, config.block_size) * (1 + recomputed / 3) / (gpus * flop_rate)
+
+
+def tensor_parallel_seconds(setup, config, total_batch_size, kind):
+    """TP's collectives a step (tensor_parallel_traffic) at NVLink's rate; 0 without a rate."""
+    traffic = tensor_parallel_traffic(setup, config, total_batch_size)
+    return traffic / kind.nvlink if traffic and kind.nvlink else 0.0
 
 
 def tensor_parallel_degrees(config, gpus, fsdp_shard_size, optimizer):
@@ -679,51 +793,62 @@ def tensor_parallel_degrees(config, gpus, fsdp_shard_size, optimizer):
     return [t for t in TENSOR_PARALLEL_AUTO if not tensor_parallel_problem(config, gpus, t, config.block_size)]
 
 
-def choose_tensor_parallel(options, degrees, log):
-    """--tensor_parallel=auto: plans each TP degree in turn (1, 2, 4, 8: those that split the model)
-    and keeps the one with the shortest ESTIMATED step: compute at the plan's MFU with the
-    recomputation its checkpointing needs, plus TP's collectives at NVLink's rate. A wider TP
-    splits the memory further (a larger micro batch, less recomputation) and sends more, so the
-    search stops at the first degree that fits with the least checkpointing allowed: a wider one
-    could only add traffic. Without an MFU (a GPU this project never measured) the smallest degree
-    that fits. Not weighed: FSDP's own traffic (it falls with a larger micro batch, which TP
-    allows) and the lower MFU of TP's narrower matmuls. None fits: the widest degree's refusal."""
-    plans, notes = [], []
+def choose_tensor_parallel(options, degrees, fastest, log):
+    """--tensor_parallel=auto: plans the TP degrees that split the model (of 1, 2, 4, 8) in turn and
+    keeps the one with the shortest ESTIMATED step, make_plan's: compute at the plan's MFU with the
+    recomputation its checkpointing needs, under which FSDP's (or DDP's) collectives run, timed on
+    the links they cross, plus TP's at NVLink's rate. A wider TP splits the memory further (a larger
+    micro batch, less recomputation, fewer FSDP gathers a step, a data-parallel group with fewer GPUs
+    a node and so fewer NICs) and sends more in TP's collectives: no degree wins by rule. So the
+    search stops only where no wider degree can win: when the best step so far is no longer than
+    fastest(t) for the next degree t, a floor for any step at TP t (its compute with the least
+    checkpointing allowed, no data-parallel time showing, its TP traffic), which grows with t (TP's
+    bytes a step grow as t - 1). Without an MFU (fastest None: a GPU this project never measured)
+    the smallest degree that fits. Not weighed: the lower MFU of TP's narrower matmuls. None fits:
+    the widest degree's refusal."""
+    plans, notes, stop = [], [], ""
     least = MODES[0] if options["activation_checkpointing"] == "auto" else options["activation_checkpointing"]
-    for t in degrees:
+    for i, t in enumerate(degrees):
         plan = make_plan(**options, tensor_parallel=t, suggest_gpus=False, log=log if len(degrees) == 1 else
                          lambda m, t=t: log(f"  TP {t}:{m[1:]}"))
         plans.append(plan)
         if not plan.fits:
             notes.append(f"TP {t} does not fit" if plan.memory_gib else f"TP {t}: the batch does not split")
             continue
-        fsdp = f", FSDP {plan.fsdp_gb:,.0f} GB" if plan.fsdp_gb else ""
-        notes.append((f"TP {t} {plan.step_seconds:.2f} s a step" if plan.step_seconds else f"TP {t} fits") + fsdp)
-        if plan.activation_checkpointing == least:
+        if fastest is None:
+            notes.append(f"TP {t} fits")
+            break
+        notes.append(f"TP {t} {plan.step_seconds:.2f} s a step = {step_parts(plan)}")
+        wider = degrees[i + 1] if i + 1 < len(degrees) else None
+        if wider and min(p.step_seconds for p in plans if p.fits) <= fastest(wider):
+            stop = (f"; none wider planned: TP {wider} takes at least {fastest(wider):.2f} s (its compute with "
+                    f"checkpointing {least} and its TP traffic)")
             break
     fitting = [p for p in plans if p.fits]
     if not fitting:  # the widest degree's refusal, with the GPU count that would fit (its peaks are planned)
         chosen = make_plan(**options, tensor_parallel=degrees[-1], log=lambda m: None)
         why = f"none of TP {', '.join(map(str, degrees))} fits"
-    elif fitting[0].step_seconds:
+    elif fastest:
         chosen, why = min(fitting, key=lambda p: p.step_seconds), "the shortest estimated step"
     else:
         chosen, why = fitting[0], "the smallest that fits (no MFU to weigh the steps)"
-    stop = (f"; stopped at TP {plans[-1].tensor_parallel}, which fits with checkpointing {least}"
-            if plans[-1].fits and len(plans) < len(degrees) else "")
-    if len(plans) > 1:  # else TP 1 fits with the least checkpointing, or is the only degree: nothing to weigh
-        chosen.tensor_parallel_choice = (f"TP {chosen.tensor_parallel}, {why} ({'; '.join(notes)}{stop}; TP's "
-                                         f"collectives at NVLink's rate, not overlapped; FSDP's traffic not weighed)")
+    if len(plans) > 1:  # else TP 1 is the only degree, or no wider one can be faster: nothing to weigh
+        chosen.tensor_parallel_choice = f"TP {chosen.tensor_parallel}, {why} ({'; '.join(notes)}{stop})"
     return chosen
 
 
-def fsdp_traffic(setup, n_params, accum):
-    """Bytes one GPU receives (and as many it sends) a step in FSDP's own collectives: the bf16
-    parameters gathered in forward and again in backward, and the fp32 gradients reduce-scattered,
-    each micro batch, within its shard group; with TP, of its 1/t of the parameters. 0 under DDP.
-    Not timed: the plan does not know the network between nodes."""
-    n = setup.shard_size or data_parallel(setup)
-    return (2 + 2 + 4) * n_params / setup.tensor_parallel * (n - 1) / n * accum if setup.fsdp else 0
+def step_parts(plan):
+    """A step's estimate in words: compute, the data-parallel collectives' time not hidden under it
+    (overlap_window), TP's collectives."""
+    legs, dp = plan.data_parallel_communication, plan.data_parallel_seconds
+    name = legs[0]["by"] if legs else ""
+    shown = plan.step_seconds - plan.compute_seconds - plan.tensor_parallel_seconds
+    parts = f"compute {plan.compute_seconds:.2f} s"
+    if shown > 1e-9 * plan.step_seconds:  # more than rounding
+        parts += f" + {shown:.2f} s of {name}'s {dp:.2f} s not hidden under it"
+    elif dp:
+        parts += f" ({name}'s {dp:.2f} s hidden under it)"
+    return parts + (f" + TP {plan.tensor_parallel_seconds:.2f} s" if plan.tensor_parallel_seconds else "")
 
 
 def muon_costs(setup, peak, accum, flop_rate, step_seconds):
@@ -808,12 +933,11 @@ def format_plan(plan):
                      f"step in all-gathers and reduce-scatters of a micro batch's (B, T, C) activations, 8 a block "
                      f"and 4 more a recomputed block, " + (f"ESTIMATE {plan.tensor_parallel_seconds:.2f} s at NVLink's "
                      f"{rate / 1e9:.0f} GB/s a direction (the link rate: a floor)" if rate else
-                     "not timed (no NVLink rate for this GPU)")
-                     + (f"; FSDP's own: {plan.fsdp_gb:,.0f} GB a step (not timed)" if plan.fsdp_gb else ""))
+                     "not timed (no NVLink rate for this GPU)"))
+    lines += format_data_parallel(plan)
     if plan.mfu:
-        tp_part = (f" ({plan.tensor_parallel_seconds:.2f} s of it TP communication)"
-                   if plan.tensor_parallel_seconds else "")
-        lines.append(f"  ESTIMATE at MFU {plan.mfu:.1%} ({plan.mfu_source}): {plan.step_seconds:.2f} s a step{tp_part}, "
+        lines.append(f"  ESTIMATE at MFU {plan.mfu:.1%} ({plan.mfu_source}): {plan.step_seconds:.2f} s a step "
+                     f"= {step_parts(plan)}, "
                      f"{plan.tokens_per_second:,.0f} tokens/s; {plan.tokens / 1e9:,.0f}B tokens in "
                      f"{plan.days:,.2f} days = {plan.gpu_hours:,.0f} GPU-hours")
     else:
@@ -821,6 +945,20 @@ def format_plan(plan):
     if plan.muon:
         lines += format_muon(plan)
     return "\n".join(lines)
+
+
+def format_data_parallel(plan):
+    """A line for each data-parallel collective: its bytes, ranks, time and link."""
+    lines = []
+    for c in plan.data_parallel_communication:
+        time = (f"ESTIMATE {c['seconds']:.2f} s at {c['rate_gb_s']:,.0f} GB/s a direction ({c['link']}; the link "
+                f"rate: a floor)" if c["seconds"] else f"not timed ({c['link']})")
+        lines.append(f"  {c['by']} communication: {c['gb']:,.0f} GB received (and as many sent) by each GPU a step "
+                     f"over {c['ranks']} ranks ({c['what']}), {time}")
+    if plan.data_parallel_seconds and plan.compute_seconds:
+        lines[-1] += (", overlapped with the last micro batch's backward" if c["by"] == "DDP" else
+                      ", overlapped with compute (FSDP2's prefetch)")
+    return lines
 
 
 def format_muon(plan):
