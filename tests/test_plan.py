@@ -159,10 +159,9 @@ def test_auto_micro_batch_plans_the_pattern_that_trains(monkeypatch):
     assert "--tensor_parallel=8" in asked[1]
 
 
-def test_gpt3_175b_on_1024_gpus_at_the_papers_batch_tensor_parallel_8_and_auto():
+def test_gpt3_175b_on_1024_gpus_at_the_papers_batch_tensor_parallel_8():
     """Without TP the paper's 1,536 sequences do not split over 1,024 GPUs (above); with TP 8 they
-    split over 128 data-parallel ranks, 12 each. Then auto, which plans TP 2, 4 and 8. Under a
-    minute: fake steps of the 512-, 256- and 128-rank groups."""
+    split over 128 data-parallel ranks, 12 each (fake steps of the 128-rank group)."""
     p = plan.make_plan("gpt3-175b", 1024, total_batch_size=3_145_728, tensor_parallel=8, log=lambda m: None)
     assert p.fits and (p.tensor_parallel, p.data_parallel) == (8, 128)
     assert 12 % p.micro_batch_size == 0 and p.accumulation_steps == 12 // p.micro_batch_size
@@ -183,25 +182,9 @@ def test_gpt3_175b_on_1024_gpus_at_the_papers_batch_tensor_parallel_8_and_auto()
     assert fsdp["ranks"] == 128 and fsdp["seconds"] == pytest.approx(fsdp["gb"] * 1e9 / h100.inter_node)
     assert f"FSDP communication: {fsdp['gb']:,.0f} GB received" in text
     assert f"ESTIMATE {fsdp['seconds']:.2f} s at 50 GB/s a direction (InfiniBand: the group's 1 GPU of a node" in text
-
-    # auto: TP 2 and 4 move 4 and 2 times TP 8's FSDP bytes a GPU (at the same 3 accumulation steps),
-    # through the NICs of the 4 and 2 GPUs of their group in each node: the same bytes a NIC, so
-    # the same FSDP time to (n - 1)/n, 10.4 s, over the 8.4 s of compute. TP's time decides.
-    plans = {2: plan.make_plan("gpt3-175b", 1024, tensor_parallel=2, log=lambda m: None),
-             4: plan.make_plan("gpt3-175b", 1024, tensor_parallel=4, log=lambda m: None), 8: p}
-    for t, q in plans.items():
-        [fsdp] = q.data_parallel_communication
-        assert q.accumulation_steps == 3
-        rate = min(plan.GPUS_PER_NODE // t * h100.inter_node, h100.nvlink)
-        assert fsdp["seconds"] == pytest.approx(fsdp["gb"] * 1e9 / rate)
-        assert fsdp["seconds"] == pytest.approx(plans[8].data_parallel_seconds, rel=0.01)
-        assert q.step_seconds == pytest.approx(max(q.compute_seconds, fsdp["seconds"]) + q.tensor_parallel_seconds)
-    assert plans[2].data_parallel_seconds > plans[2].compute_seconds
-    auto = plan.make_plan("gpt3-175b", 1024, log=lambda m: None)
-    assert auto.tensor_parallel == min(plans, key=lambda t: plans[t].step_seconds) == 2
-    assert auto.step_seconds == plans[2].step_seconds
-    assert "TP 1: the batch does not split; TP 2 " in auto.tensor_parallel_choice
-    assert f"TP 8 {plans[8].step_seconds:.2f} s a step = compute" in auto.tensor_parallel_choice
+    assert p.step_seconds == pytest.approx(max(p.compute_seconds, fsdp["seconds"]) + p.tensor_parallel_seconds)
+    # (auto plans TP 2, 4 and 8 here, minutes of fake steps: its choice is tested on smaller plans below, and
+    # its answer for this run, TP 2, is in docs/memory.md with the command)
 
 
 def test_tensor_parallel_cuts_the_state_over_dp_x_tp_and_the_activations_over_tp():
