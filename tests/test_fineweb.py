@@ -375,6 +375,7 @@ def test_cli_makes_the_same_shards_and_reports_errors_without_traceback(referenc
 # the pool's workers too) once its second shard is written.
 CTRL_C_AT_SECOND_SHARD = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts it (a shell's background job ignores it)
 import fineweb
 real_write, shards = fineweb.write_atomically, []
 def write_atomically(path, write):

@@ -494,6 +494,7 @@ def test_a_stopping_step_saves_before_its_evaluations_then_stops(shards, referen
 def test_sighup_names_its_signal_and_stays_ignored_under_nohup():
     previous = signal.getsignal(signal.SIGHUP)
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a terminal starts it (the suite may run under nohup)
         with run_guard.StopOnSignal():
             with pytest.raises(run_guard.Stopped) as e:
                 os.kill(os.getpid(), signal.SIGHUP)
