@@ -133,7 +133,7 @@ DEMO = dict(model="tiny", n_embd=128, n_head=2, recipe="modern", data_dir="data/
 # (max_lr_scale) so a recipe follows the preset.
 RECIPES = dict(
     gpt3=dict(),  # the defaults: GPT-3's AdamW, warmup and cosine decay to 10%
-    fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.04, max_lr_scale=3.0),
+    fast=dict(optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.02, max_lr_scale=3.0),
     modern=dict(arch="modern", optimizer="muon", schedule="wsd", decay_fraction=0.3, muon_lr=0.01, max_lr_scale=12.0),
 )
 

@@ -231,11 +231,11 @@ def test_match_rms_adamw_needs_a_muon_lr_given_and_the_one_it_names_steps_as_ori
     with pytest.raises(SystemExit) as e:
         train_gpt.main(tiny_args(shards, log, recipe="fast", muon_adjust_lr="match_rms_adamw", n_embd=256, n_head=4))
     message = str(e.value.code)
-    assert "\n" not in message and "match_rms_adamw with muon_lr=0.04" in message and "3.2x as far" in message
+    assert "\n" not in message and "match_rms_adamw with muon_lr=0.02" in message and "3.2x as far" in message
     assert not os.path.exists(log)  # refused before any work
     named = float(message.split("--muon_lr=")[1].split()[0])
     steps = {}
-    for fn, lr in (("original", 0.04), ("match_rms_adamw", named), ("match_rms_adamw, recipe's lr", 0.04)):
+    for fn, lr in (("original", 0.02), ("match_rms_adamw", named), ("match_rms_adamw, recipe's lr", 0.02)):
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(256, 256))
         w.grad = torch.randn(256, 256)
@@ -333,7 +333,7 @@ def test_fast_recipe_and_the_command_line_wins():
     assert (seed_recipe.optimizer, seed_recipe.schedule, seed_recipe.max_lr_scale) == ("adamw", "cosine", 1.0)
     assert (seed_recipe.arch, seed_recipe.rope) == ("gpt", False)
     fast_demo = parse_settings(["--demo", "--recipe=fast"])
-    assert (fast_demo.arch, fast_demo.muon_lr, fast_demo.n_embd) == ("gpt", 0.04, 128)
+    assert (fast_demo.arch, fast_demo.muon_lr, fast_demo.n_embd) == ("gpt", 0.02, 128)
 
 
 def test_max_lr_scale_scales_the_presets_lr_unless_max_lr_is_given():
