@@ -342,10 +342,12 @@ class GPT(nn.Module):
     def logits(self, h):
         """(..., C) hidden states -> (..., padded_vocab_size) logits, soft-capped (logit_softcap),
         padded ids at -inf: a padded id then has probability 0, so it is never sampled, scored or
-        learned."""
+        learned. Where no gradient needs them (evaluation, sampling), the cap is applied in place:
+        no (..., V) temporaries."""
         logits = self.lm_head(h)
         if self.config.logit_softcap:
-            logits = softcap(logits, self.config.logit_softcap)
+            cap = self.config.logit_softcap
+            logits = softcap(logits, cap) if logits.requires_grad else softcap_(logits, cap)
         if self.config.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")
         return logits
@@ -385,6 +387,7 @@ class GPT(nn.Module):
         for rows in (flat_targets != IGNORE_INDEX).nonzero().squeeze(1).split(LOSS_CHUNK_ROWS):
             logits = self.logits(flat_h[rows]).float()
             losses[rows] = F.cross_entropy(logits, flat_targets[rows], reduction="none")
+            del logits  # freed before the next chunk's are made
         return losses.view_as(targets)
 
     @torch.no_grad()
@@ -414,6 +417,12 @@ def softcap(logits, cap):
     """cap * tanh(logits / cap): near the identity for small logits, never beyond +-cap, so no logit
     can grow without bound (Gemma 2, modded-nanogpt, nanochat)."""
     return cap * torch.tanh(logits / cap)
+
+
+def softcap_(logits, cap):
+    """softcap in place, for logits no gradient needs: the same numbers without softcap's
+    temporaries, each as large as the logits."""
+    return logits.div_(cap).tanh_().mul_(cap)
 
 
 def _copy_whole_into(param, full):

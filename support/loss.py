@@ -59,6 +59,12 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     gradient through it is (softmax - onehot) * (1 - tanh^2), one n x V buffer more per chunk (the
     tanh, kept until that product).
 
+    The chunk's n x V buffers (the logits, their softmax, and with a soft-cap the capped logits)
+    are made once a call and every chunk reuses them. Made afresh for each chunk they fragmented
+    the heap glibc keeps on the CPU (support/fastpath.keep_freed_memory): a freed buffer that a
+    small allocation has split no longer fits the next chunk's, so the heap grows, and the float32
+    demo's RSS grew by 0.4 GB (docs/memory.md, "The loss chunk").
+
     An ignored target (ignore_index) drops its row from the loss and from both gradient products:
     its target is read as id 0, and its rows of xc and of the gradient of h are zeroed after (n x C
     each, not another n x V pass). The mean is over the `counted` targets. With none ignored (as in
@@ -74,19 +80,22 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = None
         masked = counted < N  # some targets are ignored
+        rows, V = min(chunk_size, N), w.size(0)  # the chunk's n x V buffers, made once a call (above)
+        z_buf, p_buf = (torch.empty(rows, V, dtype=compute_dtype, device=h.device) for _ in range(2))
+        y_buf = torch.empty_like(z_buf) if softcap else None
         for s in range(0, N, chunk_size):
             xc, tc = x[s:s + chunk_size], targets[s:s + chunk_size]
+            n = xc.size(0)
             if masked:
                 ignored = tc == ignore_index
                 tc = tc.masked_fill(ignored, 0)
-            logits = xc @ w.t()  # (n, V)
+            logits = torch.mm(xc, w.t(), out=z_buf[:n])  # (n, V)
             if softcap:
                 tanh = logits.div_(softcap).tanh_()  # in place: z's buffer becomes tanh(z / cap)
-                logits = tanh * softcap
+                logits = torch.mul(tanh, softcap, out=y_buf[:n])
             if logits.size(1) > vocab_size:
                 logits[:, vocab_size:] = float("-inf")  # padded ids: probability 0
-            probs = torch.softmax(logits, dim=1)
-            del logits  # freed before the gradient products are made: one n x V buffer at a time
+            probs = torch.softmax(logits, dim=1, out=p_buf[:n])
             log_p = _target_log_probs(probs, tc, acc, need_grad)  # probs[target] = p - 1 if need_grad
             loss_sum -= (log_p.masked_fill(ignored, 0.0) if masked else log_p).sum()
             if need_grad:

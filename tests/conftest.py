@@ -6,6 +6,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -86,6 +87,24 @@ def assert_chunked_loss_equals_full_logits(model, x, y):
     assert abs(chunked.item() - ref.item()) < 1e-5
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+class TensorsMade(TorchDispatchMode):
+    """Counts the tensors of at least min_numel elements that ops make inside it: outputs in new
+    memory (a view, an in-place op or an out= argument returns a tensor given to it: not counted)."""
+
+    def __init__(self, min_numel):
+        super().__init__()
+        self.min_numel, self.count = min_numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def tensors(tree):
+            return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+        given = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        out = func(*args, **(kwargs or {}))
+        self.count += sum(t.numel() >= self.min_numel and t.untyped_storage().data_ptr() not in given
+                          for t in tensors(out))
+        return out
 
 
 @pytest.fixture(scope="module")

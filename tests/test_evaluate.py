@@ -32,6 +32,7 @@ from dataloader import ValidationData  # noqa: E402
 from fineweb import gpt2_tokenizer  # noqa: E402
 from model import ARCHITECTURES, GPT, LOSS_CHUNK_ROWS, GPTConfig  # noqa: E402
 from support import evals
+from conftest import TensorsMade
 
 TINY = dict(block_size=64, n_layer=2, n_head=2, n_embd=32)  # real GPT-2 vocabulary sizes
 SMALL_VOCAB = dict(TINY, vocab_size=100, padded_vocab_size=128)
@@ -227,6 +228,25 @@ def test_evaluation_never_makes_the_full_logits(tmp_path):
         evals.hellaswag(tiny_model(noise=0.1), hellaswag_set(), batch_size=len(CONTEXTS))  # GPT-2's ids: one forward
     assert validation.numel == LOSS_CHUNK_ROWS * V < ROWS * V
     assert hellaswag.numel < hellaswag_positions * TINY_V
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_evaluation_soft_caps_the_logits_in_place(dtype):
+    """A soft-capped model's evaluation makes no more chunk-sized (rows, V) tensors than an
+    uncapped one: without a gradient the cap is applied in place. Its three out-of-place ops made
+    three more a chunk, and they grew the float32 demo's RSS by 0.3 GB (docs/memory.md)."""
+    x, y = torch.randint(0, 1000, (4, 64)), torch.randint(0, 1000, (4, 64))  # 256 rows: one chunk
+    made, losses = {}, {}
+    for cap in (0.0, 15.0):
+        model = tiny_model(noise=0.1, **CHUNKED, logit_softcap=cap)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with TensorsMade(min_numel=LOSS_CHUNK_ROWS * CHUNKED["padded_vocab_size"]) as tensors:
+                losses[cap] = evals.token_losses(model, x, y)
+            with torch.enable_grad():
+                want = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+        torch.testing.assert_close(losses[cap].flatten(), want, rtol=1e-5, atol=1e-5)  # the cap still applies
+        made[cap] = tensors.count
+    assert made[15.0] == made[0.0] > 0
 
 
 def test_scoring_drops_autocasts_weight_copies_before_the_loss(tmp_path):

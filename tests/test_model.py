@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import assert_chunked_loss_equals_full_logits
+from conftest import TensorsMade, assert_chunked_loss_equals_full_logits
 from model import GPT, GPTConfig, flops_per_token, num_params, optimizer_groups, padded_vocab
 from support.loss import chunked_cross_entropy, lm_head_cross_entropy
 from support.optim import configure_optimizers
@@ -300,6 +300,22 @@ def test_chunked_loss_makes_no_gradient_without_grad():
     with MatrixProducts() as products:
         loss.backward()
     assert products.shapes == []  # the backward only scales what the forward made
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_chunked_loss_makes_its_chunk_buffers_once_a_call(softcap):
+    """The (rows, V) buffers of a chunk are made once a call and every chunk reuses them: made
+    afresh for each chunk, they fragmented the heap glibc keeps on the CPU (keep_freed_memory),
+    and the float32 demo's RSS grew by 0.5 GB (docs/memory.md, "The loss chunk")."""
+    torch.manual_seed(0)
+    V, chunk = 100, 32  # C = 8 < chunk: the weight's gradient (V, C) is smaller than a chunk's logits
+    h, w, t = torch.randn(256, 8, requires_grad=True), torch.randn(V, 8, requires_grad=True), torch.randint(0, 90, (256,))
+    made = {}
+    for rows in (64, 256):  # 2 chunks, then 8
+        with TensorsMade(min_numel=chunk * V) as tensors:
+            lm_head_cross_entropy(h[:rows], w, t[:rows], vocab_size=90, chunk_size=chunk, softcap=softcap).backward()
+        made[rows] = tensors.count
+    assert made[64] == made[256] == (3 if softcap else 2)  # the logits and the softmax (and the capped logits)
 
 
 @pytest.mark.parametrize("ignore_index", [-1, -100])
