@@ -100,6 +100,49 @@ def run_ok(args, **kwargs):
     return out
 
 
+# Runs train_gpt.main once for each argument list of the JSON in argv[1], one after another in one
+# process group, and prints their exit codes: one job for several runs spares the process starts
+# (each torchrun worker imports torch: seconds on 2 cores). The group is kept between runs (destroyed
+# and made again, a group's name would be reused, which DTensor's caches still hold for the meshes of
+# the run before: equal meshes, other groups). With "then SCRIPT ARGS..." in argv[2:], SCRIPT runs
+# after them (in this namespace, its arguments in sys.argv[4:]).
+RUNS_IN_ONE_JOB = r"""
+import gc, json, os, sys
+import torch.distributed as dist
+import train_gpt
+from support import runtime
+destroy, init = dist.destroy_process_group, runtime.init_process_group
+dist.destroy_process_group = lambda group=None: None
+runtime.init_process_group = lambda *args: None if dist.is_initialized() else init(*args)
+codes = []
+for args in json.loads(sys.argv[1]):
+    try:
+        train_gpt.main(args)
+        codes.append(0)
+    except SystemExit as e:
+        codes.append(e.code)
+if os.environ["RANK"] == "0":
+    print("EXIT CODES " + json.dumps(codes), flush=True)
+if sys.argv[2:3] == ["then"]:
+    exec(open(sys.argv[3]).read())
+gc.collect()
+destroy()
+"""
+
+
+def runs_in_one_job(runs, tmp_path, nproc=2, then=()):
+    """One torchrun job of nproc processes that trains each of runs (argument lists) in turn
+    (RUNS_IN_ONE_JOB), then runs the script then[0] with arguments then[1:], if given; returns the
+    runs' exit codes and the job's output. Resuming in the job that wrote the checkpoint still
+    tests the resume: each run builds its model, optimizer, data and RNG state anew."""
+    script = tmp_path / "runs_in_one_job.py"
+    script.write_text(RUNS_IN_ONE_JOB)
+    code, out = torchrun([json.dumps(runs), *(["then", *then] if then else [])], nproc=nproc,
+                         script=(str(script),), timeout=300)
+    assert code == 0, out[-3000:]
+    return json.loads(next(line for line in out.splitlines() if line.startswith("EXIT CODES "))[11:]), out
+
+
 @pytest.fixture
 def crash_script(tmp_path):
     path = tmp_path / "crash_once.py"
@@ -128,12 +171,24 @@ def single(shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ddp(shards, tmp_path_factory):
-    """2 processes, 1 micro step of 4 sequences each: the same 8 sequences per step."""
-    log_dir = str(tmp_path_factory.mktemp("ddp"))
-    out = run_ok(tiny_args(shards, log_dir, **STEPS))
-    assert "DDP" in out and "x 2" in out
-    return log_dir
+def two_rank_runs(shards, tmp_path_factory):
+    """Three runs of 2 processes in one job (two process starts spared), for the tests below: DDP,
+    1 micro step of 4 sequences a rank (the same 8 sequences a step as `single`); DDP stopped at
+    step 5; FSDP2 with unsharded accumulation, 2 micro steps of 2 sequences a rank."""
+    folder = tmp_path_factory.mktemp("two_rank_runs")
+    dirs = {name: str(folder / name) for name in ("ddp", "ddp_stopped_at_5", "fsdp_unsharded")}
+    codes, out = runs_in_one_job([
+        tiny_args(shards, dirs["ddp"], **STEPS),
+        tiny_args(shards, dirs["ddp_stopped_at_5"], stop_step=5, **STEPS),
+        tiny_args(shards, dirs["fsdp_unsharded"], fsdp=True, micro_batch_size=2, fsdp_unsharded_accumulation=True,
+                  **STEPS)], folder)
+    assert codes == [0, 0, 0] and "DDP" in out and "x 2" in out, (codes, out[-3000:])
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def ddp(two_rank_runs):
+    return two_rank_runs["ddp"]
 
 
 def test_ddp_equals_one_process(single, ddp):
@@ -159,15 +214,16 @@ def test_banded_attention_and_the_modern_bundle_under_ddp_and_fsdp_with_activati
     import train_gpt
     one, ddp, fsdp = (str(tmp_path / name) for name in ("one", "ddp", "fsdp"))
     train_gpt.main(tiny_args(shards, one, **BEYOND_GPT2, **STEPS))
-    out = run_ok(tiny_args(shards, ddp, activation_checkpointing="selective", **BEYOND_GPT2, **STEPS))
-    assert '"rope": true' in out and '"untied_head": true' in out and "DDP" in out
+    codes, out = runs_in_one_job([tiny_args(shards, ddp, activation_checkpointing="selective", **BEYOND_GPT2, **STEPS),
+                                  tiny_args(shards, fsdp, fsdp=True, activation_checkpointing="full", **BEYOND_GPT2,
+                                            **STEPS)], tmp_path)
+    assert codes == [0, 0], codes
+    assert '"rope": true' in out and '"untied_head": true' in out and "DDP" in out and "FSDP" in out
     assert_close_runs(one, ddp)
     wa, wb = weights(one), weights(ddp)
     assert "lm_head.weight" in wb and "transformer.wpe.weight" not in wb
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
-    out = run_ok(tiny_args(shards, fsdp, fsdp=True, activation_checkpointing="full", **BEYOND_GPT2, **STEPS))
-    assert "FSDP" in out
     assert_close_runs(one, fsdp)
     assert abs(train_losses(single)[9] - train_losses(one)[9]) > 1e-4  # 10 x the tolerance of equal runs
 
@@ -192,11 +248,9 @@ def test_two_nodes_on_loopback_equal_one_process(shards, single, tmp_path):
     assert_close_runs(single, log_dir)
 
 
-def test_fsdp_unsharded_accumulation_equals_ddp(shards, ddp, tmp_path):
+def test_fsdp_unsharded_accumulation_equals_ddp(two_rank_runs):
     """2 micro steps of 2 sequences a rank, reduce-scattered once a step: the same steps."""
-    log_dir = str(tmp_path)
-    run_ok(tiny_args(shards, log_dir, fsdp=True, micro_batch_size=2, fsdp_unsharded_accumulation=True, **STEPS))
-    assert_close_runs(ddp, log_dir)
+    assert_close_runs(two_rank_runs["ddp"], two_rank_runs["fsdp_unsharded"])
 
 
 def test_fsdp_equals_ddp_resumes_exactly_and_takes_over_a_ddp_checkpoint(shards, ddp, tmp_path):
@@ -210,11 +264,13 @@ def test_fsdp_equals_ddp_resumes_exactly_and_takes_over_a_ddp_checkpoint(shards,
     would show. (DDP to FSDP with Muon: tests/test_muon.py.)"""
     fresh, moved = str(tmp_path / "fresh"), str(tmp_path / "moved")
     expected = train_losses(ddp)
-    out = run_ok(tiny_args(shards, fresh, fsdp=True, stop_step=5, **STEPS))
+    hsdp = dict(fsdp=True, fsdp_shard_size=1, **STEPS)
+    codes, out = runs_in_one_job([tiny_args(shards, fresh, fsdp=True, stop_step=5, **STEPS),
+                                  tiny_args(shards, moved, stop_step=8, resume=checkpoint.checkpoint_path(ddp, 5), **hsdp)],
+                                 tmp_path)
+    assert codes == [0, 0], codes
     assert "FSDP" in out and os.path.isdir(os.path.join(fresh, "ckpt_0000005"))  # sharded checkpoint folder
     assert train_losses(fresh) == {step: loss for step, loss in expected.items() if step < 5}
-    hsdp = dict(fsdp=True, fsdp_shard_size=1, **STEPS)
-    out = run_ok(tiny_args(shards, moved, stop_step=8, resume=checkpoint.checkpoint_path(ddp, 5), **hsdp))
     assert "HSDP (2 replicas x 1-way FSDP)" in out
     assert f"resumed from {checkpoint.checkpoint_path(ddp, 5)} at step 5" in out
     assert os.path.isdir(os.path.join(moved, "ckpt_0000008"))
@@ -423,10 +479,8 @@ train_gpt.main(argv)
 
 
 @pytest.fixture(scope="module")
-def ddp_stopped_at_5(shards, tmp_path_factory):
-    log_dir = str(tmp_path_factory.mktemp("ddp_stopped_at_5"))
-    run_ok(tiny_args(shards, log_dir, stop_step=5, **STEPS))
-    return log_dir
+def ddp_stopped_at_5(two_rank_runs):
+    return two_rank_runs["ddp_stopped_at_5"]
 
 
 @pytest.fixture

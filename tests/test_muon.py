@@ -272,12 +272,25 @@ MUON_RUN = dict(recipe="fast", max_steps=6, checkpoint_every=3, val_every=3)
 
 
 @pytest.fixture(scope="module")
-def ddp_muon(shards, tmp_path_factory):
-    from test_distributed import run_ok
-    log_dir = str(tmp_path_factory.mktemp("ddp_muon"))
-    out = run_ok(tiny_args(shards, log_dir, **MUON_RUN))
+def two_rank_muon_runs(shards, tmp_path_factory):
+    """Three runs of 2 processes in one job (two process starts spared): DDP; FSDP2; FSDP2 resumed
+    from DDP's step-3 checkpoint file. Returns their log_dirs and the job's output."""
+    from test_distributed import runs_in_one_job
+    folder = tmp_path_factory.mktemp("two_rank_muon_runs")
+    dirs = {name: str(folder / name) for name in ("ddp", "fsdp", "fsdp_from_ddp")}
+    codes, out = runs_in_one_job([
+        tiny_args(shards, dirs["ddp"], **MUON_RUN),
+        tiny_args(shards, dirs["fsdp"], fsdp=True, **MUON_RUN),
+        tiny_args(shards, dirs["fsdp_from_ddp"], fsdp=True, resume=os.path.join(dirs["ddp"], "ckpt_0000003.pt"),
+                  **MUON_RUN)], folder)
+    assert codes == [0, 0, 0], (codes, out[-3000:])
     assert "DDP" in out and "Muon for 12 block matrices" in out  # 2 blocks: q, k, v, the projection, the MLP's two
-    return log_dir
+    return dirs, out
+
+
+@pytest.fixture(scope="module")
+def ddp_muon(two_rank_muon_runs):
+    return two_rank_muon_runs[0]["ddp"]
 
 
 def test_ddp_with_muon_equals_one_process(shards, ddp_muon, tmp_path):
@@ -488,16 +501,15 @@ def sharded_checkpoint(folder):
     return torch.load(folder + ".pt", weights_only=True), chunks
 
 
-def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_takes_over_a_ddp_checkpoint(shards, ddp_muon, tmp_path):
+def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_takes_over_a_ddp_checkpoint(two_rank_muon_runs):
     """2 processes, FSDP2 and ShardedMuon, the fast recipe: the losses, the final weights and Muon's
     momentum buffers are DDP's bit for bit (the same gradients, gathered whole, stepped by the same
     torch Muon). The momentum buffers are in the sharded checkpoint as shards. DDP's step-3
     checkpoint file (AdamW's and Muon's state in one CombinedOptimizer dict) resumed under FSDP
     is sharded as it loads, and trains the uninterrupted run's steps 3-5 bit for bit. (A sharded
     checkpoint's own resume with Muon: the HSDP test below, and the one after it in one process.)"""
-    from test_distributed import run_ok
-    fsdp, resumed = str(tmp_path / "fsdp"), str(tmp_path / "resumed")
-    out = run_ok(tiny_args(shards, fsdp, fsdp=True, **MUON_RUN))
+    dirs, out = two_rank_muon_runs
+    ddp_muon, fsdp, resumed = dirs["ddp"], dirs["fsdp"], dirs["fsdp_from_ddp"]
     assert "FSDP" in out and "ShardedMuon: each matrix gathered whole" in out
     assert train_losses(fsdp) == train_losses(ddp_muon)  # bit for bit
     assert max(e["grad_norm"] for e in read_metrics(fsdp) if "grad_norm" in e) < 1.0  # below grad_clip: see docs
@@ -511,7 +523,6 @@ def test_fsdp_with_muon_trains_as_ddp_bit_for_bit_and_takes_over_a_ddp_checkpoin
     assert len(momentum) == 12 and all(torch.equal(momentum[n], ddp["optimizer"]["muon"]["state"][i]["momentum_buffer"])
                                       for i, n in enumerate(names))
     assert all(chunks[f"optimizer.state.{n}.momentum_buffer"] == 2 for n in names)
-    out = run_ok(tiny_args(shards, resumed, fsdp=True, resume=os.path.join(ddp_muon, "ckpt_0000003.pt"), **MUON_RUN))
     assert f"resumed from {os.path.join(ddp_muon, 'ckpt_0000003.pt')} at step 3" in out
     after = train_losses(resumed)
     assert sorted(after) == [3, 4, 5] and after == {s: v for s, v in train_losses(fsdp).items() if s >= 3}
@@ -525,15 +536,18 @@ def test_hsdp_2x2_with_muon_trains_as_ddp_and_resumes_exactly(shards, ddp_muon, 
     Resumed from its step-3 checkpoint, it trains the uninterrupted run's steps bit for bit. It is
     also the suite's HSDP test: AdamW trains the embeddings, gains and biases here, whose gradients
     cross the same shard groups and replicas as a plain AdamW run's."""
-    from test_distributed import run_ok
+    from test_distributed import runs_in_one_job
     hsdp, resumed = str(tmp_path / "hsdp"), str(tmp_path / "resumed")
     args = dict(fsdp=True, fsdp_shard_size=2, micro_batch_size=2, **MUON_RUN)
-    out = run_ok(tiny_args(shards, hsdp, **args), nproc=4)
+    codes, out = runs_in_one_job([tiny_args(shards, hsdp, **args),
+                                  tiny_args(shards, resumed, resume=os.path.join(hsdp, "ckpt_0000003"), **args)],
+                                 tmp_path, nproc=4)
+    assert codes == [0, 0], codes
     assert "HSDP (2 replicas x 2-way FSDP)" in out and "ShardedMuon" in out
+    assert f"resumed from {os.path.join(hsdp, 'ckpt_0000003')} at step 3" in out
     la, lb = train_losses(hsdp), train_losses(ddp_muon)
     assert sorted(la) == sorted(lb) == list(range(6))
     assert all(la[s] == pytest.approx(lb[s], abs=2e-4) for s in la), (la, lb)
-    run_ok(tiny_args(shards, resumed, resume=os.path.join(hsdp, "ckpt_0000003"), **args), nproc=4)
     assert train_losses(resumed) == {s: v for s, v in la.items() if s >= 3}
 
 

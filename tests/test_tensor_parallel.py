@@ -2,8 +2,8 @@
 and 4 gloo processes train the one-process losses (fp32, with the gradient clipped at its global
 norm every step), with GPT-3's banded attention and the modern recipe too (the modern GPT's options,
 Muon), resume exactly, reshard across degrees through DCP, and evaluate as one process does; bad
-layouts stop in one line. Each job runs several trainings one after the other (TP_JOB) to spare
-process starts."""
+layouts stop in one line. Each job runs several trainings one after the other
+(test_distributed.runs_in_one_job) to spare process starts."""
 
 import json
 import os
@@ -24,33 +24,6 @@ STEPS = dict(max_steps=4, checkpoint_every=2, val_every=4, val_tokens=1024, grad
 # soft-cap inside the vocabulary-parallel loss, ...) and Muon (ShardedMuon gathers TP's shards)
 BEYOND_GPT2 = dict(attention="gpt3", attention_band=8, recipe="modern")
 TP2 = dict(fsdp=True, tensor_parallel=2)
-
-# Runs train_gpt.main once for each argument list of the JSON in argv[1], one after another in one
-# process group (destroyed and made again, a group's name would be reused, which DTensor's caches
-# still hold for the meshes of the run before: equal meshes, other groups), and prints their exit
-# codes; with "evals" in argv[2:], then compares a TP model's evaluations with one process's (EVALS).
-TP_JOB = r"""
-import gc, json, os, sys
-import torch.distributed as dist
-import train_gpt
-from support import runtime
-destroy, init = dist.destroy_process_group, runtime.init_process_group
-dist.destroy_process_group = lambda group=None: None
-runtime.init_process_group = lambda *args: None if dist.is_initialized() else init(*args)
-codes = []
-for args in json.loads(sys.argv[1]):
-    try:
-        train_gpt.main(args)
-        codes.append(0)
-    except SystemExit as e:
-        codes.append(e.code)
-if os.environ["RANK"] == "0":
-    print("EXIT CODES " + json.dumps(codes), flush=True)
-if "evals" in sys.argv[2:]:
-    exec(open(sys.argv[3]).read())
-gc.collect()
-destroy()
-"""
 
 # The evaluations under TP against one process, on the weights of a checkpoint (argv[4]): every
 # position's loss of a validation batch, validation loss and bits per byte, HellaSwag on 6 made-up
@@ -88,17 +61,14 @@ if dist.get_rank() == 0:
 
 
 def tp_job(runs, nproc, tmp_path, evals=()):
-    """One torchrun job of nproc processes that trains each of runs (argument lists) in turn; returns
-    (the exit codes, rank 0's EVALS or None, the output)."""
-    from test_distributed import torchrun
-    script, checks = tmp_path / "tp_job.py", tmp_path / "evals.py"
-    script.write_text(TP_JOB)
+    """One torchrun job of nproc processes that trains each of runs (argument lists) in turn
+    (test_distributed.runs_in_one_job); returns (the exit codes, rank 0's EVALS or None, the output)."""
+    from test_distributed import runs_in_one_job
+    checks = tmp_path / "evals.py"
     checks.write_text(EVALS)
-    code, out = torchrun([json.dumps(runs), *(["evals", str(checks), *evals] if evals else [])], nproc=nproc,
-                         script=(str(script),), timeout=300)
-    assert code == 0, out[-3000:]
+    codes, out = runs_in_one_job(runs, tmp_path, nproc, then=(str(checks), *evals) if evals else ())
     found = lambda tag: json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag):])
-    return found("EXIT CODES "), found("EVALS ") if evals else None, out
+    return codes, found("EVALS ") if evals else None, out
 
 
 def assert_trains_as(reference, log_dir, steps=range(4), validation=True):
