@@ -1,6 +1,7 @@
 """The model wrapped for many ranks, in one place: tensor parallelism (--tensor_parallel), then
 activation checkpointing, then torch.compile, then FSDP2 (--fsdp, --fsdp_shard_size), in that
-order, as torchtitan does (its models/llama3 parallelize.py).
+order, as torchtitan does (its models/llama3 parallelize.py); under TP the compiled forward sits
+inside the checkpoint instead (parallelize says why).
 
 Tensor parallelism (TP) splits every block over the N consecutive ranks of a TP group, the GPUs of
 one node, Megatron-style (Shoeybi et al. 2019; Korthikanti et al. 2022 for the sequence parallelism):
@@ -40,9 +41,16 @@ def parallelize(model, s, rt, meshes=None):
     mp = MixedPrecisionPolicy(param_dtype=rt.amp_dtype or torch.float32, reduce_dtype=torch.float32)
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh)
+        if s.compile:
+            # under TP each block's own forward is compiled, and the checkpoint runs around it
+            # eagerly: traced into the graph, the checkpoint of DTensor activations saves their
+            # DeviceMesh for backward, which AOTAutograd refuses (torch 2.13: "expected all
+            # tensors_saved_with_vc_check to be Tensors"; tests/test_tensor_parallel.py)
+            for block in model.transformer.h:
+                block.forward = torch.compile(block.forward)
     apply_activation_checkpointing(model, s.activation_checkpointing)
     for block in model.transformer.h:
-        if s.compile:
+        if s.compile and tp_mesh is None:
             block.compile()  # in place: the module and its parameter names stay as they are
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
