@@ -63,7 +63,7 @@ class _LMHeadCrossEntropy(torch.autograd.Function):
     are made once a call and every chunk reuses them. Made afresh for each chunk they fragmented
     the heap glibc keeps on the CPU (support/fastpath.keep_freed_memory): a freed buffer that a
     small allocation has split no longer fits the next chunk's, so the heap grows, and the float32
-    demo's RSS grew by 0.4 GB (docs/memory.md, "The loss chunk").
+    demo's RSS grew by 0.2 GB (docs/memory.md, "The loss chunk").
 
     An ignored target (ignore_index) drops its row from the loss and from both gradient products:
     its target is read as id 0, and its rows of xc and of the gradient of h are zeroed after (n x C

@@ -1,5 +1,6 @@
 """torchrun on the CPU (gloo): DDP, two 'nodes' on loopback, FSDP, failures and restarts. Each run
-is a real torchrun job of 2 processes on a tiny model, compared with one process."""
+is a real torchrun job of 2 processes on a tiny model, compared with one process; runs that only
+train (or resume) share one job (runs_in_one_job), a fault and its resume never do."""
 
 import contextlib
 import json
@@ -140,7 +141,8 @@ def runs_in_one_job(runs, tmp_path, nproc=2, then=()):
     code, out = torchrun([json.dumps(runs), *(["then", *then] if then else [])], nproc=nproc,
                          script=(str(script),), timeout=300)
     assert code == 0, out[-3000:]
-    return json.loads(next(line for line in out.splitlines() if line.startswith("EXIT CODES "))[11:]), out
+    tag = "EXIT CODES "
+    return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag):]), out
 
 
 @pytest.fixture

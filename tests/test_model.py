@@ -306,7 +306,7 @@ def test_chunked_loss_makes_no_gradient_without_grad():
 def test_chunked_loss_makes_its_chunk_buffers_once_a_call(softcap):
     """The (rows, V) buffers of a chunk are made once a call and every chunk reuses them: made
     afresh for each chunk, they fragmented the heap glibc keeps on the CPU (keep_freed_memory),
-    and the float32 demo's RSS grew by 0.5 GB (docs/memory.md, "The loss chunk")."""
+    and the float32 demo's RSS grew by 0.2 GB (docs/memory.md, "The loss chunk")."""
     torch.manual_seed(0)
     V, chunk = 100, 32  # C = 8 < chunk: the weight's gradient (V, C) is smaller than a chunk's logits
     h, w, t = torch.randn(256, 8, requires_grad=True), torch.randn(V, 8, requires_grad=True), torch.randint(0, 90, (256,))
