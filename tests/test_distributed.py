@@ -88,10 +88,10 @@ def finish(proc, timeout=180):
     return proc.returncode, out
 
 
-def torchrun(args, nproc=2, extra=(), script=("train_gpt.py",), timeout=180):
+def torchrun(args, nproc=2, extra=(), script=("train_gpt.py",), timeout=180, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *extra, *script, *args]
-    code, out = finish(start(cmd), timeout)
+    code, out = finish(start(cmd, env), timeout)
     return code, out
 
 
@@ -106,12 +106,16 @@ def run_ok(args, **kwargs):
 # (each torchrun worker imports torch: seconds on 2 cores). The group is kept between runs (destroyed
 # and made again, a group's name would be reused, which DTensor's caches still hold for the meshes of
 # the run before: equal meshes, other groups). With "then SCRIPT ARGS..." in argv[2:], SCRIPT runs
-# after them (in this namespace, its arguments in sys.argv[4:]).
+# after them (in this namespace, its arguments in sys.argv[4:]). COMPILE_BACKEND in the environment
+# is the backend torch.compile uses in the job (aot_eager: dynamo's and AOTAutograd's graphs, run
+# eagerly, without inductor's C++ builds, which take seconds on this CPU).
 RUNS_IN_ONE_JOB = r"""
-import gc, json, os, sys
-import torch.distributed as dist
+import functools, gc, json, os, sys
+import torch, torch.distributed as dist
 import train_gpt
 from support import runtime
+if os.environ.get("COMPILE_BACKEND"):
+    torch.compile = functools.partial(torch.compile, backend=os.environ["COMPILE_BACKEND"])
 destroy, init = dist.destroy_process_group, runtime.init_process_group
 dist.destroy_process_group = lambda group=None: None
 runtime.init_process_group = lambda *args: None if dist.is_initialized() else init(*args)
@@ -131,15 +135,16 @@ destroy()
 """
 
 
-def runs_in_one_job(runs, tmp_path, nproc=2, then=()):
+def runs_in_one_job(runs, tmp_path, nproc=2, then=(), compile_backend=None):
     """One torchrun job of nproc processes that trains each of runs (argument lists) in turn
     (RUNS_IN_ONE_JOB), then runs the script then[0] with arguments then[1:], if given; returns the
     runs' exit codes and the job's output. Resuming in the job that wrote the checkpoint still
     tests the resume: each run builds its model, optimizer, data and RNG state anew."""
     script = tmp_path / "runs_in_one_job.py"
     script.write_text(RUNS_IN_ONE_JOB)
+    env = dict(os.environ, COMPILE_BACKEND=compile_backend) if compile_backend else None
     code, out = torchrun([json.dumps(runs), *(["then", *then] if then else [])], nproc=nproc,
-                         script=(str(script),), timeout=300)
+                         script=(str(script),), timeout=300, env=env)
     assert code == 0, out[-3000:]
     tag = "EXIT CODES "
     return json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag):]), out
@@ -166,9 +171,9 @@ def assert_close_runs(a, b, atol=1e-5):
 @pytest.fixture(scope="module")
 def single(shards, tmp_path_factory):
     """One process, 2 micro steps of 4 sequences: the reference."""
+    import train_gpt
     log_dir = str(tmp_path_factory.mktemp("single"))
-    code, out = finish(start([sys.executable, "train_gpt.py", *tiny_args(shards, log_dir, **STEPS)]))
-    assert code == 0, out
+    train_gpt.main(tiny_args(shards, log_dir, **STEPS))
     return log_dir
 
 

@@ -60,13 +60,14 @@ if dist.get_rank() == 0:
 """
 
 
-def tp_job(runs, nproc, tmp_path, evals=()):
+def tp_job(runs, nproc, tmp_path, evals=(), compile_backend=None):
     """One torchrun job of nproc processes that trains each of runs (argument lists) in turn
     (test_distributed.runs_in_one_job); returns (the exit codes, rank 0's EVALS or None, the output)."""
     from test_distributed import runs_in_one_job
     checks = tmp_path / "evals.py"
     checks.write_text(EVALS)
-    codes, out = runs_in_one_job(runs, tmp_path, nproc, then=(str(checks), *evals) if evals else ())
+    codes, out = runs_in_one_job(runs, tmp_path, nproc, then=(str(checks), *evals) if evals else (),
+                                 compile_backend=compile_backend)
     found = lambda tag: json.loads(next(line for line in out.splitlines() if line.startswith(tag))[len(tag):])
     return codes, found("EVALS ") if evals else None, out
 
@@ -109,32 +110,31 @@ def test_tp2_trains_the_one_process_losses_resumes_exactly_reshards_and_evaluate
     """One job of 2 processes, one TP group (FSDP over 1 x 2-way TP): the one-process losses, the
     gradient's global norm, validation loss and bits per byte, within 1e-5 relative, in fp32 with 2
     micro steps a step; and with GPT-3's banded attention and the modern recipe under selective
-    activation checkpointing. Resumed from its step-2 checkpoint it trains its steps 2-3 bit for bit.
+    activation checkpointing, compiled (aot_eager: dynamo's and AOTAutograd's graphs; inductor on
+    the GPU: tools/gpu_check.sh; this failed in AOTAutograd while the checkpoint was traced into
+    the compiled graph). Resumed from its step-2 checkpoint it trains its steps 2-3 bit for bit.
     Its step-2 checkpoint resumes under plain FSDP (2-way, no TP), whose step-3 checkpoint resumes
     at TP 2 again: DCP reshards both ways, and both train on the one-process losses. The NaN guard
-    stops a TP run whose update made the weights NaN. Compiled (inductor) with every block
-    recomputed, TP trains the same losses (this failed in AOTAutograd while the checkpoint was
-    traced into the graph). Then the evaluations of the trained weights under TP against one
-    process's (EVALS), and the samples each run logged."""
+    stops a TP run whose update made the weights NaN. Then the evaluations of the trained weights
+    under TP against one process's (EVALS), and the samples each run logged."""
     dense, beyond = references
-    tp, resumed, fsdp, back, modern, nan, compiled = (str(tmp_path / name) for name in
-                                                      ("tp", "resumed", "fsdp", "back", "modern", "nan", "compiled"))
+    tp, resumed, fsdp, back, modern, nan = (str(tmp_path / name) for name in
+                                            ("tp", "resumed", "fsdp", "back", "modern", "nan"))
     last = dict(STEPS, checkpoint_every=4)  # a checkpoint at the end only
     runs = [tiny_args(shards, tp, sample_every=4, **TP2, **STEPS),
             tiny_args(shards, resumed, resume=os.path.join(tp, "ckpt_0000002"), **TP2, **last),
             tiny_args(shards, fsdp, fsdp=True, stop_step=3, resume=os.path.join(tp, "ckpt_0000002"), **last),
             tiny_args(shards, back, resume=os.path.join(fsdp, "ckpt_0000003"), **TP2, **last),
-            tiny_args(shards, modern, activation_checkpointing="selective", **BEYOND_GPT2, **TP2, **last),
-            tiny_args(shards, nan, max_lr=1e39, **TP2, **dict(last, max_steps=2)),
-            tiny_args(shards, compiled, compile=True, activation_checkpointing="full", **TP2, **last)]
-    codes, result, out = tp_job(runs, 2, tmp_path, evals=(os.path.join(tp, "ckpt_0000004"), shards))
-    assert codes[:5] + codes[6:] == [0] * 6 and "step 0's update made the weights NaN/Inf" in codes[5], codes
+            tiny_args(shards, modern, activation_checkpointing="selective", compile=True, **BEYOND_GPT2, **TP2, **last),
+            tiny_args(shards, nan, max_lr=1e39, **TP2, **dict(last, max_steps=2))]
+    codes, result, out = tp_job(runs, 2, tmp_path, evals=(os.path.join(tp, "ckpt_0000004"), shards),
+                                compile_backend="aot_eager")
+    assert codes[:5] == [0] * 5 and "step 0's update made the weights NaN/Inf" in codes[5], codes
     assert "FSDP (1-way) x 2-way TP" in out and "4 x 32 x 1 TP groups x 2 accumulation steps" in out
     assert "ShardedMuon: each matrix gathered whole" in out
     worst = {"TP 2": assert_trains_as(dense, tp), "TP 2, gpt3 + modern recipe": assert_trains_as(beyond, modern),
              "TP 2 -> FSDP": assert_trains_as(dense, fsdp, [2], validation=False),  # validated at its stop, 3
-             "FSDP -> TP 2": assert_trains_as(dense, back, [3]),
-             "TP 2, compiled, every block recomputed": assert_trains_as(dense, compiled)}
+             "FSDP -> TP 2": assert_trains_as(dense, back, [3])}
     print(f"worst relative gaps to one process: {worst}")  # docs/distributed.md
     assert train_losses(resumed) == {s: v for s, v in train_losses(tp).items() if s >= 2}  # bit for bit
     assert f"resumed from {os.path.join(fsdp, 'ckpt_0000003')} at step 3" in out
