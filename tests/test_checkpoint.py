@@ -1,3 +1,4 @@
+import functools
 import os
 import signal
 import subprocess
@@ -192,8 +193,11 @@ def test_repeated_nans_stop_the_run_and_keep_the_good_checkpoint(shards, tmp_pat
     assert all(torch.isfinite(w).all() for w in final_weights(str(tmp_path), 5).values())
 
 
-def test_compiled_training_saves_clean_names_and_resumes(shards, straight, tmp_path):
-    """torch.compile wraps the model (_orig_mod.); checkpoints must not carry that name."""
+def test_compiled_training_saves_clean_names_and_resumes(shards, straight, tmp_path, monkeypatch):
+    """torch.compile wraps the model (_orig_mod.); checkpoints must not carry that name. Compiled
+    with aot_eager (dynamo's and AOTAutograd's graphs, run eagerly): inductor's C++ builds cost this
+    CPU seconds; inductor runs on the GPU (tools/gpu_check.sh)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     log_dir = str(tmp_path)
     train_gpt.main(tiny_args(shards, log_dir, max_steps=20, stop_step=10, compile=True))
     saved = torch.load(os.path.join(log_dir, "ckpt_0000010.pt"), weights_only=True)["model"]

@@ -249,12 +249,6 @@ def two_node_job(args, extra=(), script=("train_gpt.py",), env=None):
     return [out for _, out in results]
 
 
-def test_two_nodes_on_loopback_equal_one_process(shards, single, tmp_path):
-    log_dir = str(tmp_path)
-    two_node_job(tiny_args(shards, log_dir, **STEPS))
-    assert_close_runs(single, log_dir)
-
-
 def test_fsdp_unsharded_accumulation_equals_ddp(two_rank_runs):
     """2 micro steps of 2 sequences a rank, reduce-scattered once a step: the same steps."""
     assert_close_runs(two_rank_runs["ddp"], two_rank_runs["fsdp_unsharded"])
@@ -363,9 +357,11 @@ def test_torchrun_restart_after_a_crash_resumes_exactly(shards, ddp, tmp_path, c
 
 
 def test_two_node_restart_with_a_fresh_store(shards, ddp, tmp_path, crash_script):
-    """Across nodes the agents' restart counts can differ, so a store prefix cannot name the
-    generation; with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's advice, printed by rank 0
-    otherwise) each restart gets a fresh store."""
+    """Two torchrun agents of one process each on loopback: two "nodes". Across nodes the agents'
+    restart counts can differ, so a store prefix cannot name the generation; with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the README's advice, printed by rank 0 otherwise) each
+    restart gets a fresh store. The two nodes, crashed and restarted, train DDP's steps bit for bit
+    (and so one process's: test_ddp_equals_one_process)."""
     log_dir = str(tmp_path / "log")
     outs = two_node_job([str(tmp_path / "crashed"), *tiny_args(shards, log_dir, **STEPS)],
                         extra=("--max-restarts=1",), script=(crash_script,),
